@@ -1,0 +1,315 @@
+"""The Custom Split LLaMA configuration, its validation, and named shape presets.
+
+A split model is: embedding (lower) -> ``num_layers_8`` lower Llama layers -> adapter
+``h_lo -> h_hi`` -> the LAST ``num_layers_70`` layers of the upper Llama -> final RMSNorm
+(top-level ``rms_norm_eps``) -> LM head or value head.
+
+Two on-disk forms are accepted:
+
+* seed-compatible: ``path8b`` / ``path70b`` name directories holding the lower / upper
+  Llama ``config.json``; they are read ONCE, when the config is loaded;
+* self-contained: ``lower_config`` / ``upper_config`` embed both Llama configs. This is
+  what this project writes, so that no model constructor ever touches the file system.
+
+This module is data only (no megatron import): the oracle reads it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
+
+MODEL_TYPE = "custom_split_llama"
+CAUSAL_LM_ARCH = "CustomSplitLLamaForCausalLM"
+
+# Megatron's RotaryEmbedding hard-codes these llama3 rope-scaling constants; the
+# production model can only honour configs that use exactly them.
+LLAMA3_ROPE_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+_LLAMA3_ROPE = {"rope_type": "default", "rope_theta": 500000.0}
+_LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    **LLAMA3_ROPE_FIXED,
+}
+
+# Published shapes of the Llama-3 family (meta-llama/*/config.json).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope_parameters=_LLAMA3_ROPE,
+    ),
+    "llama3-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope_parameters=_LLAMA3_ROPE,
+    ),
+}
+PRESETS["llama3.1-8b"] = dict(
+    PRESETS["llama3-8b"], max_position_embeddings=131072, rope_parameters=_LLAMA31_ROPE
+)
+PRESETS["llama3.1-70b"] = dict(
+    PRESETS["llama3-70b"], max_position_embeddings=131072, rope_parameters=_LLAMA31_ROPE
+)
+
+# Tiny test shapes derived from the real ones: same GQA ratio (4:1 for 8B, 8:1 for 70B),
+# same FFN ratio (3.5), same rope settings; 2 KV heads so that TP=2 divides them.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama3.1-8b": dict(base="llama3.1-8b", hidden_size=64, head_dim=8,
+                             num_key_value_heads=2, num_hidden_layers=4),
+    "tiny-llama3.1-70b": dict(base="llama3.1-70b", hidden_size=128, head_dim=8,
+                              num_key_value_heads=2, num_hidden_layers=6),
+}
+TINY_VOCAB = 256
+
+
+def llama_preset(name: str, **overrides: Any) -> LlamaConfig:
+    """A ``LlamaConfig`` of a named preset (real or tiny), with optional overrides."""
+    if name in PRESETS:
+        kwargs = copy.deepcopy(PRESETS[name])
+    elif name in TINY_PRESETS:
+        tiny = dict(TINY_PRESETS[name])
+        base = PRESETS[tiny.pop("base")]
+        hidden, head_dim, kv = tiny["hidden_size"], tiny["head_dim"], tiny["num_key_value_heads"]
+        gqa = base["num_attention_heads"] // base["num_key_value_heads"]
+        ffn_ratio = base["intermediate_size"] / base["hidden_size"]
+        kwargs = copy.deepcopy(base)
+        kwargs.update(
+            hidden_size=hidden, head_dim=head_dim, num_key_value_heads=kv,
+            num_attention_heads=kv * gqa, intermediate_size=int(hidden * ffn_ratio),
+            num_hidden_layers=tiny["num_hidden_layers"], vocab_size=TINY_VOCAB,
+        )
+        if kwargs["num_attention_heads"] * head_dim != hidden:
+            raise AssertionError(f"tiny preset {name} is inconsistent: {kwargs}")
+    else:
+        raise ValueError(
+            f"unknown preset {name!r}; allowed: {sorted(PRESETS) + sorted(TINY_PRESETS)}"
+        )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def _as_llama_config(value: Any, field: str) -> LlamaConfig | None:
+    if value is None or isinstance(value, LlamaConfig):
+        return value
+    if isinstance(value, PreTrainedConfig):
+        raise ValueError(f"{field} must be a Llama config, got model_type={value.model_type!r}")
+    if isinstance(value, dict):
+        kwargs = dict(value)
+        model_type = kwargs.pop("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{field} must be a Llama config, got model_type={model_type!r}")
+        kwargs.pop("transformers_version", None)
+        return LlamaConfig(**kwargs)
+    raise ValueError(f"{field} must be a dict or LlamaConfig, got {type(value).__name__}")
+
+
+class CustomSplitLlamaConfig(PreTrainedConfig):
+    """Config of a Custom Split LLaMA (``model_type: custom_split_llama``).
+
+    Fields of the seed format: ``vocab_size``, ``rms_norm_eps`` (final norm),
+    ``num_layers_8`` (N lower layers, taken from the start of the lower model),
+    ``num_layers_70`` (M upper layers, taken from the END of the upper model), ``mlp``
+    (adapter kind), ``path8b`` / ``path70b``. Embedded sub-configs win over paths.
+    """
+
+    model_type = MODEL_TYPE
+
+    vocab_size: int | None = None
+    rms_norm_eps: float | None = None
+    num_layers_8: int | None = None
+    num_layers_70: int | None = None
+    mlp: bool = False
+    path8b: str | None = None
+    path70b: str | None = None
+    lower_config: dict | LlamaConfig | None = None
+    upper_config: dict | LlamaConfig | None = None
+    tie_word_embeddings: bool = False
+    # Runtime layout choice, not architecture: layers per (virtual) pipeline stage, in
+    # model order. None means an even split. Never written by save_checkpoint.
+    pipeline_layers_per_stage: list | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.lower_config = _as_llama_config(self.lower_config, "lower_config")
+        self.upper_config = _as_llama_config(self.upper_config, "upper_config")
+        if self.lower_config is None and self.path8b is not None:
+            self.lower_config = _read_llama_config(self.path8b, "path8b")
+        if self.upper_config is None and self.path70b is not None:
+            self.upper_config = _read_llama_config(self.path70b, "path70b")
+        super().__post_init__(**kwargs)
+        if self.lower_config is not None or self.upper_config is not None:
+            self.validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load ``config.json``; relative ``path8b``/``path70b`` are resolved against its
+        directory. The sub-configs are read here, once, and embedded."""
+        root = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(root):
+            config_dict, extra = cls.get_config_dict(root, *args, **kwargs)
+            for key in ("path8b", "path70b"):
+                path = config_dict.get(key)
+                if path and not os.path.isabs(path):
+                    config_dict[key] = os.path.join(root, path)
+            return cls.from_dict(config_dict, **extra)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_llama_configs(
+        cls,
+        lower: LlamaConfig,
+        upper: LlamaConfig,
+        num_lower: int,
+        num_upper: int,
+        mlp: bool = False,
+        rms_norm_eps: float | None = None,
+        **kwargs: Any,
+    ) -> "CustomSplitLlamaConfig":
+        return cls(
+            vocab_size=lower.vocab_size,
+            rms_norm_eps=upper.rms_norm_eps if rms_norm_eps is None else rms_norm_eps,
+            num_layers_8=num_lower,
+            num_layers_70=num_upper,
+            mlp=mlp,
+            lower_config=copy.deepcopy(lower),
+            upper_config=copy.deepcopy(upper),
+            architectures=[CAUSAL_LM_ARCH],
+            **kwargs,
+        )
+
+    # ---- derived quantities ------------------------------------------------------------
+    @property
+    def lower(self) -> LlamaConfig:
+        return self.lower_config
+
+    @property
+    def upper(self) -> LlamaConfig:
+        return self.upper_config
+
+    @property
+    def num_lower(self) -> int:
+        return self.num_layers_8
+
+    @property
+    def num_upper(self) -> int:
+        return self.num_layers_70
+
+    @property
+    def h_lo(self) -> int:
+        return self.lower_config.hidden_size
+
+    @property
+    def h_hi(self) -> int:
+        return self.upper_config.hidden_size
+
+    @property
+    def upper_layer_offset(self) -> int:
+        """Global index, in the upper checkpoint, of split upper layer 0."""
+        return self.upper_config.num_hidden_layers - self.num_layers_70
+
+    # ---- validation --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Refuse inconsistent configs with a message that names the field."""
+        for field in ("lower_config", "upper_config"):
+            if getattr(self, field) is None:
+                path_field = "path8b" if field == "lower_config" else "path70b"
+                raise ValueError(f"{field} is missing: embed it or set {path_field}")
+        for field, sub in (("lower_config", self.lower), ("upper_config", self.upper)):
+            _validate_llama(sub, field)
+        for field, count, sub, name in (
+            ("num_layers_8", self.num_layers_8, self.lower, "lower"),
+            ("num_layers_70", self.num_layers_70, self.upper, "upper"),
+        ):
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError(f"{field} must be an int, got {count!r}")
+            if not 1 <= count <= sub.num_hidden_layers:
+                raise ValueError(
+                    f"{field}={count} is out of range: the {name} model has "
+                    f"{sub.num_hidden_layers} layers (allowed 1..{sub.num_hidden_layers})"
+                )
+        if self.vocab_size is None:
+            self.vocab_size = self.lower.vocab_size
+        for field, sub in (("lower_config", self.lower), ("upper_config", self.upper)):
+            if sub.vocab_size != self.vocab_size:
+                raise ValueError(
+                    f"vocab_size={self.vocab_size} differs from {field}.vocab_size="
+                    f"{sub.vocab_size}: embedding and LM head must share one vocabulary"
+                )
+        if self.rms_norm_eps is None:
+            self.rms_norm_eps = self.upper.rms_norm_eps
+        if not isinstance(self.mlp, bool):
+            raise ValueError(f"mlp must be true or false, got {self.mlp!r}")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings must be false: embedding and LM head come "
+                             "from different checkpoints")
+
+
+def _read_llama_config(path: str, field: str) -> LlamaConfig:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{field}={path!r} (resolved to {os.path.abspath(path)!r}) does not hold a "
+            "config.json; relative paths are resolved against the split config's directory "
+            "by CustomSplitLlamaConfig.from_pretrained and against the working directory "
+            "otherwise"
+        )
+    return LlamaConfig.from_pretrained(path)
+
+
+def _validate_llama(sub: LlamaConfig, field: str) -> None:
+    if sub.hidden_act != "silu":
+        raise ValueError(f"{field}.hidden_act={sub.hidden_act!r} is not supported (allowed: 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(sub, flag, False):
+            raise ValueError(f"{field}.{flag}=true is not supported (Llama-3 has no biases)")
+    if sub.num_attention_heads % sub.num_key_value_heads:
+        raise ValueError(
+            f"{field}.num_attention_heads={sub.num_attention_heads} is not a multiple of "
+            f"{field}.num_key_value_heads={sub.num_key_value_heads}"
+        )
+    rope = rope_parameters(sub)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"{field}.rope_parameters.rope_type={rope_type!r} is not supported "
+            f"(allowed: {list(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "llama3":
+        for key, fixed in LLAMA3_ROPE_FIXED.items():
+            if float(rope.get(key, fixed)) != float(fixed):
+                raise ValueError(
+                    f"{field}.rope_parameters.{key}={rope.get(key)!r} is not supported: "
+                    f"megatron-core's llama3 rope scaling fixes it to {fixed}"
+                )
+
+
+def rope_parameters(sub: LlamaConfig) -> dict[str, Any]:
+    """The standardised rope settings of a Llama config (transformers >= 5 layout)."""
+    return dict(sub.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+
+
+def tiny_split_config(mlp: bool = False, num_lower: int = 2, num_upper: int = 2,
+                      **kwargs: Any) -> CustomSplitLlamaConfig:
+    """The built-in tiny model: tiny 8B-shaped lower stack, tiny 70B-shaped upper stack.
+
+    The upper source model is deeper than ``num_upper`` so the index offset of the upper
+    layers is always exercised."""
+    lower = llama_preset("tiny-llama3.1-8b")
+    upper = llama_preset("tiny-llama3.1-70b")
+    return CustomSplitLlamaConfig.from_llama_configs(
+        lower, upper, num_lower, num_upper, mlp=mlp, **kwargs
+    )
+
+
+AutoConfig.register(MODEL_TYPE, CustomSplitLlamaConfig, exist_ok=True)
