@@ -99,6 +99,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG summary plot")
 
 
+def emit(text: str = "") -> None:
+    """User-facing output of every sub-command goes through here (library modules do not
+    print; a static rule checks it)."""
+    print(text, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitllama",

@@ -1,0 +1,313 @@
+"""Split checkpoints <-> production models of any TP x PP layout.
+
+``load_checkpoint``: every rank reads only its slices (safetensors ``get_slice``), after
+checking the checkpoint's config and every tensor's name and shape: a missing,
+unexpected or mis-shaped tensor is an error that names it, and no parameter is ever left
+with its initial values. ``save_checkpoint``: gathers TP shards and writes one file set
+per pipeline stage, then rank 0 names the shards and writes the index and a
+self-contained config; load -> save is bitwise identical. ``gather_full_state`` gathers
+parameters or gradients to every rank under the checkpoint names (tests, small models).
+
+All three read ``sharding.weight_specs``, the one declaration of every weight's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from splitllama import weight_names as wn
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
+from splitllama.sharding import WeightSpec, fuse, local_slices, unshard, weight_specs
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Architecture fields a checkpoint's config must share with the model it is loaded into;
+# shapes are checked tensor by tensor, these are what shapes cannot show.
+_SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size")
+
+
+def _chunks(model_or_chunks) -> list[torch.nn.Module]:
+    chunks = list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    for chunk in chunks:
+        if not hasattr(chunk, "layout") or not hasattr(chunk, "hf_config"):
+            raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
+    return chunks
+
+
+def head_of(chunk: torch.nn.Module) -> wn.Head:
+    return "value" if isinstance(chunk, ParallelCustomSplitLLamaForValueRmPad) else "lm"
+
+
+def _tp() -> tuple[int, int]:
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class CheckpointReader:
+    """Tensor names, shapes and slices of a (single or sharded) safetensors checkpoint."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        single = self.directory / SINGLE_FILE
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise ValueError(f"{self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def _handle(self, name: str):
+        file = self.weight_map[name]
+        if file not in self._handles:
+            path = self.directory / file
+            if not path.is_file():
+                raise ValueError(f"{INDEX_FILE} maps {name} to {file}, which is missing in {self.directory}")
+            self._handles[file] = safe_open(path, framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...] = (slice(None),)) -> torch.Tensor:
+        if all(s == slice(None) for s in index):
+            return self._handle(name).get_tensor(name)
+        return self._handle(name).get_slice(name)[index]
+
+
+def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None:
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json")
+    saved = CustomSplitLlamaConfig.from_pretrained(directory)
+    for field in ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps"):
+        if getattr(saved, field) != getattr(model_config, field):
+            raise ValueError(
+                f"checkpoint {directory}: {field}={getattr(saved, field)!r} but the model was "
+                f"built with {field}={getattr(model_config, field)!r}"
+            )
+    for which in ("lower_config", "upper_config"):
+        for field in _SUB_FIELDS:
+            a, b = getattr(getattr(saved, which), field), getattr(getattr(model_config, which), field)
+            if a != b:
+                raise ValueError(
+                    f"checkpoint {directory}: {which}.{field}={a!r} but the model was built "
+                    f"with {which}.{field}={b!r}"
+                )
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
+
+
+def _check_tensors(reader: CheckpointReader, config, head: wn.Head, fresh_value_head: bool) -> None:
+    expected = wn.split_checkpoint_shapes(config, head)
+    present = reader.names()
+    ignored: set[str] = set()
+    if head == "value" and fresh_value_head:
+        expected.pop(wn.VALUE_HEAD)
+        ignored = {wn.LM_HEAD, wn.VALUE_HEAD}
+    elif head == "value" and wn.VALUE_HEAD not in present and wn.LM_HEAD in present:
+        raise ValueError(
+            f"{reader.directory} is a CausalLM checkpoint ({wn.LM_HEAD}, no {wn.VALUE_HEAD}): "
+            "pass fresh_value_head=True to start a value model (critic) from it with a "
+            "freshly initialised value head"
+        )
+    missing = set(expected) - present
+    unexpected = present - set(expected) - ignored
+    if missing:
+        raise ValueError(f"checkpoint {reader.directory} is missing tensors: {_listing(missing)}")
+    if unexpected:
+        raise ValueError(f"checkpoint {reader.directory} has unexpected tensors: {_listing(unexpected)}")
+    for name, shape in expected.items():
+        found = reader.shape(name)
+        if found != tuple(shape):
+            raise ValueError(
+                f"checkpoint {reader.directory}: tensor {name} has shape {found}, expected {tuple(shape)}"
+            )
+
+
+def _fresh_value_head(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
+    # Same seed on every rank: the value head is replicated over TP.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, config.h_hi, generator=gen, dtype=torch.float64) * config.upper.initializer_range
+
+
+def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
+                    fresh_value_head: bool = False, seed: int = 0, progress: bool = True) -> None:
+    """Load a split checkpoint into a production model (or its list of VPP chunks).
+
+    Strict: the checkpoint's config must match the model's, and every tensor must be
+    present with its exact shape. A value model may start from a CausalLM checkpoint only
+    with ``fresh_value_head=True`` (head initialised from ``seed``)."""
+    chunks = _chunks(model_or_chunks)
+    config, head = chunks[0].hf_config, head_of(chunks[0])
+    directory = Path(checkpoint_dir)
+    _check_config(config, directory)
+    reader = CheckpointReader(directory)
+    _check_tensors(reader, config, head, fresh_value_head)
+    tp_rank, tp = _tp()
+    todo = [(chunk, spec) for chunk in chunks for spec in weight_specs(config, chunk.layout, head)]
+    for chunk, spec in tqdm(todo, desc="load", unit="tensor", disable=not (progress and _is_rank0())):
+        param = chunk.get_parameter(spec.param)
+        if head == "value" and fresh_value_head and spec.names == (wn.VALUE_HEAD,):
+            local = _fresh_value_head(config, seed)
+        else:
+            slices = local_slices(spec, [reader.shape(n) for n in spec.names], tp_rank, tp)
+            local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices)])
+        assert local.shape == param.shape, f"{spec.param}: local {tuple(local.shape)} vs param {tuple(param.shape)}"
+        with torch.no_grad():
+            param.copy_(local.to(param.dtype))
+    for chunk in chunks:
+        declared = {spec.param for spec in weight_specs(config, chunk.layout, head)}
+        actual = {name for name, _ in chunk.named_parameters()}
+        assert declared == actual, f"sharding declaration and model differ: {declared ^ actual}"
+
+
+# ---- gathering -------------------------------------------------------------------------------
+def _tp_gather(local: torch.Tensor) -> list[torch.Tensor]:
+    rank, tp = _tp()
+    if tp == 1:
+        return [local]
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return parts
+
+
+def iter_stage_tensors(chunks, source: str = "param"):
+    """Yield ``(checkpoint name, full tensor)`` for what this pipeline rank owns, on every
+    TP rank (collective over TP: all TP ranks must iterate together). ``source`` is
+    "param" or "grad" (a missing gradient reads as zeros)."""
+    if source not in ("param", "grad"):
+        raise ValueError(f"source must be 'param' or 'grad', got {source!r}")
+    config, head = chunks[0].hf_config, head_of(chunks[0])
+    for chunk in chunks:
+        for spec in weight_specs(config, chunk.layout, head):
+            param = chunk.get_parameter(spec.param)
+            local = param.detach() if source == "param" else param.grad
+            if local is None:
+                local = torch.zeros_like(param)
+            yield from zip(spec.names, unshard(spec, _tp_gather(local.detach())))
+
+
+def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch.Tensor]:
+    """Every tensor of the model under its checkpoint name, on EVERY rank (CPU copies).
+    Meant for tests and small models: the whole model is materialised per rank."""
+    chunks = _chunks(model_or_chunks)
+    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return mine
+    parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
+
+
+# ---- saving ----------------------------------------------------------------------------------
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` / ``500MB`` / bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size.strip())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r} must look like 5GB, 500MB, 64KB or an int of bytes")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                    progress: bool = True) -> None:
+    """Gather TP/PP shards into a split checkpoint (HF layout, safetensors, index when
+    sharded, self-contained config). Collective: every rank of the model must call it."""
+    chunks = _chunks(model_or_chunks)
+    limit = parse_size(max_shard_size)
+    out = Path(out_dir)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank, _ = _tp()
+    writer = tp_rank == 0 and parallel_state.get_data_parallel_rank() == 0
+    if _is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+    files: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending and writer:
+            tmp = f".stage{pp_rank:03d}-part{len(files):05d}.safetensors"
+            save_file(pending, str(out / tmp), metadata={"format": "pt"})
+            files.append((tmp, list(pending), pending_bytes))
+        pending, pending_bytes = {}, 0
+
+    bar = tqdm(desc="save", unit="tensor", disable=not (progress and _is_rank0()))
+    for name, tensor in iter_stage_tensors(chunks, "param"):
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > limit:
+            flush()
+        if writer:
+            pending[name] = tensor.cpu().contiguous()
+        pending_bytes += size
+        bar.update()
+    flush()
+    bar.close()
+
+    gathered = [files]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+    if _is_rank0():
+        _finish(out, [f for part in gathered for f in part], chunks[0].hf_config)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _finish(out: Path, files: list[tuple[str, list[str], int]], config: CustomSplitLlamaConfig) -> None:
+    # Stage files are named ".stageSSS-partKKKKK": sorting them gives model order.
+    files = sorted(files)
+    if len(files) == 1:
+        (tmp, _, _), = files
+        os.replace(out / tmp, out / SINGLE_FILE)
+    else:
+        weight_map, total = {}, 0
+        for k, (tmp, names, size) in enumerate(files, start=1):
+            final = f"model-{k:05d}-of-{len(files):05d}.safetensors"
+            os.replace(out / tmp, out / final)
+            weight_map.update({name: final for name in names})
+            total += size
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    saved = CustomSplitLlamaConfig.from_dict(config.to_dict())
+    saved.pipeline_layers_per_stage = None
+    saved.path8b = saved.path70b = None
+    saved.save_pretrained(out)
+

@@ -1,0 +1,233 @@
+"""Building blocks of the production model, on megatron-core.
+
+* ``stack_config``: a megatron ``TransformerConfig`` for one Llama stack (lower or upper),
+  from its Llama config and the caller's parallel settings;
+* ``RMSNorm``: Llama's norm, usable under sequence parallelism (its weight is marked
+  ``sequence_parallel`` so its gradient gets all-reduced over TP, see ``grads.py``);
+* ``layer_spec``: megatron's local layer spec with ``RMSNorm`` and the ONE attention
+  dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
+* ``DecoderStack``: a run of megatron ``TransformerLayer``s of one stack;
+* ``RotaryPositions``: per-token rotary angles from position ids (megatron's inverse
+  frequencies, llama3 scaling included);
+* ``Adapter``: ``h_lo -> h_hi``, one projection (``mlp=false``) or linear-ReLU-linear.
+
+Tensor layout is megatron's ``[seq, batch, hidden]``; packed sequences are a batch of one
+(``[T, 1, hidden]``), and under sequence parallelism each TP rank holds ``T / tp`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from transformers import LlamaConfig
+
+from splitllama.attention import SplitCoreAttention
+from splitllama.config import rope_parameters
+
+
+def parallel_fields(megatron_config: ModelParallelConfig) -> dict:
+    """The ``ModelParallelConfig`` fields of the caller's config (which may itself be a
+    ``TransformerConfig``)."""
+    return {
+        f.name: getattr(megatron_config, f.name)
+        for f in dataclasses.fields(ModelParallelConfig)
+        if f.init and hasattr(megatron_config, f.name)
+    }
+
+
+def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_layers: int) -> TransformerConfig:
+    """Megatron config of one Llama stack. Pipeline fields are reset: a stack's layers do
+    not depend on them, and stage placement is ``layout.stage_layouts``'s job alone."""
+    fields = parallel_fields(megatron_config)
+    fields.update(
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        # needs apex's fused wgrad kernel, which this package does not require
+        gradient_accumulation_fusion=False,
+        num_layers=max(num_layers, 1),
+        hidden_size=sub.hidden_size,
+        ffn_hidden_size=sub.intermediate_size,
+        num_attention_heads=sub.num_attention_heads,
+        num_query_groups=sub.num_key_value_heads,
+        kv_channels=sub.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=sub.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=sub.initializer_range,
+    )
+    return TransformerConfig(**fields)
+
+
+def param_device(config: ModelParallelConfig) -> torch.device:
+    if config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class RMSNorm(torch.nn.Module):
+    """Llama RMSNorm (normalise in >= float32, cast back, scale), SP-capable.
+
+    Megatron builds it as ``RMSNorm(config=..., hidden_size=..., eps=...)``."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=param_device(config))
+        )
+        # Under SP each rank normalises different tokens, so the gradient is partial.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(compute)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def layer_spec() -> ModuleSpec:
+    """Megatron's local GPT layer spec with Llama's norm and our attention dispatch."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=tensor_parallel.ColumnParallelLinear,
+                    core_attention=SplitCoreAttention,
+                    linear_proj=tensor_parallel.RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=tensor_parallel.ColumnParallelLinear,
+                    linear_fc2=tensor_parallel.RowParallelLinear,
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class DecoderStack(torch.nn.Module):
+    """Consecutive layers of one Llama stack. ``layers[k]`` is split-model layer
+    ``indices[k]`` of that stack (the checkpoint name; see ``sharding.py``)."""
+
+    def __init__(self, config: TransformerConfig, indices: range):
+        super().__init__()
+        self.indices = indices
+        spec = layer_spec()
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i in indices
+        )
+
+    def forward(self, hidden_SBH, rotary_SB1D, attention_mask_BS=None, packed_seq_params=None):
+        for layer in self.layers:
+            hidden_SBH, _ = layer(
+                hidden_states=hidden_SBH,
+                attention_mask=attention_mask_BS,
+                rotary_pos_emb=rotary_SB1D,
+                packed_seq_params=packed_seq_params,
+            )
+        return hidden_SBH
+
+
+class RotaryPositions(torch.nn.Module):
+    """Rotary angles for explicit position ids (caller-given or default), per token."""
+
+    def __init__(self, sub: LlamaConfig, config: TransformerConfig):
+        super().__init__()
+        rope = rope_parameters(sub)
+        llama3 = rope.get("rope_type", "default") == "llama3"
+        self.rotary = RotaryEmbedding(
+            kv_channels=sub.head_dim,
+            rotary_percent=1.0,
+            rotary_base=rope["rope_theta"],
+            rope_scaling=llama3,
+            rope_scaling_factor=float(rope.get("factor", 8.0)),
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+
+    def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, S]`` positions -> angles ``[S, B, 1, head_dim]``.
+
+        Angles are formed in float64 for float32/float64 compute: in float32 an angle near
+        position 4096 is off by up to 2.4e-4 rad, which would dominate a float64 check.
+        Half-precision compute takes float32 angles (far below bf16 resolution)."""
+        angle_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+        inv_freq = self.rotary.inv_freq.to(position_ids_BS.device, angle_dtype)
+        freqs = position_ids_BS.to(angle_dtype)[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.transpose(0, 1)[:, :, None, :]
+
+
+class Adapter(torch.nn.Module):
+    """``h_lo -> h_hi``: ONE bias-free projection (``mlp=false``, as Hugging Face applies)
+    or linear -> ReLU -> linear (``mlp=true``), tensor-parallel.
+
+    Linear: column-parallel over ``h_hi``; without SP the output is gathered over the
+    hidden dim, with SP it is exchanged (all-to-all) back to sequence shards.
+    MLP: column-parallel then row-parallel, megatron's MLP pattern."""
+
+    def __init__(self, config: TransformerConfig, h_lo: int, h_hi: int, mlp: bool):
+        super().__init__()
+        self.mlp = mlp
+        self.sequence_parallel = config.sequence_parallel
+        common = dict(config=config, init_method=config.init_method, bias=False)
+        if mlp:
+            self.linear_1 = tensor_parallel.ColumnParallelLinear(h_lo, h_hi, gather_output=False, **common)
+            self.linear_2 = tensor_parallel.RowParallelLinear(
+                h_hi, h_hi, input_is_parallel=True, skip_bias_add=True,
+                init_method=config.output_layer_init_method, config=config, bias=False,
+            )
+        else:
+            self.proj = tensor_parallel.ColumnParallelLinear(
+                h_lo, h_hi, gather_output=not self.sequence_parallel, **common
+            )
+
+    def forward(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
+        if self.mlp:
+            inner, _ = self.linear_1(hidden_SBH)
+            out, _ = self.linear_2(F.relu(inner))
+            return out
+        out, _ = self.proj(hidden_SBH)
+        if self.sequence_parallel:
+            seq, batch = out.shape[0], out.shape[1]
+            # [T, B, h_hi/tp] -> [T/tp, B, h_hi]
+            out = tensor_parallel.all_to_all_hp2sp(out)
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            out = out.reshape(seq // tp, batch, -1)
+        return out

@@ -1,0 +1,482 @@
+"""Production vs oracle: the comparison behind ``splitllama check`` and the equivalence tests.
+
+Both models get the same weights (a split checkpoint), the same micro-batches and the same
+loss: a fixed random linear functional of the outputs at valid tokens, so that every
+parameter's gradient is exercised. Production runs at a parallel layout (TP, SP, PP,
+VPP); its gradients are gathered back to checkpoint names through ``sharding`` (the same
+declaration the loader uses) after the SP all-reduce of ``grads``. Every rank builds the
+same report and the verdict is agreed by all-reduce, so a failure fails every rank.
+
+What "equal" means (SPEC 3):
+* float64 / float32 on CPU: max |prod - ref| <= tol * max |ref| per tensor, tol below;
+* bfloat16 on GPU: prod's error against the float32 oracle must be at most twice the error
+  of the oracle run in bfloat16 (plus a small floor), the rule flash-attention's tests use;
+* NaN or Inf never passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from splitllama import weight_names as wn
+from splitllama.checkpoints import gather_full_state, load_checkpoint
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.cpu_support import use_cpu
+from splitllama.grads import allreduce_sequence_parallel_grads
+from splitllama.layout import stage_layouts, validate_tensor_parallel
+from splitllama.model import (
+    ParallelCustomSplitLLamaForCausalLMRmPad,
+    ParallelCustomSplitLLamaForValueRmPad,
+)
+from splitllama.pipeline import (
+    ParallelCustomSplitLLamaForCausalLMRmPadPP,
+    ParallelCustomSplitLLamaForValueRmPadPP,
+    build_chunks,
+    run_pipeline,
+)
+
+# Relative tolerances (of max |ref| per tensor) for CPU comparisons.
+TOLERANCE = {
+    # float64 throughout; summation order differs (TP splits, packed vs padded attention):
+    # measured errors are ~1e-15..1e-13 relative. 1e-9 keeps four orders of margin while any
+    # real defect (wrong layout, missing all-reduce, wrong positions) is O(1e-2..1).
+    torch.float64: 1e-9,
+    # float32 production vs float64 oracle: float32 rounding (eps 1.2e-7) through ~10
+    # layers and reductions over <= 4k tokens; measured <= ~2e-6 relative. 1e-4 is ~50x that.
+    torch.float32: 1e-4,
+}
+# bf16 error-ratio rule: prod_err <= RATIO * oracle_bf16_err + FLOOR * max|ref|.
+BF16_RATIO = 2.0
+BF16_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    sp: bool = False
+    pp: int = 1
+    vpp: int | None = None
+    layers_per_stage: tuple[int, ...] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def __str__(self) -> str:
+        parts = [f"tp{self.tp}"] + (["sp"] if self.sp else []) + [f"pp{self.pp}"]
+        if self.vpp:
+            parts.append(f"vpp{self.vpp}")
+        if self.layers_per_stage:
+            parts.append("split" + "-".join(map(str, self.layers_per_stage)))
+        return "_".join(parts)
+
+
+@dataclass
+class Microbatch:
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S] bool
+    position_ids: torch.Tensor | None
+    probe: torch.Tensor  # [B, S, V] (lm) or [B, S] (value): the loss is sum(out * probe)
+    name: str = ""
+
+
+@dataclass
+class Row:
+    name: str
+    max_abs: float
+    max_rel: float
+    bound: float  # the largest error allowed for this row (same unit as max_rel)
+    passed: bool
+
+
+@dataclass
+class Report:
+    layout: str
+    head: str
+    dtype: str
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.passed]
+
+    def table(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [6])
+        lines = [
+            f"layout {self.layout}  head {self.head}  dtype {self.dtype}",
+            f"{'tensor':<{width}}  {'max_abs':>10}  {'max_rel':>10}  {'allowed':>10}  result",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:<{width}}  {r.max_abs:10.3e}  {r.max_rel:10.3e}  {r.bound:10.3e}  "
+                f"{'pass' if r.passed else 'FAIL'}"
+            )
+        lines.append(f"{len(self.rows) - len(self.failures())}/{len(self.rows)} passed: "
+                     f"{'PASS' if self.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+def init_distributed(device: str) -> None:
+    """Process group from torchrun's environment (or a world of one)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_parallel(layout: ParallelLayout, device: str) -> None:
+    """(Re)initialise megatron's parallel state for ``layout`` on the current world."""
+    world = dist.get_world_size()
+    if world % layout.world_size:
+        raise ValueError(f"world size {world} is not a multiple of tp*pp={layout.world_size} ({layout})")
+    if device == "cpu":
+        use_cpu()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+    )
+
+
+def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=device == "cpu",
+        # every weight is loaded from the checkpoint right after construction
+        perform_initialization=False,
+    )
+
+
+def layout_config(config: CustomSplitLlamaConfig, layout: ParallelLayout) -> CustomSplitLlamaConfig:
+    """The config with the layout's stage split; validates TP and PP against it."""
+    config = CustomSplitLlamaConfig.from_dict(config.to_dict())
+    config.pipeline_layers_per_stage = list(layout.layers_per_stage) if layout.layers_per_stage else None
+    validate_tensor_parallel(config, layout.tp)
+    stage_layouts(config, layout.pp, layout.vpp)
+    return config
+
+
+def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
+                     dtype: torch.dtype, device: str) -> list[torch.nn.Module]:
+    """The production model chunks of this rank (one unless VPP)."""
+    config = layout_config(config, layout)
+    mc = megatron_config(layout, dtype, device)
+    if layout.pp == 1:
+        cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
+        chunks = [cls(config, mc)]
+    else:
+        cls = ParallelCustomSplitLLamaForCausalLMRmPadPP if head == "lm" else ParallelCustomSplitLLamaForValueRmPadPP
+        chunks = build_chunks(cls, config, mc)
+    return [chunk.to(device) for chunk in chunks]
+
+
+def random_split_checkpoint(config: CustomSplitLlamaConfig, out_dir: str, head: wn.Head = "lm",
+                            seed: int = 0, std: float = 0.15) -> str:
+    """A split checkpoint with random weights, written by the oracle (save_pretrained).
+
+    ``std`` is far larger than Llama's 0.02 init so that attention patterns, RoPE and every
+    weight matter to the outputs; norm weights are perturbed around 1 for the same reason."""
+    from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
+
+    torch.manual_seed(seed)
+    cls = CustomSplitLLamaForCausalLM if head == "lm" else CustomSplitLLamaForTokenClassification
+    if head == "value":
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+        config = CustomSplitLlamaConfig.from_dict({**fields, "num_labels": 1})
+    model = cls(config).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
+            param.copy_(1.0 + 0.1 * noise if param.dim() == 1 else std * noise)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: str):
+    from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
+
+    if head == "lm":
+        return CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype).to(device)
+    return CustomSplitLLamaForTokenClassification.from_pretrained(
+        checkpoint_dir, dtype=dtype, num_labels=1
+    ).to(device)
+
+
+# ---- running ------------------------------------------------------------------------------------
+def _masked_probe(mb: Microbatch, like: torch.Tensor) -> torch.Tensor:
+    mask = mb.attention_mask.to(like.device)
+    probe = mb.probe.to(like.device, like.dtype)
+    return probe * mask.reshape(*mask.shape, *([1] * (probe.dim() - 2))).to(like.dtype)
+
+
+def run_oracle(model, microbatches: list[Microbatch]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs ``[B, S, ...]`` per micro-batch and gradients by checkpoint name."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    outputs = []
+    for mb in microbatches:
+        out = model(
+            input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
+            position_ids=None if mb.position_ids is None else mb.position_ids.to(device),
+        ).logits
+        if out.dim() == 3 and out.shape[-1] == 1 and mb.probe.dim() == 2:
+            out = out[..., 0]
+        (out * _masked_probe(mb, out)).sum().backward()
+        outputs.append(out.detach().cpu())
+    grads = {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
+        for name, p in model.named_parameters()
+    }
+    return outputs, grads
+
+
+def _vocab_slice(width: int) -> slice:
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return slice(rank * width, (rank + 1) * width)
+
+
+def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch],
+                   layout: ParallelLayout) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs (full vocab, on every rank) and gathered gradients by checkpoint name."""
+    device = next(chunks[0].parameters()).device
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    outputs: list[torch.Tensor] = []
+    if layout.pp == 1:
+        (model,) = chunks
+        for mb in microbatches:
+            out = model(mb.input_ids.to(device), mb.attention_mask.to(device),
+                        None if mb.position_ids is None else mb.position_ids.to(device))
+            (out * _masked_probe(mb, out)).sum().backward()
+            outputs.append(out.detach().cpu())
+    else:
+        outputs = _run_pipelined(chunks, microbatches, device)
+    allreduce_sequence_parallel_grads(chunks)
+    return outputs, gather_full_state(chunks, "grad")
+
+
+def _run_pipelined(chunks, microbatches, device) -> list[torch.Tensor]:
+    count = len(microbatches)
+    moved = [
+        Microbatch(mb.input_ids.to(device), mb.attention_mask.to(device),
+                   None if mb.position_ids is None else mb.position_ids.to(device), mb.probe, mb.name)
+        for mb in microbatches
+    ]
+    by_id = {id(mb): mb for mb in moved}
+
+    def forward_step(mb, model):
+        out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+
+        def loss_func(output):
+            probe = _masked_probe(by_id[id(mb)], output)
+            if probe.dim() == 3:  # vocab-parallel logits: this rank's slice of the probe
+                probe = probe[..., _vocab_slice(output.shape[-1])]
+            # megatron divides each micro-batch loss by their count; the oracle sums.
+            return (output * probe).sum() * count, {"out": output.detach()}
+
+        return out, loss_func
+
+    reports = run_pipeline(chunks, moved, forward_step)
+    is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    local = [_gather_vocab(r["out"]).cpu() if r["out"].dim() == 3 else r["out"].cpu() for r in reports] if is_last else None
+    holder = [local]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+# ---- comparing ------------------------------------------------------------------------------------
+def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+         low_precision_ref: torch.Tensor | None = None) -> Row:
+    prod64, ref64 = prod.double(), ref.double()
+    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+    err = float((prod64 - ref64).abs().max()) if ref64.numel() else 0.0
+    finite = bool(torch.isfinite(prod64).all())
+    denominator = max(scale, 1e-300)
+    if dtype == torch.bfloat16:
+        base = float((low_precision_ref.double() - ref64).abs().max()) if ref64.numel() else 0.0
+        bound = (BF16_RATIO * base + BF16_FLOOR * scale) / denominator
+    else:
+        bound = TOLERANCE[dtype]
+    rel = err / denominator if scale else err
+    return Row(name, err, rel, bound, finite and not math.isnan(rel) and rel <= bound)
+
+
+def compare(prod_outputs, ref_outputs, prod_grads, ref_grads, microbatches, layout, head, dtype,
+            low_outputs=None, low_grads=None) -> Report:
+    report = Report(str(layout), head, str(dtype).replace("torch.", ""))
+    for k, mb in enumerate(microbatches):
+        valid = mb.attention_mask.bool()
+        label = f"output[{mb.name or k}]"
+        low = None if low_outputs is None else low_outputs[k][valid]
+        report.rows.append(_row(label, prod_outputs[k][valid], ref_outputs[k][valid], dtype, low))
+    missing = set(ref_grads) ^ set(prod_grads)
+    if missing:
+        report.rows.append(Row(f"grad names differ: {sorted(missing)[:5]}", math.inf, math.inf, 0.0, False))
+    for name in ref_grads:
+        if name in prod_grads:
+            low = None if low_grads is None else low_grads[name]
+            report.rows.append(_row(f"grad {name}", prod_grads[name], ref_grads[name], dtype, low))
+    return report
+
+
+def agree(passed: bool) -> bool:
+    """All ranks pass, or all fail together (no rank hangs waiting for another)."""
+    flag = torch.tensor([1 if passed else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
+               head: wn.Head, dtype: torch.dtype, device: str,
+               microbatches: list[Microbatch]) -> Report:
+    """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every rank."""
+    setup_parallel(layout, device)
+    chunks = build_production(config, layout, head, dtype, device)
+    load_checkpoint(chunks, checkpoint_dir, progress=False)
+    prod_out, prod_grads = run_production(chunks, microbatches, layout)
+    ref_dtype = torch.float64 if device == "cpu" else torch.float32
+    oracle = load_oracle(checkpoint_dir, head, ref_dtype, device)
+    ref_out, ref_grads = run_oracle(oracle, microbatches)
+    low_out = low_grads = None
+    if dtype == torch.bfloat16:
+        low_out, low_grads = run_oracle(load_oracle(checkpoint_dir, head, dtype, device), microbatches)
+    report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
+                     low_out, low_grads)
+    agreed = agree(report.passed)
+    if report.passed and not agreed:
+        report.rows.append(Row("another rank failed", math.inf, math.inf, 0.0, False))
+    return report
+
+
+# ---- the check's inputs -----------------------------------------------------------------------
+def _probe(shape, head: wn.Head, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, vocab, generator=gen) if head == "lm" else torch.randn(*shape, generator=gen)
+
+
+def check_microbatches(vocab: int, head: wn.Head, seed: int = 0) -> list[Microbatch]:
+    """The CLI's batch: random masks and the edge cases, as separate micro-batches of
+    different lengths (rows: left/right/inside padding, empty, single token; an
+    all-padding batch; max_seqlen 1; an odd token count; caller position_ids)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(*text):
+        return torch.tensor([[c == "1" for c in r] for r in text], dtype=torch.bool)
+
+    masks = {
+        "mixed": rows("0011111111", "1111111000", "1101101111", "0000000000", "0000100000"),
+        "all_padding": rows("000000", "000000"),
+        "max_seqlen_1": rows("1", "1"),
+        "odd_tokens": rows("1111111", "0110110"),
+        "no_padding": rows("111111111111"),
+    }
+    out = []
+    for name, mask in masks.items():
+        ids = torch.randint(0, vocab, mask.shape, generator=gen)
+        out.append(Microbatch(ids, mask, None, _probe(mask.shape, head, vocab, gen), name))
+    mask = rows("0111111", "1111100")
+    ids = torch.randint(0, vocab, mask.shape, generator=gen)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + torch.randint(1, 40, (2, 1), generator=gen)
+    out.append(Microbatch(ids, mask, positions, _probe(mask.shape, head, vocab, gen), "caller_positions"))
+    return out
+
+
+def _relaunch_under_torchrun(world: int) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world}", "-m", "splitllama.cli", *sys.argv[1:]]
+    return subprocess.call(cmd)
+
+
+def run_cli(args) -> int:
+    from splitllama.cli import emit
+
+    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp)
+    if layout.sp and layout.tp == 1:
+        raise SystemExit("--sp needs --tp > 1 (sequence parallelism splits tokens over TP ranks)")
+    world = layout.world_size
+    if "RANK" not in os.environ and world > 1:
+        return _relaunch_under_torchrun(world)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    if device == "cpu" and dtype == torch.bfloat16:
+        raise SystemExit("--dtype bfloat16 is checked on CUDA only (the error-ratio rule needs GPU kernels)")
+    init_distributed(device)
+    if dist.get_world_size() != world:
+        raise SystemExit(f"world size {dist.get_world_size()} != tp*pp = {world}: run with "
+                         f"torchrun --nproc-per-node {world}")
+    head: wn.Head = "value" if args.value else "lm"
+    tmp = None
+    if args.checkpoint:
+        checkpoint = args.checkpoint
+    else:
+        if dist.get_rank() == 0:
+            tmp = tempfile.TemporaryDirectory(prefix="splitllama-check-")
+        holder = [tmp.name if tmp else None]
+        dist.broadcast_object_list(holder, src=0)
+        checkpoint = holder[0]
+        if dist.get_rank() == 0:
+            random_split_checkpoint(tiny_split_config(mlp=args.mlp), checkpoint, head, seed=args.seed)
+        dist.barrier()
+    config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
+    report = run_parity(checkpoint, config, layout, head, dtype, device,
+                        check_microbatches(config.vocab_size, head, args.seed))
+    if dist.get_rank() == 0:
+        emit(report.table())
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(report.to_json())
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if report.passed else 1

@@ -1,0 +1,114 @@
+"""Pipeline-parallel classes (registry names) and the schedule runner.
+
+``ParallelCustomSplitLLamaForCausalLMRmPadPP`` and ``ParallelCustomSplitLLamaForValueRmPadPP``
+are built per (pipeline rank, virtual chunk) with
+``Cls(config, megatron_config, pre_process, post_process, share_embeddings_and_output_weights=False)``:
+``layout.stage_layout`` decides which lower layers, adapter, upper layers and head the
+chunk owns, so consecutive stages may exchange ``h_lo``- or ``h_hi``-wide tensors.
+Every stage gets the same ``(input_ids, attention_mask, position_ids)`` and derives the
+packing from the mask; stages other than the first read hidden states given by
+``set_input_tensor``. Stages other than the last return hidden states ``[T_pad(/tp), 1, h]``;
+the last returns vocab-parallel fp32 logits ``[B, S, V/tp]`` (CausalLM) or values ``[B, S]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.cpu_support import cpu_schedule_context
+from splitllama.layout import stage_layout
+from splitllama.model import (
+    ParallelCustomSplitLLamaForCausalLMRmPad,
+    ParallelCustomSplitLLamaForValueRmPad,
+    output_dtype,
+)
+
+
+class PipelineStageMixin:
+    """Constructor and ``set_input_tensor`` of a pipeline stage (one virtual chunk)."""
+
+    def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
+                 pre_process: bool, post_process: bool,
+                 share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None):
+        torch.nn.Module.__init__(self)
+        if share_embeddings_and_output_weights:
+            raise ValueError(
+                "share_embeddings_and_output_weights must be False: the embedding comes from "
+                "the lower checkpoint and the LM head from the upper one"
+            )
+        pp = megatron_config.pipeline_model_parallel_size
+        vpp = megatron_config.virtual_pipeline_model_parallel_size
+        if vp_stage is None:
+            vp_stage = (parallel_state.get_virtual_pipeline_model_parallel_rank() or 0) if vpp else 0
+        layout = stage_layout(config, pp, vpp, parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
+        if (pre_process, post_process) != (layout.has_embedding, layout.has_head):
+            raise ValueError(
+                f"pre_process={pre_process}, post_process={post_process} disagree with the stage "
+                f"layout of pipeline rank {layout.pp_rank}, chunk {layout.chunk}: it "
+                f"{'holds' if layout.has_embedding else 'does not hold'} the embedding and "
+                f"{'holds' if layout.has_head else 'does not hold'} the head"
+            )
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage if vpp else None
+        self._build(config, megatron_config, layout)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's schedules pass a list holding one tensor (or None on stage 0)."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, f"one input tensor per stage, got {len(input_tensor)}"
+            input_tensor = input_tensor[0]
+        self.model.set_input_tensor(input_tensor)
+
+
+class ParallelCustomSplitLLamaForCausalLMRmPadPP(PipelineStageMixin, ParallelCustomSplitLLamaForCausalLMRmPad):
+    """Pipeline stage of the causal LM; the last stage returns vocab-parallel logits."""
+
+    def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.lm_head(hidden_SBH)  # [T, 1, V/tp]: for vocab-parallel log-probs
+        return logits.to(output_dtype(logits.dtype))
+
+
+class ParallelCustomSplitLLamaForValueRmPadPP(PipelineStageMixin, ParallelCustomSplitLLamaForValueRmPad):
+    """Pipeline stage of the value model; the last stage returns values ``[B, S]``."""
+
+
+def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig) -> list[torch.nn.Module]:
+    """All model chunks of this pipeline rank (one per virtual stage), as megatron's
+    interleaved schedule expects them."""
+    vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
+    pp = megatron_config.pipeline_model_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for chunk in range(vpp):
+        layout = stage_layout(config, pp, vpp, pp_rank, chunk)
+        chunks.append(cls(config, megatron_config, layout.has_embedding, layout.has_head, vp_stage=chunk))
+    return chunks
+
+
+def run_pipeline(chunks: list[torch.nn.Module], microbatches: list, forward_step: Callable,
+                 forward_only: bool = False) -> list:
+    """Run megatron's schedule (1F1B, interleaved with VPP) over ``microbatches``.
+
+    ``forward_step(batch, model) -> (output, loss_func)`` as megatron defines it, with the
+    microbatch handed over directly. Returns what the last stage's loss_func reported."""
+    iterators: Iterable = [iter(microbatches) for _ in chunks]
+
+    def step(data_iterator, model):
+        return forward_step(next(data_iterator), model)
+
+    with cpu_schedule_context():
+        return get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=1,  # unused: variable_seq_lengths exchanges shapes
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )

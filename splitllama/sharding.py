@@ -1,0 +1,189 @@
+"""How every weight is sharded over tensor parallelism: declared ONCE, here.
+
+Each ``WeightSpec`` ties one production parameter (its path in the model) to the
+checkpoint tensor(s) it holds and a layout:
+
+* ``Replicated``   every TP rank holds the whole tensor (norms, the value head);
+* ``Split(dim)``   contiguous 1/tp slices along ``dim`` (0: column-parallel outputs and
+                   the vocab-parallel embedding; 1: row-parallel inputs);
+* ``FusedQKV``     megatron's ``linear_qkv``: rows interleaved per query group
+                   ``[q heads of group g; k_g; v_g]`` for each g, groups split over TP;
+* ``FusedGateUp``  megatron's ``linear_fc1``: ``[gate; up]``, each half split over TP
+                   (stride 2: rank r holds ``[gate_r; up_r]``).
+
+The loader, the saver and the tests' gradient gathering all read ``weight_specs``; the
+three operations they need are ``local_slices`` (which part of each checkpoint tensor a
+rank needs: lets the loader read only that), ``fuse`` and ``unfuse``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig
+
+from splitllama import weight_names as wn
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.layout import StageLayout
+
+
+@dataclass(frozen=True)
+class Replicated:
+    pass
+
+
+@dataclass(frozen=True)
+class Split:
+    dim: int
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    heads: int
+    groups: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class FusedGateUp:
+    pass
+
+
+Layout = Replicated | Split | FusedQKV | FusedGateUp
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    param: str  # production parameter path, e.g. "model.lower.layers.0.mlp.linear_fc1.weight"
+    names: tuple[str, ...]  # checkpoint tensors, in fusion order
+    layout: Layout
+
+
+def _layer_specs(param_prefix: str, name_of, sub: LlamaConfig) -> list[WeightSpec]:
+    qkv = FusedQKV(sub.num_attention_heads, sub.num_key_value_heads, sub.head_dim)
+    return [
+        WeightSpec(f"{param_prefix}.input_layernorm.weight", (name_of("input_layernorm.weight"),), Replicated()),
+        WeightSpec(
+            f"{param_prefix}.self_attention.linear_qkv.weight",
+            tuple(name_of(f"self_attn.{p}_proj.weight") for p in "qkv"),
+            qkv,
+        ),
+        WeightSpec(f"{param_prefix}.self_attention.linear_proj.weight", (name_of("self_attn.o_proj.weight"),), Split(1)),
+        WeightSpec(f"{param_prefix}.pre_mlp_layernorm.weight", (name_of("post_attention_layernorm.weight"),), Replicated()),
+        WeightSpec(
+            f"{param_prefix}.mlp.linear_fc1.weight",
+            (name_of("mlp.gate_proj.weight"), name_of("mlp.up_proj.weight")),
+            FusedGateUp(),
+        ),
+        WeightSpec(f"{param_prefix}.mlp.linear_fc2.weight", (name_of("mlp.down_proj.weight"),), Split(1)),
+    ]
+
+
+def weight_specs(config: CustomSplitLlamaConfig, layout: StageLayout, head: wn.Head) -> list[WeightSpec]:
+    """Every parameter of one (virtual) pipeline stage, in model order."""
+    specs: list[WeightSpec] = []
+    if layout.has_embedding:
+        specs.append(WeightSpec("model.embed_tokens.weight", (wn.EMBED,), Split(0)))
+    for k, i in enumerate(layout.lower_layers):
+        specs += _layer_specs(f"model.lower.layers.{k}", lambda s, i=i: wn.lower_layer(i, s), config.lower)
+    if layout.has_adapter:
+        if config.mlp:
+            specs.append(WeightSpec("model.adapter.linear_1.weight", (wn.ADAPTER_MLP_1,), Split(0)))
+            specs.append(WeightSpec("model.adapter.linear_2.weight", (wn.ADAPTER_MLP_2,), Split(1)))
+        else:
+            specs.append(WeightSpec("model.adapter.proj.weight", (wn.ADAPTER_LINEAR,), Split(0)))
+    for k, j in enumerate(layout.upper_layers):
+        specs += _layer_specs(f"model.upper.layers.{k}", lambda s, j=j: wn.upper_layer(j, s), config.upper)
+    if layout.has_head:
+        specs.append(WeightSpec("model.norm.weight", (wn.FINAL_NORM,), Replicated()))
+        if head == "lm":
+            specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), Split(0)))
+        else:
+            specs.append(WeightSpec("value_head.weight", (wn.VALUE_HEAD,), Replicated()))
+    return specs
+
+
+def _part(size: int, tp_rank: int, tp: int, what: str) -> slice:
+    if size % tp:
+        raise ValueError(f"{what} of size {size} cannot be split over tensor_model_parallel_size={tp}")
+    step = size // tp
+    return slice(tp_rank * step, (tp_rank + 1) * step)
+
+
+def local_slices(spec: WeightSpec, shapes: list[tuple[int, ...]], tp_rank: int, tp: int) -> list[tuple[slice, ...]]:
+    """For each checkpoint tensor of ``spec``, the index that TP rank ``tp_rank`` needs."""
+    layout = spec.layout
+    if isinstance(layout, Replicated):
+        return [(slice(None),) for _ in shapes]
+    if isinstance(layout, Split):
+        (shape,) = shapes
+        index = [slice(None)] * len(shape)
+        index[layout.dim] = _part(shape[layout.dim], tp_rank, tp, spec.names[0])
+        return [tuple(index)]
+    if isinstance(layout, FusedQKV):
+        # Whole query groups per rank: rank r holds groups [r*g/tp, (r+1)*g/tp).
+        group_part = _part(layout.groups, tp_rank, tp, f"{spec.names[1]} query groups")
+        q_rows = layout.heads // layout.groups * layout.head_dim
+        return [
+            (slice(group_part.start * rows, group_part.stop * rows),)
+            for rows in (q_rows, layout.head_dim, layout.head_dim)
+        ]
+    if isinstance(layout, FusedGateUp):
+        return [(_part(shape[0], tp_rank, tp, name),) for shape, name in zip(shapes, spec.names)]
+    raise AssertionError(f"unknown layout {layout!r}")
+
+
+def fuse(spec: WeightSpec, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Checkpoint slices (from ``local_slices``) -> the local production tensor."""
+    layout = spec.layout
+    if isinstance(layout, FusedQKV):
+        q, k, v = pieces
+        d, hidden = layout.head_dim, q.shape[-1]
+        groups = k.shape[0] // d
+        fused = torch.cat(
+            [q.reshape(groups, -1, hidden), k.reshape(groups, d, hidden), v.reshape(groups, d, hidden)], dim=1
+        )
+        return fused.reshape(-1, hidden)
+    if isinstance(layout, FusedGateUp):
+        return torch.cat(pieces, dim=0)
+    (piece,) = pieces
+    return piece
+
+
+def unfuse(spec: WeightSpec, local: torch.Tensor) -> list[torch.Tensor]:
+    """The local production tensor -> its slice of each checkpoint tensor (inverse of fuse)."""
+    layout = spec.layout
+    if isinstance(layout, FusedQKV):
+        d, hidden = layout.head_dim, local.shape[-1]
+        per_group = layout.heads // layout.groups * d
+        grouped = local.reshape(-1, per_group + 2 * d, hidden)
+        q, k, v = grouped.split([per_group, d, d], dim=1)
+        return [t.reshape(-1, hidden) for t in (q, k, v)]
+    if isinstance(layout, FusedGateUp):
+        return list(local.chunk(2, dim=0))
+    return [local]
+
+
+def concat_dim(spec: WeightSpec) -> int | None:
+    """Dimension along which per-rank pieces concatenate back (None: replicated)."""
+    if isinstance(spec.layout, Replicated):
+        return None
+    if isinstance(spec.layout, Split):
+        return spec.layout.dim
+    return 0
+
+
+def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    """Full checkpoint tensors -> TP rank ``tp_rank``'s production tensor."""
+    slices = local_slices(spec, [tuple(t.shape) for t in full], tp_rank, tp)
+    return fuse(spec, [t[s] for t, s in zip(full, slices)])
+
+
+def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every TP rank's production tensor (rank order) -> the full checkpoint tensors."""
+    dim = concat_dim(spec)
+    if dim is None:
+        return unfuse(spec, locals_by_rank[0])
+    per_rank = [unfuse(spec, t) for t in locals_by_rank]
+    return [torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(len(spec.names))]
