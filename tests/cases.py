@@ -78,9 +78,17 @@ def random_input_ids(mask: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, mask.shape, generator=gen)
 
 
-def caller_position_ids(mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """Position ids that differ from ``cumsum(mask) - 1``: each row starts at a random
-    offset (as a continuation of an earlier chunk would)."""
+def shifted_position_ids(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """Default positions shifted by a random constant per row. Rotary attention sees only
+    position differences, so these must give the SAME outputs as the default."""
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.randint(1, 50, (mask.shape[0], 1), generator=gen)
     return (mask.long().cumsum(-1) - 1).clamp(min=0) + offsets
+
+
+def caller_position_ids(mask: torch.Tensor, seed: int, max_gap: int = 300) -> torch.Tensor:
+    """Caller position ids ``[B, S]`` growing by random gaps of 1..max_gap per token. Gaps
+    change every query-key distance, so a path that ignores the caller's positions cannot
+    match (a constant offset, ``shifted_position_ids``, would be cancelled by rotary)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, max_gap + 1, mask.shape, generator=gen).cumsum(-1)
