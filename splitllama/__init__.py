@@ -43,8 +43,8 @@ _LAZY = {
     "ParallelCustomSplitLLamaForValueRmPad": "splitllama.model",
     "ParallelCustomSplitLLamaForCausalLMRmPadPP": "splitllama.pipeline",
     "ParallelCustomSplitLLamaForValueRmPadPP": "splitllama.pipeline",
-    "vocab_parallel_log_probs": "splitllama.heads",
-    "vocab_parallel_entropy": "splitllama.heads",
+    "vocab_parallel_log_probs": "splitllama.logprobs",
+    "vocab_parallel_entropy": "splitllama.logprobs",
 }
 
 __all__ = sorted(_LAZY)

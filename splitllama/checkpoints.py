@@ -29,7 +29,7 @@ from tqdm import tqdm
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
-from splitllama.sharding import WeightSpec, fuse, local_slices, unshard, weight_specs
+from splitllama.sharding import fuse, local_slices, unshard, weight_specs
 
 logger = logging.getLogger(__name__)
 

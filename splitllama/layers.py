@@ -22,6 +22,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -34,7 +35,6 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from transformers import LlamaConfig
 
 from splitllama.attention import SplitCoreAttention

@@ -27,15 +27,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.attention import gather_tokens, scatter_tokens, unpad
 from splitllama.config import CustomSplitLlamaConfig
+from splitllama.heads import LMHead, ValueHead
 from splitllama.layers import (
     Adapter,
     DecoderStack,
     RMSNorm,
     RotaryPositions,
-    param_device,
     stack_config,
 )
 from splitllama.layout import StageLayout, stage_layouts, validate_tensor_parallel
+from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -226,11 +227,6 @@ class ParallelCustomSplitLLamaModelRmPad(ParallelCustomSplitLLamaModel):
 
 
 # ---- models with heads ---------------------------------------------------------------------
-def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Outputs are float32, or float64 when computing in float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: ModelParallelConfig) -> TransformerConfig:
     """The config megatron's pipeline schedules read as ``model.config``.
 
@@ -277,16 +273,10 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        # Vocab-parallel: each TP rank holds V/tp rows; under SP the input is all-gathered.
-        self.lm_head = tensor_parallel.ColumnParallelLinear(
-            config.h_hi, config.vocab_size, config=self.head_config,
-            init_method=self.head_config.init_method, bias=False, gather_output=False,
-        )
+        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size)
 
     def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.lm_head(hidden_SBH)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        return logits.to(output_dtype(logits.dtype))
+        return self.lm_head(hidden_SBH)
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         validate_inputs(self.hf_config, input_ids, attention_mask, position_ids)
@@ -309,26 +299,28 @@ class ParallelCustomSplitLLamaForCausalLMRmPad(ParallelCustomSplitLLamaForCausal
             return hidden
         return batch.restore(self._forward_head(hidden))
 
+    def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None):
+        """Log-probabilities of ``labels`` (``[B, S]`` token ids, one per position, already
+        shifted by the caller) and the entropy of the next-token distribution, both
+        ``[B, S]`` float32 with zeros at padding. The vocabulary stays split over TP."""
+        validate_inputs(self.hf_config, input_ids, attention_mask, position_ids)
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be a tensor of the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {_shape(labels)}")
+        batch = pack_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
+        hidden = self.model(batch.input_ids_1T, batch.position_ids_1T, batch.packed)
+        logits_T1V = self.lm_head.vocab_parallel_logits(hidden)
+        labels_T1 = F.pad(gather_tokens(labels, batch.indices_T), (0, logits_T1V.shape[0] - batch.num_valid))
+        log_probs = vocab_parallel_log_probs(logits_T1V, labels_T1[:, None])
+        entropy = vocab_parallel_entropy(logits_T1V)
+        return batch.restore(log_probs), batch.restore(entropy)
+
 
 class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMRmPad):
     """Packed critic: fp32 values ``[B, S]``. Only the head differs from the causal LM."""
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        # Output size 1 cannot be split over TP: the weight is replicated. Under SP each
-        # rank scores its own tokens, so the gradient is partial: marked for the TP
-        # all-reduce (grads.py / megatron's finalize_model_grads).
-        self.value_head = torch.nn.Linear(
-            config.h_hi, 1, bias=False, dtype=self.head_config.params_dtype,
-            device=param_device(self.head_config),
-        )
-        setattr(self.value_head.weight, "sequence_parallel", self.head_config.sequence_parallel)
+        self.value_head = ValueHead(self.head_config, config.h_hi)
 
     def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        values = self.value_head(hidden_SBH)
-        if self.head_config.sequence_parallel:
-            # Gather once; the loss is replicated on every rank, so the backward takes this
-            # rank's slice of the gradient (no reduce-scatter: that would multiply by tp).
-            values = tensor_parallel.gather_from_sequence_parallel_region(
-                values, tensor_parallel_output_grad=False
-            )
-        return values[..., 0].to(output_dtype(values.dtype))
+        return self.value_head(hidden_SBH)

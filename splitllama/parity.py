@@ -16,6 +16,7 @@ What "equal" means (SPEC 3):
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 from splitllama.cpu_support import use_cpu
 from splitllama.grads import allreduce_sequence_parallel_grads
 from splitllama.layout import stage_layouts, validate_tensor_parallel
+from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
@@ -83,11 +85,23 @@ class ParallelLayout:
 
 @dataclass
 class Microbatch:
+    """One micro-batch and the probe defining its share of the loss.
+
+    The loss is ``sum(observed * probe)`` over valid tokens, where ``observed`` is the
+    model output (logits ``[B, S, V]`` or values ``[B, S]``), or, when ``labels`` is set
+    (LM only), ``[B, S, 2]`` = (log-probability of the label, entropy)."""
+
     input_ids: torch.Tensor  # [B, S]
     attention_mask: torch.Tensor  # [B, S] bool
     position_ids: torch.Tensor | None
-    probe: torch.Tensor  # [B, S, V] (lm) or [B, S] (value): the loss is sum(out * probe)
+    probe: torch.Tensor  # shaped like what is observed
     name: str = ""
+    labels: torch.Tensor | None = None  # [B, S] token ids
+
+    def to(self, device) -> "Microbatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Microbatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                          self.probe, self.name, move(self.labels))
 
 
 @dataclass
@@ -133,8 +147,9 @@ class Report:
 
 
 # ---- set-up ------------------------------------------------------------------------------------
-def init_distributed(device: str) -> None:
-    """Process group from torchrun's environment (or a world of one)."""
+def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> None:
+    """Process group from torchrun's environment (or a world of one). ``timeout`` bounds
+    every collective, so a diverging rank becomes an error instead of a hang."""
     if dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
@@ -143,7 +158,7 @@ def init_distributed(device: str) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
 
 
 def _free_port() -> int:
@@ -247,25 +262,34 @@ def _masked_probe(mb: Microbatch, like: torch.Tensor) -> torch.Tensor:
     return probe * mask.reshape(*mask.shape, *([1] * (probe.dim() - 2))).to(like.dtype)
 
 
+def _oracle_observe(model, mb: Microbatch) -> torch.Tensor:
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids).logits
+    if out.shape[-1] == 1 and mb.probe.dim() == 2:  # value model: [B, S, 1] -> [B, S]
+        return out[..., 0]
+    if mb.labels is None:
+        return out
+    log_softmax = torch.log_softmax(out, dim=-1)
+    log_prob = log_softmax.gather(-1, mb.labels[..., None])[..., 0]
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    return torch.stack([log_prob, entropy], dim=-1)
+
+
 def run_oracle(model, microbatches: list[Microbatch]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Outputs ``[B, S, ...]`` per micro-batch and gradients by checkpoint name."""
+    """What is observed per micro-batch, and gradients by checkpoint name."""
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    outputs = []
+    observed = []
     for mb in microbatches:
-        out = model(
-            input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
-            position_ids=None if mb.position_ids is None else mb.position_ids.to(device),
-        ).logits
-        if out.dim() == 3 and out.shape[-1] == 1 and mb.probe.dim() == 2:
-            out = out[..., 0]
+        mb = mb.to(device)
+        out = _oracle_observe(model, mb)
         (out * _masked_probe(mb, out)).sum().backward()
-        outputs.append(out.detach().cpu())
+        observed.append(out.detach().cpu())
     grads = {
         name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
         for name, p in model.named_parameters()
     }
-    return outputs, grads
+    return observed, grads
 
 
 def _vocab_slice(width: int) -> slice:
@@ -282,51 +306,61 @@ def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
+    ``[B, S, V/tp]`` or values ``[B, S]``."""
+    if mb.labels is not None:
+        observed = torch.stack(
+            [vocab_parallel_log_probs(output, mb.labels), vocab_parallel_entropy(output)], dim=-1
+        )
+        return (observed * _masked_probe(mb, observed)).sum(), observed
+    probe = _masked_probe(mb, output)
+    if probe.dim() == 3:  # this rank's slice of the vocabulary
+        probe = probe[..., _vocab_slice(output.shape[-1])]
+    observed = _gather_vocab(output.detach()) if output.dim() == 3 else output
+    return (output * probe).sum(), observed
+
+
 def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch],
                    layout: ParallelLayout) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Outputs (full vocab, on every rank) and gathered gradients by checkpoint name."""
+    """What is observed per micro-batch (on every rank) and gathered gradients by
+    checkpoint name."""
     device = next(chunks[0].parameters()).device
     for chunk in chunks:
         chunk.zero_grad(set_to_none=True)
-    outputs: list[torch.Tensor] = []
+    moved = [mb.to(device) for mb in microbatches]
     if layout.pp == 1:
         (model,) = chunks
-        for mb in microbatches:
-            out = model(mb.input_ids.to(device), mb.attention_mask.to(device),
-                        None if mb.position_ids is None else mb.position_ids.to(device))
+        observed = []
+        for mb in moved:
+            if mb.labels is not None:
+                out = torch.stack(model.log_probs_and_entropy(
+                    mb.input_ids, mb.attention_mask, mb.labels, mb.position_ids), dim=-1)
+            else:
+                out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
             (out * _masked_probe(mb, out)).sum().backward()
-            outputs.append(out.detach().cpu())
+            observed.append(out.detach().cpu())
     else:
-        outputs = _run_pipelined(chunks, microbatches, device)
+        observed = _run_pipelined(chunks, moved)
     allreduce_sequence_parallel_grads(chunks)
-    return outputs, gather_full_state(chunks, "grad")
+    return observed, gather_full_state(chunks, "grad")
 
 
-def _run_pipelined(chunks, microbatches, device) -> list[torch.Tensor]:
+def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]:
     count = len(microbatches)
-    moved = [
-        Microbatch(mb.input_ids.to(device), mb.attention_mask.to(device),
-                   None if mb.position_ids is None else mb.position_ids.to(device), mb.probe, mb.name)
-        for mb in microbatches
-    ]
-    by_id = {id(mb): mb for mb in moved}
 
     def forward_step(mb, model):
         out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
 
         def loss_func(output):
-            probe = _masked_probe(by_id[id(mb)], output)
-            if probe.dim() == 3:  # vocab-parallel logits: this rank's slice of the probe
-                probe = probe[..., _vocab_slice(output.shape[-1])]
+            loss, observed = _stage_loss(mb, output)
             # megatron divides each micro-batch loss by their count; the oracle sums.
-            return (output * probe).sum() * count, {"out": output.detach()}
+            return loss * count, {"observed": observed.detach().cpu()}
 
         return out, loss_func
 
-    reports = run_pipeline(chunks, moved, forward_step)
-    is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    local = [_gather_vocab(r["out"]).cpu() if r["out"].dim() == 3 else r["out"].cpu() for r in reports] if is_last else None
-    holder = [local]
+    reports = run_pipeline(chunks, microbatches, forward_step)
+    holder = [[r["observed"] for r in reports] if parallel_state.is_pipeline_last_stage() else None]
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     return holder[0]
@@ -426,8 +460,15 @@ def check_microbatches(vocab: int, head: wn.Head, seed: int = 0) -> list[Microba
         out.append(Microbatch(ids, mask, None, _probe(mask.shape, head, vocab, gen), name))
     mask = rows("0111111", "1111100")
     ids = torch.randint(0, vocab, mask.shape, generator=gen)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + torch.randint(1, 40, (2, 1), generator=gen)
+    # Gaps between positions (a constant offset would cancel in rotary attention).
+    positions = torch.randint(1, 300, mask.shape, generator=gen).cumsum(-1)
     out.append(Microbatch(ids, mask, positions, _probe(mask.shape, head, vocab, gen), "caller_positions"))
+    if head == "lm":
+        mask = rows("0011111111", "1111110000", "1110111111")
+        ids = torch.randint(0, vocab, mask.shape, generator=gen)
+        labels = ids.roll(-1, dims=1)  # next-token targets, as an RL actor scores a rollout
+        probe = torch.randn(*mask.shape, 2, generator=gen)
+        out.append(Microbatch(ids, mask, None, probe, "log_probs_entropy", labels))
     return out
 
 

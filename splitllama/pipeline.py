@@ -22,11 +22,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_schedule_context
+from splitllama.heads import output_dtype
 from splitllama.layout import stage_layout
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
-    output_dtype,
 )
 
 
@@ -70,7 +70,8 @@ class ParallelCustomSplitLLamaForCausalLMRmPadPP(PipelineStageMixin, ParallelCus
     """Pipeline stage of the causal LM; the last stage returns vocab-parallel logits."""
 
     def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.lm_head(hidden_SBH)  # [T, 1, V/tp]: for vocab-parallel log-probs
+        # Not gathered: [T, 1, V/tp] for logprobs.vocab_parallel_log_probs / _entropy.
+        logits = self.lm_head.vocab_parallel_logits(hidden_SBH)
         return logits.to(output_dtype(logits.dtype))
 
 
