@@ -66,6 +66,13 @@ def validate_inputs(config: CustomSplitLlamaConfig, input_ids, attention_mask, p
         )
 
 
+def _validate_labels(config, input_ids, attention_mask, labels, position_ids) -> None:
+    validate_inputs(config, input_ids, attention_mask, position_ids)
+    if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+        raise ValueError(f"labels must be a tensor of the shape of input_ids "
+                         f"{tuple(input_ids.shape)}, got {_shape(labels)}")
+
+
 def _shape(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
@@ -284,6 +291,23 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         hidden = self.model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_BS)
         return batch.restore(self._forward_head(hidden))
 
+    def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
+                              entropy: bool = True):
+        """Log-probabilities of ``labels`` (``[B, S]`` token ids, one per position, already
+        shifted by the caller) and the entropy of the next-token distribution (None when
+        ``entropy=False``), ``[B, S]`` float32 with zeros at padding. The vocabulary stays
+        split over TP: this is what an RL actor needs, without the ``[B, S, V]`` logits."""
+        _validate_labels(self.hf_config, input_ids, attention_mask, labels, position_ids)
+        batch = pad_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
+        hidden = self.model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_BS)
+        labels_SB = F.pad(labels, (0, batch.input_ids_BS.shape[1] - labels.shape[1])).transpose(0, 1)
+        return self._token_scores(hidden, labels_SB, batch, entropy)
+
+    def _token_scores(self, hidden, labels, batch, entropy: bool):
+        logits = self.lm_head.vocab_parallel_logits(hidden)
+        log_probs = batch.restore(vocab_parallel_log_probs(logits, labels))
+        return log_probs, batch.restore(vocab_parallel_entropy(logits)) if entropy else None
+
 
 class ParallelCustomSplitLLamaForCausalLMRmPad(ParallelCustomSplitLLamaForCausalLM):
     """Packed TP(+SP) causal LM: same call and result as the padded class, computed on
@@ -299,21 +323,13 @@ class ParallelCustomSplitLLamaForCausalLMRmPad(ParallelCustomSplitLLamaForCausal
             return hidden
         return batch.restore(self._forward_head(hidden))
 
-    def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None):
-        """Log-probabilities of ``labels`` (``[B, S]`` token ids, one per position, already
-        shifted by the caller) and the entropy of the next-token distribution, both
-        ``[B, S]`` float32 with zeros at padding. The vocabulary stays split over TP."""
-        validate_inputs(self.hf_config, input_ids, attention_mask, position_ids)
-        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
-            raise ValueError(f"labels must be a tensor of the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {_shape(labels)}")
+    def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
+                              entropy: bool = True):
+        _validate_labels(self.hf_config, input_ids, attention_mask, labels, position_ids)
         batch = pack_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
         hidden = self.model(batch.input_ids_1T, batch.position_ids_1T, batch.packed)
-        logits_T1V = self.lm_head.vocab_parallel_logits(hidden)
-        labels_T1 = F.pad(gather_tokens(labels, batch.indices_T), (0, logits_T1V.shape[0] - batch.num_valid))
-        log_probs = vocab_parallel_log_probs(logits_T1V, labels_T1[:, None])
-        entropy = vocab_parallel_entropy(logits_T1V)
-        return batch.restore(log_probs), batch.restore(entropy)
+        labels_T = F.pad(gather_tokens(labels, batch.indices_T), (0, batch.input_ids_1T.shape[1] - batch.num_valid))
+        return self._token_scores(hidden, labels_T[:, None], batch, entropy)
 
 
 class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMRmPad):

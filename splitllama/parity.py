@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from splitllama import weight_names as wn
@@ -169,7 +169,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_parallel(layout: ParallelLayout, device: str) -> None:
+def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:
     """(Re)initialise megatron's parallel state for ``layout`` on the current world."""
     world = dist.get_world_size()
     if world % layout.world_size:
@@ -182,9 +182,12 @@ def setup_parallel(layout: ParallelLayout, device: str) -> None:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
     )
+    if device == "cuda":  # megatron's GPU weight init draws from its model-parallel RNG
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str) -> ModelParallelConfig:
+def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str,
+                    initialize: bool = False) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=layout.tp,
         sequence_parallel=layout.sp,
@@ -194,8 +197,8 @@ def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str) -> 
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=device == "cpu",
-        # every weight is loaded from the checkpoint right after construction
-        perform_initialization=False,
+        # parity loads every weight right after construction; benchmarks draw random ones
+        perform_initialization=initialize,
     )
 
 
@@ -223,7 +226,7 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
 
 
 def random_split_checkpoint(config: CustomSplitLlamaConfig, out_dir: str, head: wn.Head = "lm",
-                            seed: int = 0, std: float = 0.15) -> str:
+                            seed: int = 0, std: float = 0.15, dtype: torch.dtype = torch.float64) -> str:
     """A split checkpoint with random weights, written by the oracle (save_pretrained).
 
     ``std`` is far larger than Llama's 0.02 init so that attention patterns, RoPE and every
@@ -235,11 +238,11 @@ def random_split_checkpoint(config: CustomSplitLlamaConfig, out_dir: str, head: 
     if head == "value":
         fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
         config = CustomSplitLlamaConfig.from_dict({**fields, "num_labels": 1})
-    model = cls(config).double()
+    model = cls(config).to(dtype)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.promote_types(param.dtype, torch.float32))
             param.copy_(1.0 + 0.1 * noise if param.dim() == 1 else std * noise)
     model.save_pretrained(out_dir)
     return out_dir

@@ -21,7 +21,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.cpu_support import cpu_schedule_context
+from splitllama.cpu_support import cpu_enabled, cpu_schedule_context
 from splitllama.heads import output_dtype
 from splitllama.layout import stage_layout
 from splitllama.model import (
@@ -98,6 +98,19 @@ def run_pipeline(chunks: list[torch.nn.Module], microbatches: list, forward_step
 
     ``forward_step(batch, model) -> (output, loss_func)`` as megatron defines it, with the
     microbatch handed over directly. Returns what the last stage's loss_func reported."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if len(chunks) > 1 and len(microbatches) % pp:
+        raise ValueError(
+            f"the interleaved schedule (virtual pipeline chunks={len(chunks)}) needs a number "
+            f"of micro-batches divisible by pipeline_model_parallel_size={pp}, got {len(microbatches)}"
+        )
+    if len(chunks) > 1 and cpu_enabled() and len(microbatches) < 2 * pp:
+        # Seen on CPU (gloo): with every micro-batch in the warm-up phase (M == pp) the
+        # interleaved schedule deadlocked; M >= 2 * pp ran and matched the oracle.
+        raise ValueError(
+            f"on CPU the interleaved schedule needs at least 2 * pipeline_model_parallel_size="
+            f"{2 * pp} micro-batches, got {len(microbatches)}"
+        )
     iterators: Iterable = [iter(microbatches) for _ in chunks]
 
     def step(data_iterator, model):

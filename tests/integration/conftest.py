@@ -51,12 +51,12 @@ def checkpoint_factory(tmp_path_factory):
     made: dict[tuple, str] = {}
     root = shared_tmpdir(tmp_path_factory)
 
-    def make(head: str = "lm", mlp: bool = False, config=None, name: str | None = None) -> str:
+    def make(head: str = "lm", mlp: bool = False, config=None, name: str | None = None, **kwargs) -> str:
         key = (head, mlp, name)
         if key not in made:
             path = os.path.join(root, f"{head}-{'mlp' if mlp else 'linear'}-{name or 'tiny'}")
             if dist.get_rank() == 0:
-                random_split_checkpoint(config or tiny_split_config(mlp=mlp), path, head)
+                random_split_checkpoint(config or tiny_split_config(mlp=mlp), path, head, **kwargs)
             dist.barrier()
             made[key] = path
         return made[key]

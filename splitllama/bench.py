@@ -1,0 +1,339 @@
+"""``splitllama bench``: real Llama-3.1 shapes on CUDA, measured side by side in one run.
+
+Parts (``--only`` picks some):
+
+* ``ceiling``   the bf16 matmul ceiling of this card (one 8192^3 GEMM), the yardstick;
+* ``packing``   packed production vs padded production (same megatron layers, SDPA with
+                a padding mask) vs the padded oracle, on documents drawn from an RL length
+                distribution (padding fraction p reported), and the p = 0 control;
+* ``backends``  the packed model with each available attention backend;
+* ``tp``        (world size 2) TP=2 with and without SP vs TP=1, for 8B-shaped and
+                70B-shaped stacks: per-GPU efficiency and peak memory.
+
+The timed step is what an RL actor does: forward, log-probabilities of the next tokens
+(vocabulary kept split over TP), backward. Useful FLOPs count real tokens only (SPEC 5,
+Megatron's formula with causal attention halved), so padded runs are credited with the
+same work. Times are CUDA-event medians after warm-up, on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from splitllama.attention import BACKEND_ENV, available_backends
+from splitllama.config import CustomSplitLlamaConfig, llama_preset
+from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
+from splitllama.parity import ParallelLayout, init_distributed, megatron_config, setup_parallel
+
+PARTS = ("ceiling", "packing", "backends", "tp")
+REAL_VOCAB = 128256
+
+
+# ---- workload ----------------------------------------------------------------------------
+def rl_lengths(tokens: int, gen: torch.Generator, median: int = 512, sigma: float = 0.9,
+               max_len: int = 4096) -> list[int]:
+    """Document lengths of RL rollouts (prompt + response): log-normal around ``median``,
+    clipped to [16, max_len], drawn until ``tokens`` real tokens."""
+    lengths: list[int] = []
+    while sum(lengths) < tokens:
+        draw = math.exp(math.log(median) + sigma * float(torch.randn(1, generator=gen)))
+        lengths.append(int(min(max(draw, 16), max_len)))
+    return lengths
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - sum(self.lengths) / self.attention_mask.numel()
+
+
+def make_batch(lengths: list[int], vocab: int, gen: torch.Generator, device: str) -> Batch:
+    """One document per row (as rollouts are), right-padded to the longest."""
+    seq = max(lengths)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = True
+    ids = torch.randint(0, vocab, mask.shape, generator=gen)
+    return Batch(ids.to(device), mask.to(device), ids.roll(-1, 1).to(device), lengths)
+
+
+def useful_flops(config: CustomSplitLlamaConfig, lengths: list[int]) -> float:
+    """Forward + backward FLOPs of the real tokens (Megatron's count, causal halved)."""
+    tokens = sum(lengths)
+    s_bar = sum(n * n for n in lengths) / tokens
+    per_token = 0.0
+    for sub, count in ((config.lower, config.num_lower), (config.upper, config.num_upper)):
+        h, d, nh, nkv = sub.hidden_size, sub.head_dim, sub.num_attention_heads, sub.num_key_value_heads
+        params = h * (nh + 2 * nkv) * d + nh * d * h + 3 * h * sub.intermediate_size
+        per_token += count * (6 * params + 6 * nh * d * s_bar)
+    per_token += 6 * config.h_lo * config.h_hi + (6 * config.h_hi ** 2 if config.mlp else 0)
+    per_token += 6 * config.h_hi * config.vocab_size
+    return per_token * tokens
+
+
+def bench_config(family: str, lower_layers: int, upper_layers: int) -> CustomSplitLlamaConfig:
+    """Real shapes: ``mixed`` = 8B lower + 70B upper (the product); ``8b`` / ``70b`` = both
+    stacks of one shape (for TP scaling per layer shape)."""
+    lower = {"mixed": "llama3.1-8b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
+    upper = {"mixed": "llama3.1-70b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
+    return CustomSplitLlamaConfig.from_llama_configs(
+        llama_preset(lower, num_hidden_layers=lower_layers),
+        llama_preset(upper, num_hidden_layers=upper_layers),
+        lower_layers, upper_layers,
+    )
+
+
+# ---- timing ------------------------------------------------------------------------------
+def time_ms(step, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_ceiling(repeats: int) -> float:
+    """bf16 TFLOP/s of one 8192^3 GEMM on random data."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=5, repeats=max(repeats, 20))
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def actor_step(model, batch: Batch):
+    """Forward, next-token log-probs, backward: what an RL actor's update does."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        log_probs, _ = model.log_probs_and_entropy(batch.input_ids, batch.attention_mask, batch.labels,
+                                                   entropy=False)
+        (log_probs * batch.attention_mask).sum().backward()
+    return step
+
+
+def oracle_step(model, batch: Batch):
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        log_probs = torch.log_softmax(logits, -1).gather(-1, batch.labels[..., None])[..., 0]
+        (log_probs * batch.attention_mask).sum().backward()
+    return step
+
+
+def measure(name: str, step, batch: Batch, config, ceiling: float, args) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = time_ms(step, args.warmup, args.repeats)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"name": name, "error": "out of memory"}
+    tflops = useful_flops(config, batch.lengths) / (ms * 1e-3) / 1e12
+    return {
+        "name": name, "ms": ms, "tokens_per_s": sum(batch.lengths) / (ms * 1e-3),
+        "useful_tflops": tflops, "fraction_of_ceiling": tflops / ceiling if ceiling else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "padding_fraction": batch.padding_fraction, "real_tokens": sum(batch.lengths),
+    }
+
+
+# ---- models ------------------------------------------------------------------------------
+def build(cls, config, layout: ParallelLayout):
+    setup_parallel(layout, "cuda")
+    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True))
+    return model.cuda()
+
+
+def build_oracle(config):
+    from oracle import CustomSplitLLamaForCausalLM
+
+    with torch.device("cuda"):
+        return CustomSplitLLamaForCausalLM(config).to(torch.bfloat16)
+
+
+# ---- parts ---------------------------------------------------------------------------------
+def part_packing(config, ceiling, args, gen) -> list[dict]:
+    rows = []
+    layout = ParallelLayout()
+    packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
+    padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout)
+    rl = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    even = make_batch([args.tokens // 8] * 8, config.vocab_size, gen, "cuda")
+    for label, batch in (("rl", rl), ("p0", even)):
+        for name, model in (("packed", packed), ("padded", padded)):
+            rows.append({**measure(f"{label}/{name}", actor_step(model, batch), batch, config, ceiling, args),
+                         "part": "packing"})
+    del packed, padded
+    torch.cuda.empty_cache()
+    oracle = build_oracle(config)
+    # The oracle's eager attention holds [rows, heads, S, S] scores: when the batch does not
+    # fit, halve the documents and time packed production on the same subset.
+    lengths = rl.lengths
+    while lengths:
+        batch = make_batch(lengths, config.vocab_size, gen, "cuda")
+        row = measure(f"rl/oracle[{len(lengths)} docs]", oracle_step(oracle, batch), batch, config, ceiling, args)
+        rows.append({**row, "part": "packing"})
+        if "error" not in row or len(lengths) == 1:
+            break
+        lengths = lengths[: len(lengths) // 2]
+    del oracle
+    torch.cuda.empty_cache()
+    if lengths != rl.lengths and "error" not in rows[-1]:
+        packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
+        row = measure(f"rl/packed[{len(lengths)} docs]", actor_step(packed, batch), batch, config, ceiling, args)
+        rows.append({**row, "part": "packing"})
+    return rows
+
+
+def part_backends(config, ceiling, args, gen) -> list[dict]:
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
+    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    rows = []
+    previous = os.environ.get(BACKEND_ENV)
+    try:
+        for backend in available_backends(torch.device("cuda"), torch.bfloat16):
+            os.environ[BACKEND_ENV] = backend
+            rows.append({**measure(f"backend/{backend}", actor_step(model, batch), batch, config, ceiling, args),
+                         "part": "backends"})
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
+    return rows
+
+
+def part_tp(args, ceiling, gen) -> list[dict]:
+    world = dist.get_world_size()
+    rows = []
+    for family in ("8b", "70b"):
+        config = bench_config(family, args.lower_layers, args.upper_layers)
+        batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+        for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
+            model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
+            row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args)
+            peak = torch.tensor([row.get("peak_memory_gib", 0.0)], device="cuda")
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            rows.append({**row, "peak_memory_gib": float(peak), "part": "tp", "family": family,
+                         "tp": layout.tp, "sp": layout.sp})
+            del model
+            torch.cuda.empty_cache()
+        base = rows[-3]["ms"]
+        for row in rows[-2:]:
+            row["per_gpu_efficiency"] = base / (row["tp"] * row["ms"])
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------------
+def summary(rows: list[dict], ceiling: float) -> str:
+    lines = [f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s"]
+    lines.append(f"{'run':<28} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>7} {'peak GiB':>8} {'p':>5}  extra")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<28} {r['error']}")
+            continue
+        extra = f"eff {r['per_gpu_efficiency']:.2f}" if "per_gpu_efficiency" in r else ""
+        lines.append(
+            f"{r['name']:<28} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['useful_tflops']:8.1f} "
+            f"{r['fraction_of_ceiling']:7.2f} {r['peak_memory_gib']:8.1f} {r['padding_fraction']:5.2f}  {extra}"
+        )
+    for packed, padded in speedup_pairs(rows):
+        p = padded["padding_fraction"]
+        target = 0.85 / (1 - p) if p > 0 else 0.97
+        lines.append(f"speedup {packed['name']} vs {padded['name']} (p={p:.2f}): "
+                     f"{padded['ms'] / packed['ms']:.2f} (target >= {target:.2f})")
+    return "\n".join(lines)
+
+
+def speedup_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(packed, padded) rows timed on the same documents."""
+    timed = [r for r in rows if "ms" in r and r.get("part") == "packing"]
+    pairs = []
+    for padded in timed:
+        if "/packed" in padded["name"]:
+            continue
+        prefix, _, rest = padded["name"].partition("/")
+        subset = rest[len("oracle"):] if rest.startswith("oracle") else ""
+        packed = next((r for r in timed if r["name"] == f"{prefix}/packed{subset}"), None)
+        if packed:
+            pairs.append((packed, padded))
+    return pairs
+
+
+def plot(rows: list[dict], ceiling: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in rows if "useful_tflops" in r]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(good) + 1.5))
+    ax.barh([r["name"] for r in good], [r["useful_tflops"] for r in good], color="tab:blue")
+    ax.axvline(ceiling, color="tab:red", linestyle="--", label=f"matmul ceiling {ceiling:.0f}")
+    ax.set_xlabel("useful TFLOP/s (real tokens only)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_cli(args) -> int:
+    from splitllama.cli import emit
+
+    if not torch.cuda.is_available():
+        raise SystemExit("splitllama bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
+    parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--only {sorted(unknown)} not among {list(PARTS)}")
+    init_distributed("cuda")
+    gen = torch.Generator().manual_seed(args.seed)
+    rows: list[dict] = []
+    config = bench_config("mixed", args.lower_layers, args.upper_layers)
+    rank0 = dist.get_rank() == 0
+    ceiling = matmul_ceiling(args.repeats)
+    for part in tqdm(parts, desc="bench", disable=not rank0):
+        if part == "packing":
+            rows += part_packing(config, ceiling, args, gen)
+        elif part == "backends":
+            rows += part_backends(config, ceiling, args, gen)
+        elif part == "tp":
+            if dist.get_world_size() < 2:
+                rows.append({"name": "tp", "error": "needs torchrun --nproc-per-node 2", "part": "tp"})
+            else:
+                rows += part_tp(args, ceiling, gen)
+    if rank0:
+        text = summary(rows, ceiling)
+        emit(f"{torch.cuda.get_device_name()} x{dist.get_world_size()}, torch {torch.__version__}")
+        emit(text)
+        result = {"device": torch.cuda.get_device_name(), "world_size": dist.get_world_size(),
+                  "torch": torch.__version__, "ceiling_tflops": ceiling, "rows": rows,
+                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.plot:
+            plot(rows, ceiling, args.plot)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

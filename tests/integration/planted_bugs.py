@@ -1,0 +1,169 @@
+"""Planted bugs: each equivalence check must FAIL when one of these is applied.
+
+The first five are defects of the earlier implementation or public bugs of the same
+family (SPEC 4); the last three guard the pipeline and log-prob code. Each bug is a
+monkeypatch of production code (production itself carries no bug switches) plus the check
+that must catch it and the layouts where the bug can show. ``test_planted_bugs.py`` runs
+them in the gate; run them alone with ``pytest tests/integration -k planted`` (and under
+``torchrun --nproc-per-node 2`` / ``4`` for the layouts that need more processes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core import tensor_parallel
+
+from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
+from splitllama.config import CustomSplitLlamaConfig, llama_preset
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    name: str
+    why: str
+    layouts: tuple[str, ...]  # names in tests/integration/layouts.LAYOUTS
+    plant: Callable  # (monkeypatch) -> None
+    head: str = "lm"
+    mlp: bool = False
+    config: Callable[[], CustomSplitLlamaConfig] | None = None
+    check: str = "parity"  # or "large_logits"
+
+
+def _two_projection_adapter(mp):
+    forward = layers.Adapter.forward
+
+    def two_projections(self, hidden):
+        out = forward(self, hidden)
+        gen = torch.Generator().manual_seed(0)
+        width = out.shape[-1]
+        second = torch.eye(width, dtype=torch.float64) + 0.05 * torch.randn(width, width, generator=gen, dtype=torch.float64)
+        return out @ second.to(out.dtype).T
+
+    mp.setattr(layers.Adapter, "forward", two_projections)
+
+
+def _sp_norm_grads_not_reduced(mp):
+    init = layers.RMSNorm.__init__
+
+    def unmarked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.weight.sequence_parallel = False
+
+    mp.setattr(layers.RMSNorm, "__init__", unmarked)
+
+
+def _qkv_concatenated(mp):
+    fuse, unfuse = sharding.fuse, sharding.unfuse
+
+    def plain_fuse(spec, pieces):
+        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces)
+
+    def plain_unfuse(spec, local):
+        if not isinstance(spec.layout, sharding.FusedQKV):
+            return unfuse(spec, local)
+        q_rows = local.shape[0] * spec.layout.heads // (spec.layout.heads + 2 * spec.layout.groups)
+        kv_rows = (local.shape[0] - q_rows) // 2
+        return list(local.split([q_rows, kv_rows, kv_rows], 0))
+
+    mp.setattr(sharding, "fuse", plain_fuse)
+    mp.setattr(sharding, "unfuse", plain_unfuse)
+    # checkpoints.py imported the names directly
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "fuse", plain_fuse)
+
+
+def _value_head_gathered_twice(mp):
+    def gathered_twice(self, hidden):
+        values = torch.nn.Linear.forward(self, hidden)
+        if self.sequence_parallel:
+            values = tensor_parallel.gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
+            values = tensor_parallel.gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
+        return values[..., 0].to(heads.output_dtype(values.dtype))
+
+    mp.setattr(heads.ValueHead, "forward", gathered_twice)
+
+
+def _position_ids_ignored(mp):
+    pack = model.pack_batch
+
+    def ignoring(input_ids, attention_mask, position_ids, multiple):
+        return pack(input_ids, attention_mask, None, multiple)
+
+    mp.setattr(model, "pack_batch", ignoring)
+
+
+def _stage_boundary_drops_adapter(mp):
+    stage_layouts = layout_module.stage_layouts
+
+    def dropping(config, pp=1, vpp=None, layers_per_stage=None):
+        out = stage_layouts(config, pp, vpp, layers_per_stage)
+        return [
+            s if not (s.has_adapter and s.virtual_stage > 0 and len(s.lower_layers) == 0)
+            else layout_module.StageLayout(**{**s.__dict__, "has_adapter": False})
+            for s in out
+        ]
+
+    mp.setattr(layout_module, "stage_layouts", dropping)
+
+
+def _upper_layer_misoffset(mp):
+    weight_specs = sharding.weight_specs
+    upper = re.compile(r"model\.layers_last\.(\d+)\.")
+
+    def misoffset(config, stage, head):
+        # a stage's upper layers numbered from 0 instead of from its first global index
+        start = stage.upper_layers.start
+        return [
+            sharding.WeightSpec(s.param, tuple(upper.sub(lambda m: f"model.layers_last.{int(m.group(1)) - start}.", n)
+                                         for n in s.names), s.layout)
+            for s in weight_specs(config, stage, head)
+        ]
+
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "weight_specs", misoffset)
+
+
+def _logsumexp_without_max(mp):
+    def naive(logits_local):
+        logits = logits_local.to(torch.promote_types(logits_local.dtype, torch.float32))
+        total = tensor_parallel.reduce_from_tensor_model_parallel_region(logits.exp().sum(dim=-1))
+        return logits, total.log()
+
+    mp.setattr(logprobs, "_logsumexp", naive)
+
+
+def equal_width_config() -> CustomSplitLlamaConfig:
+    """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
+    its numbers, not by a shape error)."""
+    lower = llama_preset("tiny-llama3.1-8b", hidden_size=128, num_attention_heads=16,
+                         num_key_value_heads=4, intermediate_size=448)
+    return CustomSplitLlamaConfig.from_llama_configs(lower, llama_preset("tiny-llama3.1-70b"), 2, 2)
+
+
+PLANTED = [
+    PlantedBug("two_projection_adapter", "SPEC 4.1: mlp=false applied two projections",
+               ("tp1", "tp2"), _two_projection_adapter),
+    PlantedBug("sp_norm_grads_not_reduced", "norm-weight gradients not all-reduced over TP under SP",
+               ("tp2_sp",), _sp_norm_grads_not_reduced),
+    # tp1 only: at TP=2 each rank of the tiny model holds ONE query group, for which the
+    # two layouts coincide (real shapes have 8 groups; the tp1 case guards them).
+    PlantedBug("qkv_concatenated", "fused QKV as [Q;K;V] instead of interleaved per query group",
+               ("tp1",), _qkv_concatenated),
+    PlantedBug("value_head_gathered_twice", "SPEC 4.2: value head output gathered twice under SP",
+               ("tp2_sp",), _value_head_gathered_twice, head="value"),
+    PlantedBug("position_ids_ignored", "SPEC 4.6: packed path ignored the caller's position_ids",
+               ("tp1", "tp2_sp"), _position_ids_ignored),
+    PlantedBug("stage_boundary_drops_adapter", "a stage starting at the adapter does not apply it",
+               ("pp2_cut_adapter",), _stage_boundary_drops_adapter, config=equal_width_config),
+    PlantedBug("upper_layer_misoffset", "a stage's upper layers loaded from the wrong checkpoint index",
+               ("pp2_cut_upper",), _upper_layer_misoffset),
+    PlantedBug("logsumexp_without_max", "vocab-parallel log-sum-exp without subtracting the max",
+               ("tp1", "tp2"), _logsumexp_without_max, check="large_logits"),
+]
+

@@ -1,0 +1,64 @@
+"""Every equivalence check has been shown to fail on a planted bug, and keeps being shown.
+
+Each case applies one bug from ``planted_bugs.PLANTED`` and asserts that the check that
+guards against it now FAILS, on every rank (the parity verdict is all-reduced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
+from splitllama.parity import agree, run_parity, setup_parallel
+from tests.integration.conftest import DEVICE, DTYPE, world_size
+from tests.integration.layouts import LAYOUTS
+from tests.integration.planted_bugs import PLANTED
+from tests.integration.test_parity import edge_case_microbatches
+
+
+def planted_cases():
+    cases = [
+        pytest.param(bug, name, id=f"{bug.name}-{name}")
+        for bug in PLANTED for name in bug.layouts if LAYOUTS[name].world_size == world_size()
+    ]
+    return cases or [pytest.param(None, None, id="none", marks=pytest.mark.skip(
+        reason=f"no planted bug has a layout for {world_size()} process(es)"))]
+
+
+def large_logits_agree(layout) -> bool:
+    """Vocab-parallel log-probs and entropy of logits around +-3000 (exp overflows even
+    in float64) against log_softmax of the gathered logits, float64, rel 1e-9."""
+    setup_parallel(layout, DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(6, 64, generator=gen, dtype=torch.float64) * 3000
+    labels = torch.randint(0, 64, (6,), generator=gen)
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    local = full.chunk(tp, dim=-1)[rank]
+    log_probs, entropy = vocab_parallel_log_probs(local, labels), vocab_parallel_entropy(local)
+    ref = torch.log_softmax(full, -1)
+    ref_lp, ref_ent = ref.gather(-1, labels[:, None])[:, 0], -(ref.exp() * ref).sum(-1)
+    ok = all(
+        bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= 1e-9 * float(want.abs().max().clamp(min=1))
+        for got, want in ((log_probs, ref_lp), (entropy, ref_ent))
+    )
+    return agree(ok)
+
+
+@pytest.mark.parametrize("bug,layout_name", planted_cases())
+def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory):
+    layout = LAYOUTS[layout_name]
+    if bug.check == "large_logits":
+        assert large_logits_agree(layout), "the check itself must pass without the bug"
+        bug.plant(monkeypatch)
+        assert not large_logits_agree(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
+    config = bug.config() if bug.config else None
+    ckpt = checkpoint_factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)
+    split_config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    bug.plant(monkeypatch)
+    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, edge_case_microbatches(bug.head))
+    assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
+    dist.barrier()

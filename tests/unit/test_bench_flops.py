@@ -1,0 +1,42 @@
+"""The benchmark's useful-FLOP count reproduces SPEC 5's per-token figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitllama.bench import bench_config, make_batch, rl_lengths, speedup_pairs, useful_flops
+
+
+def test_flops_per_token_match_the_published_figures():
+    config = bench_config("mixed", 1, 1)
+    one_token = useful_flops(config, [1])  # s_bar = 1
+    lower = 1.309e9 + 24576
+    upper = 5.134e9 + 49152
+    adapter, head = 0.201e9, 6.30e9
+    # SPEC 5 rounds each figure to 3-4 digits
+    assert one_token == pytest.approx(lower + upper + adapter + head, rel=2e-3)
+
+
+def test_attention_term_grows_with_document_length():
+    config = bench_config("8b", 1, 1)
+    short, long = useful_flops(config, [100] * 40), useful_flops(config, [4000])
+    # same 4000 tokens; s_bar = 100 vs 4000 changes only the attention term
+    assert long - short == pytest.approx(2 * 24576 * (4000 - 100) * 4000, rel=1e-9)
+
+
+def test_rl_batch_reports_its_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = rl_lengths(8192, gen)
+    assert sum(lengths) >= 8192 and all(16 <= n <= 4096 for n in lengths)
+    batch = make_batch(lengths, 1000, gen, "cpu")
+    assert batch.attention_mask.sum() == sum(lengths)
+    assert 0 < batch.padding_fraction < 1
+
+
+def test_speedups_pair_runs_on_the_same_documents():
+    rows = [{"name": n, "ms": ms, "part": "packing", "padding_fraction": 0.5}
+            for n, ms in (("rl/packed", 1.0), ("rl/padded", 2.0), ("rl/oracle[3 docs]", 9.0),
+                          ("rl/packed[3 docs]", 3.0))]
+    assert [(a["name"], b["name"]) for a, b in speedup_pairs(rows)] == [
+        ("rl/packed", "rl/padded"), ("rl/packed[3 docs]", "rl/oracle[3 docs]")]

@@ -1,0 +1,73 @@
+"""The stage layout function and the TP requirements: placement and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitllama.config import tiny_split_config
+from splitllama.layout import stage_layout, stage_layouts, validate_tensor_parallel
+
+
+def describe(stage):
+    return (list(stage.lower_layers), stage.has_adapter, list(stage.upper_layers),
+            stage.has_embedding, stage.has_head, stage.input_hidden, stage.output_hidden)
+
+
+def test_whole_model_on_one_stage():
+    config = tiny_split_config()
+    (stage,) = stage_layouts(config)
+    assert describe(stage) == ([0, 1], True, [0, 1], True, True, None, config.h_hi)
+
+
+@pytest.mark.parametrize("split,expected", [
+    # boundary inside the lower stack: stage 1 receives h_lo and holds the adapter
+    ((1, 3), [([0], False, [], True, False, None, 64), ([1], True, [0, 1], False, True, 64, 128)]),
+    # boundary at the adapter: stage 1 starts with it
+    ((2, 2), [([0, 1], False, [], True, False, None, 64), ([], True, [0, 1], False, True, 64, 128)]),
+    # boundary inside the upper stack: stage 1 receives h_hi
+    ((3, 1), [([0, 1], True, [0], True, False, None, 128), ([], False, [1], False, True, 128, 128)]),
+])
+def test_pipeline_boundaries(split, expected):
+    stages = stage_layouts(tiny_split_config(), pp=2, layers_per_stage=list(split))
+    assert [describe(s) for s in stages] == expected
+
+
+def test_interleaved_chunks_follow_megatron_order():
+    config = tiny_split_config()
+    stages = stage_layouts(config, pp=2, vpp=2)
+    assert [(s.pp_rank, s.chunk) for s in stages] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert stage_layout(config, 2, 2, pp_rank=0, chunk=1) == stages[2]
+    assert stages[2].has_adapter and list(stages[2].upper_layers) == [0]
+
+
+def test_config_field_sets_the_split():
+    config = tiny_split_config(pipeline_layers_per_stage=[3, 1])
+    assert [len(s.upper_layers) for s in stage_layouts(config, pp=2)] == [1, 1]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(pp=3), "do not split evenly over 3 pipeline stages"),
+    (dict(pp=2, vpp=4), "cannot fill 8 pipeline stages"),
+    (dict(pp=2, layers_per_stage=[4, 0]), "positive counts summing to 4"),
+    (dict(pp=2, layers_per_stage=[1, 1]), "summing to 4"),
+    (dict(pp=2, layers_per_stage=[1, 1, 2]), "must hold 2"),
+    (dict(pp=1, vpp=2), "needs pipeline_model_parallel_size > 1"),
+    (dict(pp=0), "pipeline_model_parallel_size must be a positive int"),
+])
+def test_layout_errors_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stage_layouts(tiny_split_config(), **kwargs)
+
+
+@pytest.mark.parametrize("tp,field", [
+    (3, "vocab_size=256"),
+    (4, "lower_config.num_key_value_heads=2"),
+])
+def test_tensor_parallel_errors_name_the_field(tp, field):
+    with pytest.raises(ValueError, match=field):
+        validate_tensor_parallel(tiny_split_config(), tp)
+
+
+def test_tensor_parallel_sizes_that_divide():
+    validate_tensor_parallel(tiny_split_config(), 1)
+    validate_tensor_parallel(tiny_split_config(), 2)

@@ -1,0 +1,59 @@
+"""The sharding declaration: layouts of fused tensors, and shard/unshard as inverses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitllama import weight_names as wn
+from splitllama.config import tiny_split_config
+from splitllama.layout import stage_layouts
+from splitllama.sharding import FusedQKV, Split, WeightSpec, shard, unshard, weight_specs
+
+
+def full_tensors(config, head):
+    gen = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=gen) for name, shape in wn.split_checkpoint_shapes(config, head).items()}
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+@pytest.mark.parametrize("head", ["lm", "value"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_shard_then_unshard_is_identity(tp, head, mlp):
+    config = tiny_split_config(mlp=mlp)
+    tensors = full_tensors(config, head)
+    (stage,) = stage_layouts(config)
+    specs = weight_specs(config, stage, head)
+    assert sorted(n for s in specs for n in s.names) == sorted(tensors)
+    for spec in specs:
+        full = [tensors[n] for n in spec.names]
+        locals_ = [shard(spec, full, rank, tp) for rank in range(tp)]
+        for got, want in zip(unshard(spec, locals_), full):
+            assert torch.equal(got, want), spec.param
+
+
+def test_qkv_is_interleaved_per_query_group():
+    """Megatron's linear_qkv rows: for each group g, its q heads, then k_g, then v_g."""
+    heads, groups, d, hidden = 4, 2, 1, 3
+    spec = WeightSpec("qkv", ("q", "k", "v"), FusedQKV(heads, groups, d))
+    q = torch.arange(heads * d)[:, None].float().expand(-1, hidden) + 100
+    k = torch.arange(groups * d)[:, None].float().expand(-1, hidden) + 200
+    v = torch.arange(groups * d)[:, None].float().expand(-1, hidden) + 300
+    fused = shard(spec, [q, k, v], 0, 1)[:, 0].tolist()
+    assert fused == [100, 101, 200, 300, 102, 103, 201, 301]
+    # TP=2: each rank keeps whole query groups
+    assert shard(spec, [q, k, v], 1, 2)[:, 0].tolist() == [102, 103, 201, 301]
+
+
+def test_gate_up_is_split_with_stride_two():
+    spec = next(s for s in weight_specs(tiny_split_config(), stage_layouts(tiny_split_config())[0], "lm")
+                if s.param.endswith("linear_fc1.weight"))
+    gate = torch.arange(8)[:, None].float()
+    up = torch.arange(8)[:, None].float() + 100
+    assert shard(spec, [gate, up], 1, 2)[:, 0].tolist() == [4, 5, 6, 7, 104, 105, 106, 107]
+
+
+def test_split_refuses_an_indivisible_size():
+    spec = WeightSpec("w", ("w",), Split(0))
+    with pytest.raises(ValueError, match="cannot be split over tensor_model_parallel_size=2"):
+        shard(spec, [torch.zeros(3, 2)], 0, 2)
