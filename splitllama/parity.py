@@ -372,13 +372,20 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 # ---- comparing ------------------------------------------------------------------------------------
 def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
          low_precision_ref: torch.Tensor | None = None) -> Row:
-    prod64, ref64 = prod.double(), ref.double()
-    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
-    err = float((prod64 - ref64).abs().max()) if ref64.numel() else 0.0
-    finite = bool(torch.isfinite(prod64).all())
+    # bf16 checks (GPU, real shapes: billions of elements) compare in float32 on the GPU;
+    # CPU checks in float64.
+    if dtype == torch.bfloat16 and torch.cuda.is_available():
+        work, device = torch.float32, "cuda"
+    else:
+        work, device = torch.float64, "cpu"
+    prod_w, ref_w = prod.to(device, work), ref.to(device, work)
+    scale = float(ref_w.abs().max()) if ref_w.numel() else 0.0
+    err = float((prod_w - ref_w).abs().max()) if ref_w.numel() else 0.0
+    finite = bool(torch.isfinite(prod_w).all())
     denominator = max(scale, 1e-300)
     if dtype == torch.bfloat16:
-        base = float((low_precision_ref.double() - ref64).abs().max()) if ref64.numel() else 0.0
+        low = low_precision_ref.to(device, work)
+        base = float((low - ref_w).abs().max()) if ref_w.numel() else 0.0
         bound = (BF16_RATIO * base + BF16_FLOOR * scale) / denominator
     else:
         bound = TOLERANCE[dtype]
