@@ -1,7 +1,7 @@
 """Planted bugs: each equivalence check must FAIL when one of these is applied.
 
 The first five are defects of the earlier implementation or public bugs of the same
-family (SPEC 4); the last three guard the pipeline and log-prob code. Each bug is a
+family (SPEC 4); the others guard the pipeline, log-prob and saving code. Each bug is a
 monkeypatch of production code (production itself carries no bug switches) plus the check
 that must catch it and the layouts where the bug can show. ``test_planted_bugs.py`` runs
 them in the gate; run them alone with ``pytest tests/integration -k planted`` (and under
@@ -30,7 +30,7 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "large_logits"
+    check: str = "parity"  # or "large_logits", "round_trip"
 
 
 def _two_projection_adapter(mp):
@@ -41,7 +41,7 @@ def _two_projection_adapter(mp):
         gen = torch.Generator().manual_seed(0)
         width = out.shape[-1]
         second = torch.eye(width, dtype=torch.float64) + 0.05 * torch.randn(width, width, generator=gen, dtype=torch.float64)
-        return out @ second.to(out.dtype).T
+        return out @ second.to(out.device, out.dtype).T
 
     mp.setattr(layers.Adapter, "forward", two_projections)
 
@@ -129,6 +129,21 @@ def _upper_layer_misoffset(mp):
     mp.setattr(checkpoints, "weight_specs", misoffset)
 
 
+def _gate_up_saved_without_stride(mp):
+    unshard = sharding.unshard
+
+    def plain(spec, locals_by_rank):
+        # ranks' [gate_r; up_r] joined as if [gate; up] were split plainly over TP
+        if isinstance(spec.layout, sharding.FusedGateUp):
+            return list(torch.cat(locals_by_rank, 0).chunk(2, 0))
+        return unshard(spec, locals_by_rank)
+
+    from splitllama import checkpoints
+
+    mp.setattr(sharding, "unshard", plain)
+    mp.setattr(checkpoints, "unshard", plain)
+
+
 def _logsumexp_without_max(mp):
     def naive(logits_local):
         logits = logits_local.to(torch.promote_types(logits_local.dtype, torch.float32))
@@ -165,5 +180,7 @@ PLANTED = [
                ("pp2_cut_upper",), _upper_layer_misoffset),
     PlantedBug("logsumexp_without_max", "vocab-parallel log-sum-exp without subtracting the max",
                ("tp1", "tp2"), _logsumexp_without_max, check="large_logits"),
+    PlantedBug("gate_up_saved_without_stride", "saver joins gate/up shards without stride 2",
+               ("tp2", "tp2_sp_pp2"), _gate_up_saved_without_stride, check="round_trip"),
 ]
 

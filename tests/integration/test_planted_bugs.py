@@ -16,6 +16,7 @@ from splitllama.parity import agree, run_parity, setup_parallel
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
+from tests.integration.test_checkpoints import round_trip_mismatches
 from tests.integration.test_parity import edge_case_microbatches
 
 
@@ -48,8 +49,14 @@ def large_logits_agree(layout) -> bool:
 
 
 @pytest.mark.parametrize("bug,layout_name", planted_cases())
-def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory):
+def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory, scratch_dir):
     layout = LAYOUTS[layout_name]
+    if bug.check == "round_trip":
+        source = checkpoint_factory(bug.head, bug.mlp, name=f"round-trip-{DTYPE}", dtype=DTYPE)
+        bug.plant(monkeypatch)
+        mismatches = round_trip_mismatches(source, layout, bug.head, scratch_dir)
+        assert not agree(not mismatches), f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
     if bug.check == "large_logits":
         assert large_logits_agree(layout), "the check itself must pass without the bug"
         bug.plant(monkeypatch)
