@@ -8,7 +8,9 @@ Parts (``--only`` picks some):
                 distribution (padding fraction p reported), and the p = 0 control;
 * ``backends``  the packed model with each available attention backend;
 * ``tp``        (world size 2) TP=2 with and without SP vs TP=1, for 8B-shaped and
-                70B-shaped stacks: per-GPU efficiency and peak memory.
+                70B-shaped stacks: per-GPU efficiency and peak memory;
+* ``profile``   torch profiler over one packed step: where the GPU time goes, by
+                operator and by kind (matmul, attention, other), to aim the next change.
 
 The timed step is what an RL actor does: forward, log-probabilities of the next tokens
 (vocabulary kept split over TP), backward. Useful FLOPs count real tokens only (SPEC 5,
@@ -33,7 +35,7 @@ from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.parity import ParallelLayout, init_distributed, megatron_config, setup_parallel
 
-PARTS = ("ceiling", "packing", "backends", "tp")
+PARTS = ("ceiling", "packing", "backends", "tp", "profile")
 REAL_VOCAB = 128256
 
 
@@ -140,19 +142,23 @@ def oracle_step(model, batch: Batch):
     return step
 
 
-def measure(name: str, step, batch: Batch, config, ceiling: float, args) -> dict:
+def measure(name: str, step, batch: Batch, config, ceiling: float, args, gpus: int = 1) -> dict:
+    """Time ``step``; TFLOP/s and the fraction of the ceiling are per GPU (``gpus`` share
+    the step). Activation memory is the peak minus what stays resident after a step
+    (parameters and their gradients)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         ms = time_ms(step, args.warmup, args.repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return {"name": name, "error": "out of memory"}
-    tflops = useful_flops(config, batch.lengths) / (ms * 1e-3) / 1e12
+        return {"name": name, "error": "out of memory", "real_tokens": sum(batch.lengths)}
+    peak, resident = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    tflops = useful_flops(config, batch.lengths) / (ms * 1e-3) / 1e12 / gpus
     return {
         "name": name, "ms": ms, "tokens_per_s": sum(batch.lengths) / (ms * 1e-3),
         "useful_tflops": tflops, "fraction_of_ceiling": tflops / ceiling if ceiling else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": peak / 2**30, "activation_memory_gib": (peak - resident) / 2**30,
         "padding_fraction": batch.padding_fraction, "real_tokens": sum(batch.lengths),
     }
 
@@ -172,36 +178,52 @@ def build_oracle(config):
 
 
 # ---- parts ---------------------------------------------------------------------------------
+def fitting(name: str, step_of, lengths: list[int], config, ceiling, args, gen) -> tuple[list[dict], Batch]:
+    """Time a padded model on the RL documents; padded runs hold [rows, S] activations
+    (the oracle's eager attention [rows, heads, S, S]), so when the batch does not fit,
+    halve the documents. Returns the rows (out-of-memory attempts included) and the batch
+    that was timed last."""
+    rows = []
+    while True:
+        batch = make_batch(lengths, config.vocab_size, gen, "cuda")
+        rows.append({**measure(f"rl/{name}[{len(lengths)} docs]", step_of(batch), batch, config, ceiling, args),
+                     "part": "packing"})
+        if "error" not in rows[-1] or len(lengths) == 1:
+            return rows, batch
+        lengths = lengths[: len(lengths) // 2]
+
+
 def part_packing(config, ceiling, args, gen) -> list[dict]:
+    """Packed production vs padded production and vs the padded oracle, each pair timed on
+    the same documents; p = 0 (equal lengths) is the control."""
     rows = []
     layout = ParallelLayout()
+    lengths = rl_lengths(args.tokens, gen)
     packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
     padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout)
-    rl = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+
+    def packed_on(batch):
+        return {**measure(f"rl/packed[{len(batch.lengths)} docs]", actor_step(packed, batch), batch, config,
+                          ceiling, args), "part": "packing"}
+
     even = make_batch([args.tokens // 8] * 8, config.vocab_size, gen, "cuda")
-    for label, batch in (("rl", rl), ("p0", even)):
-        for name, model in (("packed", packed), ("padded", padded)):
-            rows.append({**measure(f"{label}/{name}", actor_step(model, batch), batch, config, ceiling, args),
-                         "part": "packing"})
-    del packed, padded
+    for name, model in (("packed", packed), ("padded", padded)):
+        rows.append({**measure(f"p0/{name}", actor_step(model, even), even, config, ceiling, args),
+                     "part": "packing"})
+    rows.append(packed_on(make_batch(lengths, config.vocab_size, gen, "cuda")))
+    timed, batch = fitting("padded", lambda b: actor_step(padded, b), lengths, config, ceiling, args, gen)
+    rows += timed
+    if batch.lengths != lengths:
+        rows.append(packed_on(batch))
+    del padded
     torch.cuda.empty_cache()
     oracle = build_oracle(config)
-    # The oracle's eager attention holds [rows, heads, S, S] scores: when the batch does not
-    # fit, halve the documents and time packed production on the same subset.
-    lengths = rl.lengths
-    while lengths:
-        batch = make_batch(lengths, config.vocab_size, gen, "cuda")
-        row = measure(f"rl/oracle[{len(lengths)} docs]", oracle_step(oracle, batch), batch, config, ceiling, args)
-        rows.append({**row, "part": "packing"})
-        if "error" not in row or len(lengths) == 1:
-            break
-        lengths = lengths[: len(lengths) // 2]
+    timed, batch = fitting("oracle", lambda b: oracle_step(oracle, b), lengths, config, ceiling, args, gen)
+    rows += timed
     del oracle
     torch.cuda.empty_cache()
-    if lengths != rl.lengths and "error" not in rows[-1]:
-        packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
-        row = measure(f"rl/packed[{len(lengths)} docs]", actor_step(packed, batch), batch, config, ceiling, args)
-        rows.append({**row, "part": "packing"})
+    if not any(r["name"] == f"rl/packed[{len(batch.lengths)} docs]" for r in rows):
+        rows.append(packed_on(batch))
     return rows
 
 
@@ -231,11 +253,13 @@ def part_tp(args, ceiling, gen) -> list[dict]:
         batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
         for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
             model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
-            row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args)
-            peak = torch.tensor([row.get("peak_memory_gib", 0.0)], device="cuda")
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            rows.append({**row, "peak_memory_gib": float(peak), "part": "tp", "family": family,
-                         "tp": layout.tp, "sp": layout.sp})
+            row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args,
+                          gpus=layout.tp)
+            memory = torch.tensor([row.get("peak_memory_gib", 0.0), row.get("activation_memory_gib", 0.0)],
+                                  device="cuda")
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the busiest GPU sets the limit
+            rows.append({**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1]),
+                         "part": "tp", "family": family, "tp": layout.tp, "sp": layout.sp})
             del model
             torch.cuda.empty_cache()
         base = rows[-3]["ms"]
@@ -244,39 +268,89 @@ def part_tp(args, ceiling, gen) -> list[dict]:
     return rows
 
 
+_KINDS = (("attention", ("flash", "attention", "fmha", "flex")), ("matmul", ("gemm", "mm", "matmul", "linear", "cutlass", "sm90_xmma", "nvjet")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in _KINDS if any(k in lowered for k in keys)), "other")
+
+
+def part_profile(config, ceiling, args, gen) -> list[dict]:
+    """One packed actor step under the torch profiler: GPU time by kernel kind and the
+    top kernels (names as the profiler reports them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
+    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    step = actor_step(model, batch)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in kernels) or 1.0
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.device_time_total
+    top = sorted(kernels, key=lambda e: -e.device_time_total)[:15]
+    return [{
+        "name": "profile/packed", "part": "profile",
+        "gpu_ms": total / 1e3,
+        "share_by_kind": {k: v / total for k, v in sorted(by_kind.items())},
+        "top_kernels": [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in top],
+    }]
+
+
 # ---- report ---------------------------------------------------------------------------------
 def summary(rows: list[dict], ceiling: float) -> str:
-    lines = [f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s"]
-    lines.append(f"{'run':<28} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>7} {'peak GiB':>8} {'p':>5}  extra")
+    lines = [f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s (TFLOP/s below are per GPU)"]
+    lines.append(f"{'run':<28} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>7} {'peak GiB':>8} "
+                 f"{'act GiB':>7} {'p':>5}  extra")
     for r in rows:
         if "error" in r:
             lines.append(f"{r['name']:<28} {r['error']}")
             continue
+        if r.get("part") == "profile":
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in r["share_by_kind"].items())
+            lines.append(f"{r['name']:<28} GPU time {r['gpu_ms']:.1f} ms: {shares}")
+            lines += [f"    {k['ms']:8.2f} ms x{k['calls']:<4} {k['kernel']}" for k in r["top_kernels"]]
+            continue
         extra = f"eff {r['per_gpu_efficiency']:.2f}" if "per_gpu_efficiency" in r else ""
         lines.append(
             f"{r['name']:<28} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['useful_tflops']:8.1f} "
-            f"{r['fraction_of_ceiling']:7.2f} {r['peak_memory_gib']:8.1f} {r['padding_fraction']:5.2f}  {extra}"
+            f"{r['fraction_of_ceiling']:7.2f} {r['peak_memory_gib']:8.1f} {r['activation_memory_gib']:7.1f} "
+            f"{r['padding_fraction']:5.2f}  {extra}"
         )
     for packed, padded in speedup_pairs(rows):
         p = padded["padding_fraction"]
         target = 0.85 / (1 - p) if p > 0 else 0.97
         lines.append(f"speedup {packed['name']} vs {padded['name']} (p={p:.2f}): "
                      f"{padded['ms'] / packed['ms']:.2f} (target >= {target:.2f})")
+    by_name = {r["name"]: r for r in rows if "ms" in r}
+    for family in ("8b", "70b"):
+        off, on = by_name.get(f"tp/{family}/tp2_pp1"), by_name.get(f"tp/{family}/tp2_sp_pp1")
+        if off and on:
+            lines.append(f"SP on/off at TP=2, {family}: time {on['ms'] / off['ms']:.2f} (target <= 1.02), "
+                         f"activation memory {on['activation_memory_gib'] / off['activation_memory_gib']:.2f} "
+                         "(target <= 0.80)")
     return "\n".join(lines)
 
 
 def speedup_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(packed, padded) rows timed on the same documents."""
-    timed = [r for r in rows if "ms" in r and r.get("part") == "packing"]
+    """(packed, padded) rows timed on the same documents: ``X/packed[...]`` with
+    ``X/padded[...]`` or ``X/oracle[...]``, ``p0/packed`` with ``p0/padded``."""
+    timed = {r["name"]: r for r in rows if "ms" in r and r.get("part") == "packing"}
     pairs = []
-    for padded in timed:
-        if "/packed" in padded["name"]:
-            continue
-        prefix, _, rest = padded["name"].partition("/")
-        subset = rest[len("oracle"):] if rest.startswith("oracle") else ""
-        packed = next((r for r in timed if r["name"] == f"{prefix}/packed{subset}"), None)
-        if packed:
-            pairs.append((packed, padded))
+    for name, row in timed.items():
+        prefix, _, rest = name.partition("/")
+        for kind in ("padded", "oracle"):
+            if rest.startswith(kind):
+                packed = timed.get(f"{prefix}/packed{rest[len(kind):]}")
+                if packed:
+                    pairs.append((packed, row))
     return pairs
 
 
@@ -287,6 +361,8 @@ def plot(rows: list[dict], ceiling: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     good = [r for r in rows if "useful_tflops" in r]
+    if not good:
+        return
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(good) + 1.5))
     ax.barh([r["name"] for r in good], [r["useful_tflops"] for r in good], color="tab:blue")
     ax.axvline(ceiling, color="tab:red", linestyle="--", label=f"matmul ceiling {ceiling:.0f}")
@@ -317,6 +393,8 @@ def run_cli(args) -> int:
             rows += part_packing(config, ceiling, args, gen)
         elif part == "backends":
             rows += part_backends(config, ceiling, args, gen)
+        elif part == "profile":
+            rows += part_profile(config, ceiling, args, gen)
         elif part == "tp":
             if dist.get_world_size() < 2:
                 rows.append({"name": "tp", "error": "needs torchrun --nproc-per-node 2", "part": "tp"})

@@ -94,7 +94,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="real tokens per batch (default 16384)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
-    p.add_argument("--only", default=None, help="comma list of parts to run (default: all)")
+    p.add_argument("--only", default=None,
+                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), profile "
+                        "(default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG summary plot")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitllama.bench import bench_config, make_batch, rl_lengths, speedup_pairs, useful_flops
+from splitllama.bench import bench_config, kernel_kind, make_batch, rl_lengths, speedup_pairs, useful_flops
 
 
 def test_flops_per_token_match_the_published_figures():
@@ -36,7 +36,17 @@ def test_rl_batch_reports_its_padding():
 
 def test_speedups_pair_runs_on_the_same_documents():
     rows = [{"name": n, "ms": ms, "part": "packing", "padding_fraction": 0.5}
-            for n, ms in (("rl/packed", 1.0), ("rl/padded", 2.0), ("rl/oracle[3 docs]", 9.0),
-                          ("rl/packed[3 docs]", 3.0))]
+            for n, ms in (("p0/packed", 1.0), ("p0/padded", 1.1), ("rl/packed[8 docs]", 1.0),
+                          ("rl/padded[4 docs]", 2.0), ("rl/packed[4 docs]", 0.6),
+                          ("rl/oracle[2 docs]", 9.0), ("rl/packed[2 docs]", 3.0))]
+    rows.insert(3, {"name": "rl/padded[8 docs]", "error": "out of memory", "part": "packing"})
     assert [(a["name"], b["name"]) for a, b in speedup_pairs(rows)] == [
-        ("rl/packed", "rl/padded"), ("rl/packed[3 docs]", "rl/oracle[3 docs]")]
+        ("p0/packed", "p0/padded"), ("rl/packed[4 docs]", "rl/padded[4 docs]"),
+        ("rl/packed[2 docs]", "rl/oracle[2 docs]")]
+
+
+def test_profiler_kernels_are_sorted_into_kinds():
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert kernel_kind("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN") == "matmul"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"
