@@ -10,14 +10,16 @@ Reading path (each file says what is inside):
                         FlexAttention / SDPA) and the packing helpers it needs
    ``layers.py``        RMSNorm, rotary positions, megatron layer spec, the adapter
 3. ``model.py``         the production model classes (padded and packed)
-4. ``heads.py``         LM head, value head, vocab-parallel log-probs and entropy
+4. ``heads.py``         vocab-parallel LM head, replicated value head
+   ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner
 5. ``sharding.py``      how every weight is sharded (declared once)
    ``checkpoints.py``   sharded load / gathered save of split checkpoints
    ``assemble.py``      build a split checkpoint from two Llama checkpoints
    ``registry.py``      the RL trainer's model registry entry
-``cpu_support.py`` runs megatron-core on CPU (gloo); ``parity.py`` compares production with
-the oracle; ``cli.py`` is the ``splitllama`` command.
+``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
+of weights replicated over the SP region; ``parity.py`` compares production with the
+oracle; ``bench.py`` times it on GPUs; ``cli.py`` is the ``splitllama`` command.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """
