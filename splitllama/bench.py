@@ -268,7 +268,12 @@ def part_tp(args, ceiling, gen) -> list[dict]:
     return rows
 
 
-_KINDS = (("attention", ("flash", "attention", "fmha", "flex")), ("matmul", ("gemm", "mm", "matmul", "linear", "cutlass", "sm90_xmma", "nvjet")))
+# Substrings of CUDA kernel names, checked in this order (cuBLAS on Hopper names its GEMMs
+# nvjet_* or *xmma*; torch's flash kernels contain "flash").
+_KINDS = (
+    ("attention", ("flash", "attention", "fmha", "flex")),
+    ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet")),
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -330,10 +335,11 @@ def summary(rows: list[dict], ceiling: float) -> str:
         lines.append(f"speedup {packed['name']} vs {padded['name']} (p={p:.2f}): "
                      f"{padded['ms'] / packed['ms']:.2f} (target >= {target:.2f})")
     by_name = {r["name"]: r for r in rows if "ms" in r}
-    for family in ("8b", "70b"):
-        off, on = by_name.get(f"tp/{family}/tp2_pp1"), by_name.get(f"tp/{family}/tp2_sp_pp1")
-        if off and on:
-            lines.append(f"SP on/off at TP=2, {family}: time {on['ms'] / off['ms']:.2f} (target <= 1.02), "
+    for on in (r for r in by_name.values() if r.get("sp")):
+        off = by_name.get(on["name"].replace("_sp", ""))
+        if off:
+            lines.append(f"SP on/off at TP={on['tp']}, {on['family']}: time {on['ms'] / off['ms']:.2f} "
+                         "(target <= 1.02), "
                          f"activation memory {on['activation_memory_gib'] / off['activation_memory_gib']:.2f} "
                          "(target <= 0.80)")
     return "\n".join(lines)

@@ -1,11 +1,14 @@
-"""The benchmark's useful-FLOP count reproduces SPEC 5's per-token figures."""
+"""splitllama bench without a GPU: the useful-FLOP count reproduces SPEC 5, and the
+workload, pairing, profiler sorting and summary behave."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from splitllama.bench import bench_config, kernel_kind, make_batch, rl_lengths, speedup_pairs, useful_flops
+from splitllama.bench import (
+    bench_config, kernel_kind, make_batch, rl_lengths, speedup_pairs, summary, useful_flops,
+)
 
 
 def test_flops_per_token_match_the_published_figures():
@@ -50,3 +53,14 @@ def test_profiler_kernels_are_sorted_into_kinds():
     assert kernel_kind("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN") == "matmul"
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"
+
+
+def test_summary_reports_sp_against_its_own_tp_run():
+    def row(name, ms, act, tp, sp):
+        return {"name": name, "ms": ms, "tokens_per_s": 1.0, "useful_tflops": 1.0, "fraction_of_ceiling": 0.5,
+                "peak_memory_gib": 9.0, "activation_memory_gib": act, "padding_fraction": 0.5,
+                "part": "tp", "family": "8b", "tp": tp, "sp": sp}
+
+    text = summary([row("tp/8b/tp1_pp1", 4.0, 8.0, 1, False), row("tp/8b/tp4_pp1", 1.2, 4.0, 4, False),
+                    row("tp/8b/tp4_sp_pp1", 1.2, 3.0, 4, True)], ceiling=700.0)
+    assert "SP on/off at TP=4, 8b: time 1.00 (target <= 1.02), activation memory 0.75" in text
