@@ -456,10 +456,12 @@ def _probe(shape, head: wn.Head, vocab: int, gen: torch.Generator) -> torch.Tens
     return torch.randn(*shape, vocab, generator=gen) if head == "lm" else torch.randn(*shape, generator=gen)
 
 
-def check_microbatches(vocab: int, head: wn.Head, seed: int = 0) -> list[Microbatch]:
+def check_microbatches(vocab: int, head: wn.Head, seed: int = 0, multiple_of: int = 1) -> list[Microbatch]:
     """The CLI's batch: random masks and the edge cases, as separate micro-batches of
     different lengths (rows: left/right/inside padding, empty, single token; an
-    all-padding batch; max_seqlen 1; an odd token count; caller position_ids)."""
+    all-padding batch; max_seqlen 1; an odd token count; caller position_ids). Random
+    right-padded micro-batches are appended until the count is a multiple of
+    ``multiple_of`` (megatron's interleaved schedule needs a multiple of the PP size)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rows(*text):
@@ -487,6 +489,11 @@ def check_microbatches(vocab: int, head: wn.Head, seed: int = 0) -> list[Microba
         labels = ids.roll(-1, dims=1)  # next-token targets, as an RL actor scores a rollout
         probe = torch.randn(*mask.shape, 2, generator=gen)
         out.append(Microbatch(ids, mask, None, probe, "log_probs_entropy", labels))
+    while len(out) % multiple_of:
+        lengths = torch.randint(0, 12, (3,), generator=gen)
+        mask = torch.arange(12)[None, :] < lengths[:, None]
+        ids = torch.randint(0, vocab, mask.shape, generator=gen)
+        out.append(Microbatch(ids, mask, None, _probe(mask.shape, head, vocab, gen), f"random{len(out)}"))
     return out
 
 
@@ -530,7 +537,8 @@ def run_cli(args) -> int:
         dist.barrier()
     config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
     report = run_parity(checkpoint, config, layout, head, dtype, device,
-                        check_microbatches(config.vocab_size, head, args.seed))
+                        check_microbatches(config.vocab_size, head, args.seed,
+                                           multiple_of=layout.pp if layout.vpp else 1))
     if dist.get_rank() == 0:
         emit(report.table())
         if args.json:

@@ -1,0 +1,70 @@
+"""The ``splitllama`` command as a user meets it: help, argument errors, and ``check``'s
+exit code (0 on a correct model, 1 when production is wrong)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from splitllama.cli import build_parser
+from splitllama.parity import check_microbatches
+
+# One projection too many in the linear adapter (SPEC 4.1), planted from outside.
+PLANTED_TWO_PROJECTIONS = """
+import sys, torch
+from splitllama import layers
+forward = layers.Adapter.forward
+def two(self, hidden):
+    out = forward(self, hidden)
+    return out @ (2 * torch.eye(out.shape[-1], dtype=out.dtype))
+layers.Adapter.forward = two
+from splitllama.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "splitllama.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands_and_examples():
+    text = build_parser().format_help()
+    for word in ("assemble", "check", "bench", "splitllama check --tp 2 --sp"):
+        assert word in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["check", "--sp"], "--sp needs --tp > 1"),
+    (["check", "--dtype", "bfloat16", "--device", "cpu"], "bfloat16 is checked on CUDA only"),
+    (["check", "--dtype", "float16"], "invalid choice: 'float16'"),
+])
+def test_check_refuses_bad_arguments(argv, message):
+    result = run(*argv)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_check_passes_on_the_built_in_model_and_writes_json(tmp_path):
+    out = tmp_path / "check.json"
+    result = run("check", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed: PASS" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["passed"] and all(row["passed"] for row in report["rows"])
+
+
+def test_check_exits_1_when_production_is_wrong():
+    result = run("check", code=PLANTED_TWO_PROJECTIONS)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL" in result.stdout
+
+
+@pytest.mark.parametrize("pp", [1, 2, 3])
+def test_check_batch_count_fits_the_interleaved_schedule(pp):
+    batches = check_microbatches(256, "lm", multiple_of=pp)
+    assert len(batches) % pp == 0
+    assert len({b.name for b in batches}) == len(batches)
