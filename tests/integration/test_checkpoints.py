@@ -62,6 +62,7 @@ def test_load_save_round_trip_is_bitwise(layout, head, mlp, checkpoint_factory, 
     # The source is written in the compute dtype, so nothing may change on the way through.
     source = checkpoint_factory(head, mlp, name=f"round-trip-{DTYPE}", dtype=DTYPE)
     assert round_trip_mismatches(source, layout, head, scratch_dir) == []
+    assert not [n for n in os.listdir(scratch_dir) if n.startswith(".")], "saver left temporary files"
 
     expected = read_all(source)
     index = json.loads(open(os.path.join(scratch_dir, INDEX_FILE)).read())
