@@ -6,29 +6,29 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from splitllama.cli import build_parser
 from splitllama.parity import check_microbatches
 
-# One projection too many in the linear adapter (SPEC 4.1), planted from outside.
+# The planted two-projection adapter (SPEC 4.1) from the planted-bug table, applied in a
+# fresh process before the command runs.
 PLANTED_TWO_PROJECTIONS = """
-import sys, torch
-from splitllama import layers
-forward = layers.Adapter.forward
-def two(self, hidden):
-    out = forward(self, hidden)
-    return out @ (2 * torch.eye(out.shape[-1], dtype=out.dtype))
-layers.Adapter.forward = two
+import sys, types
+from tests.integration.planted_bugs import PLANTED
+bug = next(b for b in PLANTED if b.name == "two_projection_adapter")
+bug.plant(types.SimpleNamespace(setattr=setattr))
 from splitllama.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "splitllama.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 def test_help_lists_commands_and_examples():
