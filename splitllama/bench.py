@@ -299,7 +299,8 @@ def part_profile(config, ceiling, args, gen) -> list[dict]:
     total = sum(e.device_time_total for e in kernels) or 1.0
     by_kind: dict[str, float] = {}
     for e in kernels:
-        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.device_time_total
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total
     top = sorted(kernels, key=lambda e: -e.device_time_total)[:15]
     return [{
         "name": "profile/packed", "part": "profile",
