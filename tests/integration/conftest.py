@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama.config import tiny_split_config
-from splitllama.parity import init_distributed, random_split_checkpoint
+from splitllama.parity import TEST_CHECKPOINT_INIT, init_distributed, random_split_checkpoint
 
 DEVICE = os.environ.get("SPLITLLAMA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 # CPU: float64 with tight tolerances; GPU: bfloat16 with the error-ratio rule (SPEC 3).
@@ -27,14 +27,14 @@ _dtype_name = os.environ.get("SPLITLLAMA_TEST_DTYPE") or ("float64" if DEVICE ==
 if _dtype_name not in _DTYPES:
     raise ValueError(f"SPLITLLAMA_TEST_DTYPE={_dtype_name!r}: allowed values are {sorted(_DTYPES)}")
 DTYPE = _DTYPES[_dtype_name]
-# Weight scale of the random test checkpoints. float64: large (0.15) so that every weight,
-# RoPE and the attention pattern move the outputs far above 1e-9. bfloat16: Llama's own
-# init (0.02); at 0.15 the tiny model is so ill-conditioned that the bf16 oracle itself is
-# off by 5-10% and the error-ratio rule compares two noise samples (measured on CPU in
-# bf16: a correct value model at TP=2 exceeded the bound on 2 of 51 rows, by up to 17%).
-# Even at 0.02, gradients behind the mlp adapter carry 4-40% bf16 noise for the oracle too,
-# and the 2x rule then fails now and then on a correct model (BENCHMARKS.md, GPU parity).
-CHECKPOINT_STD = 0.15 if DTYPE == torch.float64 else 0.02
+# Seed of the random test checkpoints. In bf16 the error-ratio rule compares two samples of
+# rounding noise, and ~4-6% of correct tiny mlp-adapter models fail it on some row
+# (BENCHMARKS.md, "GPU parity"); a defect fails on every seed, so re-running a failure with
+# a few other seeds tells the two apart.
+_seed = os.environ.get("SPLITLLAMA_TEST_SEED", "0")
+if not _seed.isdigit():
+    raise ValueError(f"SPLITLLAMA_TEST_SEED={_seed!r}: expected a non-negative integer")
+CHECKPOINT_SEED = int(_seed)
 
 
 def world_size() -> int:
@@ -69,7 +69,7 @@ def checkpoint_factory(tmp_path_factory):
         if key not in made:
             path = os.path.join(root, f"{head}-{'mlp' if mlp else 'linear'}-{name or 'tiny'}")
             if dist.get_rank() == 0:
-                kwargs.setdefault("std", CHECKPOINT_STD)
+                kwargs = {**TEST_CHECKPOINT_INIT[DTYPE], "seed": CHECKPOINT_SEED, **kwargs}
                 random_split_checkpoint(config or tiny_split_config(mlp=mlp), path, head, **kwargs)
             dist.barrier()
             made[key] = path

@@ -7,16 +7,26 @@ import math
 
 import torch
 
-from splitllama.parity import BF16_FLOOR, _row
+from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, _row
 
 
-def test_bf16_rule_allows_twice_the_oracle_bf16_error():
+def test_bf16_rule_allows_twice_the_oracle_bf16_error_plus_two_roundings():
     ref = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
-    oracle_bf16 = ref + torch.tensor([0.0, 0.01, 0.0], dtype=torch.float64)
-    within = ref + torch.tensor([0.019, 0.0, 0.0], dtype=torch.float64)
-    beyond = ref + torch.tensor([0.0, 0.0, 0.021 + BF16_FLOOR * 4], dtype=torch.float64)
+    oracle_bf16 = ref + torch.tensor([0.0, 0.05, 0.0], dtype=torch.float64)
+    # absolute bound: 2 * 0.05 + 2 roundings (2^-8 each) at the scale 4.0
+    bound = 2 * 0.05 + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * 4.0
+    within = ref + torch.tensor([0.0, 0.0, 0.99 * bound], dtype=torch.float64)
+    beyond = ref + torch.tensor([0.0, 0.0, 1.01 * bound], dtype=torch.float64)
     assert _row("x", within, ref, torch.bfloat16, oracle_bf16).passed
     assert not _row("x", beyond, ref, torch.bfloat16, oracle_bf16).passed
+
+
+def test_bf16_floor_alone_is_two_roundings_at_the_scale():
+    """An oracle-in-bf16 that happens to be exact (few values, lucky rounding) leaves the
+    floor: 2 * 2^-8 of max|ref|."""
+    ref = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    assert _row("x", ref + 0.99 * 2 * 2**-8 * 3.0, ref, torch.bfloat16, ref.clone()).passed
+    assert not _row("x", ref + 1.01 * 2 * 2**-8 * 3.0, ref, torch.bfloat16, ref.clone()).passed
 
 
 def test_nan_never_passes():
@@ -29,9 +39,11 @@ def test_nan_never_passes():
 def test_exactly_zero_reference_is_judged_at_the_model_gradient_scale():
     zero = torch.zeros(4, dtype=torch.float64)
     noise = torch.full((4,), 1e-7, dtype=torch.float64)
-    # bf16: the floor is 1e-4 of the largest gradient (here 2.0)
+    # bf16: the floor is two bf16 roundings at the largest gradient (here 2.0)
+    floor = BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * 2.0
     assert _row("g", noise, zero, torch.bfloat16, zero.clone(), zero_scale=2.0).passed
-    assert not _row("g", noise * 1e4, zero, torch.bfloat16, zero.clone(), zero_scale=2.0).passed
+    assert not _row("g", torch.full((4,), 1.1 * floor, dtype=torch.float64), zero, torch.bfloat16,
+                    zero.clone(), zero_scale=2.0).passed
     # float64 keeps its 1e-9 relative tolerance at that scale
     assert not _row("g", noise, zero, torch.float64, zero_scale=2.0).passed
     assert _row("g", noise * 1e-3, zero, torch.float64, zero_scale=2.0).passed
