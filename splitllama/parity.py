@@ -185,7 +185,7 @@ def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:
         raise ValueError(f"world size {world} is not a multiple of tp*pp={layout.world_size} ({layout})")
     if device == "cpu":
         use_cpu()
-    parallel_state.destroy_model_parallel()
+    teardown_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -193,6 +193,27 @@ def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:
     )
     if device == "cuda":  # megatron's GPU weight init draws from its model-parallel RNG
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown_parallel() -> None:
+    """Destroy megatron's parallel state AND the process groups it created on this rank.
+
+    megatron's destroy_model_parallel forgets its groups but destroys only its data-parallel
+    gloo ones. Each gloo group left alive keeps 3 threads (two run loops, one TCP loop), so a
+    test session that re-initialises for every layout piled up ~2,400 threads per rank in
+    2 minutes on a 2-core box and crawled into the collective timeout (2026-11-29, CI); on
+    GPUs every leaked group is an NCCL communicator holding device memory."""
+    if not dist.is_initialized():
+        return
+    # megatron records every group this rank belongs to (None stands for the world group)
+    groups = [g for g in (parallel_state._global_process_group_list or []) if g is not None]
+    # a peer may still be finishing its last collective on these groups
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    live = dist.distributed_c10d._world.pg_map
+    for group in dict.fromkeys(groups):
+        if group in live:
+            dist.destroy_process_group(group)
 
 
 def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str,
