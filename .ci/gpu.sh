@@ -49,7 +49,8 @@ for stage in "$@"; do
       if [ "$gpus" -ge 4 ]; then
         run real_4gpu python3 -m torch.distributed.run --standalone --nproc-per-node 4 -m pytest $pytest_args -k real_shapes
         python3 -c "import torch; from tests.integration.test_gpu_real_shapes import real_shape_config as c; \
-from splitllama.parity import random_split_checkpoint as r; r(c(), '/tmp/real', std=0.02, dtype=torch.bfloat16)"
+from splitllama.parity import TEST_CHECKPOINT_INIT as i, random_split_checkpoint as r; \
+r(c(), '/tmp/real', dtype=torch.bfloat16, **i[torch.bfloat16])"
         run check_real_tp4_sp python3 -m splitllama.cli check /tmp/real --tp 4 --sp --json "$OUT/check_real_tp4_sp.json"
         run check_real_tp2_sp_pp2 python3 -m splitllama.cli check /tmp/real --tp 2 --sp --pp 2 --json "$OUT/check_real_tp2_sp_pp2.json"
       fi

@@ -276,7 +276,8 @@ TEST_CHECKPOINT_INIT: dict[torch.dtype, dict] = {
 
 
 def random_split_checkpoint(config: CustomSplitLlamaConfig, out_dir: str, head: wn.Head = "lm",
-                            seed: int = 0, std: float = 0.15, dtype: torch.dtype = torch.float64,
+                            seed: int = 0, std: float = TEST_CHECKPOINT_INIT[torch.float64]["std"],
+                            dtype: torch.dtype = torch.float64,
                             adapter_keeps_scale: bool = False) -> str:
     """A split checkpoint with random weights, written by the oracle (save_pretrained).
 
