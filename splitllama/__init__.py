@@ -19,7 +19,8 @@ Reading path (each file says what is inside):
    ``registry.py``      the RL trainer's model registry entry
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
 of weights replicated over the SP region; ``parity.py`` compares production with the
-oracle; ``bench.py`` times it on GPUs; ``cli.py`` is the ``splitllama`` command.
+oracle (``adapter_ties.py``: the bf16 rule at the adapter's ReLU); ``bench.py`` times it
+on GPUs; ``cli.py`` is the ``splitllama`` command.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """

@@ -11,11 +11,14 @@ What "equal" means (SPEC 3):
 * float64 / float32 on CPU: max |prod - ref| <= tol * max |ref| per tensor, tol below;
 * bfloat16 on GPU: prod's error against the float32 oracle must be at most twice the error
   of the oracle run in bfloat16 (plus a small floor), the rule flash-attention's tests use;
+  where a unit of the mlp adapter's ReLU sits within that rule's band of 0, both oracles
+  take production's branch, and its gates must match everywhere else (``adapter_ties``);
 * NaN or Inf never passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -30,6 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from splitllama import weight_names as wn
+from splitllama.adapter_ties import AdapterTies
 from splitllama.checkpoints import gather_full_state, load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 from splitllama.cpu_support import use_cpu
@@ -496,15 +500,33 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
     setup_parallel(layout, device)
     chunks = build_production(config, layout, head, dtype, device)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
-    prod_out, prod_grads = run_production(chunks, microbatches, layout)
+    # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
+    ties = None
+    if dtype == torch.bfloat16 and config.mlp:
+        ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches],
+                           BF16_RATIO, BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF)
+    with ties.record_production(chunks, config.h_hi) if ties else contextlib.nullcontext():
+        prod_out, prod_grads = run_production(chunks, microbatches, layout)
+    low_oracle = load_oracle(checkpoint_dir, head, dtype, device) if dtype == torch.bfloat16 else None
+    if ties:
+        with ties.record_oracle_preactivations(low_oracle), torch.no_grad():
+            for mb in microbatches:
+                _oracle_observe(low_oracle, mb.to(device))
     ref_dtype = torch.float64 if device == "cpu" else torch.float32
     oracle = load_oracle(checkpoint_dir, head, ref_dtype, device)
-    ref_out, ref_grads = run_oracle(oracle, microbatches)
+    with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
+        ref_out, ref_grads = run_oracle(oracle, microbatches)
     low_out = low_grads = None
-    if dtype == torch.bfloat16:
-        low_out, low_grads = run_oracle(load_oracle(checkpoint_dir, head, dtype, device), microbatches)
+    if low_oracle is not None:
+        with ties.take_production_branch_at_ties(low_oracle, reference=False) if ties else contextlib.nullcontext():
+            low_out, low_grads = run_oracle(low_oracle, microbatches)
     report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
                      low_out, low_grads)
+    if ties:
+        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts)):
+            # max_abs: units on the other side of 0 beyond the rule's band; must be none
+            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
+                                   f"on production's branch)", beyond, beyond, 0.0, beyond == 0))
     agreed = agree(report.passed)
     if report.passed and not agreed:
         report.rows.append(Row("another rank failed", math.inf, math.inf, 0.0, False))

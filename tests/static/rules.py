@@ -70,6 +70,7 @@ MAY_CALL_COLLECTIVES = frozenset({
     "splitllama/grads.py",  # gathers / all-reduces gradients for comparison (SP norm grads)
     "splitllama/logprobs.py",  # vocab-parallel log-probs reduce max / sum-exp over TP
     "splitllama/parity.py",  # gathers outputs and gradients to compare with the oracle
+    "splitllama/adapter_ties.py",  # gathers production's adapter ReLU gates for the bf16 rule
     "splitllama/bench.py",  # synchronises ranks around timed regions
 })
 
