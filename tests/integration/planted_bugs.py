@@ -46,6 +46,15 @@ def _two_projection_adapter(mp):
     mp.setattr(layers.Adapter, "forward", two_projections)
 
 
+def _adapter_gelu(mp):
+    def gelu_between(self, hidden):
+        inner, _ = self.linear_1(hidden)
+        out, _ = self.linear_2(torch.nn.functional.gelu(inner))
+        return out
+
+    mp.setattr(layers.Adapter, "forward", gelu_between)
+
+
 def _sp_norm_grads_not_reduced(mp):
     init = layers.RMSNorm.__init__
 
@@ -164,6 +173,10 @@ def equal_width_config() -> CustomSplitLlamaConfig:
 PLANTED = [
     PlantedBug("two_projection_adapter", "SPEC 4.1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
+    # megatron's MLP defaults to GELU; near 0 GELU and ReLU differ by a few percent, where
+    # the bf16 rule lets production pick either ReLU branch (adapter_ties)
+    PlantedBug("adapter_gelu", "mlp adapter activated by GELU (megatron MLP's default), not ReLU",
+               ("tp1", "tp2_sp"), _adapter_gelu, mlp=True),
     PlantedBug("sp_norm_grads_not_reduced", "norm-weight gradients not all-reduced over TP under SP",
                ("tp2_sp",), _sp_norm_grads_not_reduced),
     # tp1 only: at TP=2 each rank of the tiny model holds ONE query group, for which the
