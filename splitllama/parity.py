@@ -435,12 +435,16 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
 # ---- comparing ------------------------------------------------------------------------------------
 def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-         low_precision_ref: torch.Tensor | None = None, zero_scale: float | None = None) -> Row:
+         low_precision_ref: torch.Tensor | None = None, zero_scale: float | None = None,
+         pooled: tuple[float, float] | None = None) -> Row:
     """One compared tensor. Errors are relative to max|ref|; a reference that is exactly
     zero (e.g. q/k gradients when every row has at most one valid token: a softmax over
     one key does not depend on q or k) is measured against ``zero_scale`` instead (the
     largest gradient of the model), so rounding noise in a fused kernel's backward
-    (seen: 1e-7 from varlen attention on an H200) is judged at the model's scale."""
+    (seen: 1e-7 from varlen attention on an H200) is judged at the model's scale.
+
+    ``pooled`` (bf16 only): (max|ref|, bf16 oracle's max error) of the tensor this one is a
+    slice of; the rule is then the whole tensor's, reported for this slice."""
     # bf16 checks (GPU, real shapes: billions of elements) compare in float32 on the GPU;
     # CPU checks in float64.
     if dtype == torch.bfloat16 and torch.cuda.is_available():
@@ -457,6 +461,9 @@ def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
     if dtype == torch.bfloat16:
         low = low_precision_ref.to(device, work)
         base = float((low - ref_w).abs().max()) if ref_w.numel() else 0.0
+        if pooled:
+            scale, base = pooled
+            denominator = max(scale, 1e-300)
         bound = (BF16_RATIO * base + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * scale) / denominator
     else:
         bound = TOLERANCE[dtype]
@@ -467,11 +474,23 @@ def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
 def compare(prod_outputs, ref_outputs, prod_grads, ref_grads, microbatches, layout, head, dtype,
             low_outputs=None, low_grads=None) -> Report:
     report = Report(str(layout), head, str(dtype).replace("torch.", ""))
+    valid = [mb.attention_mask.bool() for mb in microbatches]
+    pooled = None
+    if dtype == torch.bfloat16:
+        # The bf16 rule takes the model's output over ALL micro-batches as its tensor, as it
+        # does for gradients: a max-error rule on a 3-value slice (single-token rows)
+        # compares two maxima of 3 noise samples. Measured on CPU, TP=2, value head: a
+        # correct model's one-token values erred 2.2% of their scale where the bf16 oracle
+        # happened to err 0.4% (its other slices: 0.9-2.8% for production, 1.1-2.8% for the oracle).
+        refs = torch.cat([ref_outputs[k][v].double().flatten() for k, v in enumerate(valid)])
+        lows = torch.cat([low_outputs[k][v].double().flatten() for k, v in enumerate(valid)])
+        if refs.numel():
+            pooled = (float(refs.abs().max()), float((lows - refs).abs().max()))
     for k, mb in enumerate(microbatches):
-        valid = mb.attention_mask.bool()
         label = f"output[{mb.name or k}]"
-        low = None if low_outputs is None else low_outputs[k][valid]
-        report.rows.append(_row(label, prod_outputs[k][valid], ref_outputs[k][valid], dtype, low))
+        low = None if low_outputs is None else low_outputs[k][valid[k]]
+        report.rows.append(_row(label, prod_outputs[k][valid[k]], ref_outputs[k][valid[k]], dtype, low,
+                                pooled=pooled))
     missing = set(ref_grads) ^ set(prod_grads)
     if missing:
         report.rows.append(Row(f"grad names differ: {sorted(missing)[:5]}", math.inf, math.inf, 0.0, False))

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, _row
+from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, Microbatch, _row, compare
 
 
 def test_bf16_rule_allows_twice_the_oracle_bf16_error_plus_two_roundings():
@@ -47,3 +47,29 @@ def test_exactly_zero_reference_is_judged_at_the_model_gradient_scale():
     # float64 keeps its 1e-9 relative tolerance at that scale
     assert not _row("g", noise, zero, torch.float64, zero_scale=2.0).passed
     assert _row("g", noise * 1e-3, zero, torch.float64, zero_scale=2.0).passed
+
+
+def _outputs_report(small_error: float, dtype=torch.bfloat16):
+    """Two micro-batches of one output: 8 values at scale 4 (bf16 oracle off by 0.05) and
+    a single value 1.0 (bf16 oracle exact); production off by ``small_error`` on the single
+    value only."""
+    big = torch.linspace(-4.0, 4.0, 8, dtype=torch.float64)[None]
+    small = torch.ones(1, 1, dtype=torch.float64)
+    batches = [Microbatch(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool), None, big, "big"),
+               Microbatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), None, small, "one")]
+    ref = [big, small]
+    low = [big + 0.05, small.clone()]
+    prod = [big.clone(), small + small_error]
+    return compare(prod, ref, {}, {}, batches, "tp1", "value", dtype, low, {})
+
+
+def test_bf16_output_slices_are_judged_by_the_whole_outputs_rule():
+    # the whole output's bound: 2 x 0.05 + two roundings at scale 4 = 0.131 (absolute)
+    bound = 2 * 0.05 + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * 4.0
+    assert _outputs_report(0.99 * bound).passed  # alone, the 1-value slice would allow 0.008
+    failed = _outputs_report(1.01 * bound)
+    assert [r.name for r in failed.failures()] == ["output[one]"]
+
+
+def test_float_output_slices_keep_their_own_tolerance():
+    assert not _outputs_report(1e-6, torch.float64).passed
