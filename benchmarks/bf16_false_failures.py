@@ -1,0 +1,57 @@
+"""How often does a CORRECT tiny mlp-adapter model fail the bf16 rule? (BENCHMARKS.md)
+
+Each seed x {lm, value} is one model (the bf16 test checkpoint init), compared at TP=1 on
+the edge-case micro-batches in bf16; a model fails when any row fails.
+
+    python benchmarks/bf16_false_failures.py --seeds 12 [--without-ties]
+
+``--without-ties`` measures the rule as it was before ``splitllama/adapter_ties.py``.
+Runs on CPU (about 5 s per model on 2 cores) or on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import splitllama.parity as parity  # noqa: E402
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config  # noqa: E402
+from tests.integration.test_parity import edge_case_microbatches  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=12, help="checkpoint seeds 0..N-1 per head (default 12)")
+    parser.add_argument("--without-ties", action="store_true", help="judge without the ReLU-tie handling")
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parity.init_distributed(device)
+    if args.without_ties:
+        parity.AdapterTies = lambda *a, **k: None
+    failed = 0
+    for head in ("lm", "value"):
+        for seed in range(args.seeds):
+            ckpt = tempfile.mkdtemp()
+            parity.random_split_checkpoint(tiny_split_config(mlp=True), ckpt, head, seed=seed,
+                                           **parity.TEST_CHECKPOINT_INIT[torch.bfloat16])
+            config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+            report = parity.run_parity(ckpt, config, parity.ParallelLayout(), head, torch.bfloat16, device,
+                                       edge_case_microbatches(head))
+            worst = max((r for r in report.rows if r.bound > 0), key=lambda r: r.max_rel / r.bound)
+            failed += not report.passed
+            print(f"{head} seed {seed}: {'PASS' if report.passed else 'FAIL'}, worst row "
+                  f"{worst.max_rel / worst.bound:.2f}x its bound ({worst.name})", flush=True)
+    print(f"{failed}/{2 * args.seeds} correct models fail the bf16 rule")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
