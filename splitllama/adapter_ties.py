@@ -11,8 +11,8 @@ closed, was 1% off. With the reference taking production's branch at that unit, 
 same micro-batches passed at 0.52 of the bound.
 
 So, in the bf16 comparison only, a tie is a unit whose reference pre-activation is within
-the error-ratio rule's own band of 0 (``BF16_RATIO`` x the bf16 oracle's largest
-pre-activation error on that micro-batch + the rounding floor); at ties the reference AND
+the error-ratio rule's own band of 0 (the error the rule allows on that micro-batch's
+pre-activations, given the bf16 oracle's error there); at ties the reference AND
 the bf16 oracle take production's branch, so both measure rounding, not a branch choice.
 Everywhere else production's gate must equal the reference's: a unit on the other side
 of 0 beyond the band is a failure of its own row. The data that crosses over is
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,9 +47,8 @@ class AdapterTies:
     (row-major, the packed order): every tensor here is ``[T, h_hi]``."""
 
     masks: list[torch.Tensor]  # [B, S] validity of each micro-batch
-    ratio: float
-    floor_roundings: float
-    unit_roundoff: float
+    # the bf16 rule: (bf16 oracle's max-abs error, max|ref|) -> allowed max-abs error
+    allowed_error: Callable[[float, float], float]
     production_gates: list[torch.Tensor] = field(default_factory=list)
     low_preactivations: list[torch.Tensor] = field(default_factory=list)
     ties: list[torch.Tensor] = field(default_factory=list)
@@ -151,6 +151,5 @@ class AdapterTies:
         if not ref_TH.numel():
             return torch.zeros_like(ref_TH, dtype=torch.bool)
         ref64, low64 = ref_TH.double(), low_TH.to(ref_TH.device, torch.float64)
-        band = (self.ratio * float((low64 - ref64).abs().max())
-                + self.floor_roundings * self.unit_roundoff * float(ref64.abs().max()))
+        band = self.allowed_error(float((low64 - ref64).abs().max()), float(ref64.abs().max()))
         return ref64.abs() <= band

@@ -75,6 +75,11 @@ BF16_FLOOR_ROUNDINGS = 2.0
 BF16_UNIT_ROUNDOFF = torch.finfo(torch.bfloat16).eps / 2  # 2^-8: 8 significand bits
 
 
+def bf16_allowed_error(oracle_bf16_error: float, scale: float) -> float:
+    """The bf16 rule's largest allowed max-abs error, for a tensor of max|ref| ``scale``."""
+    return BF16_RATIO * oracle_bf16_error + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * scale
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     tp: int = 1
@@ -464,7 +469,7 @@ def _row(name: str, prod: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
         if pooled:
             scale, base = pooled
             denominator = max(scale, 1e-300)
-        bound = (BF16_RATIO * base + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * scale) / denominator
+        bound = bf16_allowed_error(base, scale) / denominator
     else:
         bound = TOLERANCE[dtype]
     rel = err / denominator if scale else err
@@ -522,8 +527,7 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None
     if dtype == torch.bfloat16 and config.mlp:
-        ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches],
-                           BF16_RATIO, BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF)
+        ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches], bf16_allowed_error)
     with ties.record_production(chunks, config.h_hi) if ties else contextlib.nullcontext():
         prod_out, prod_grads = run_production(chunks, microbatches, layout)
     low_oracle = load_oracle(checkpoint_dir, head, dtype, device) if dtype == torch.bfloat16 else None

@@ -11,8 +11,8 @@ import torch
 from splitllama.adapter_ties import AdapterTies
 from splitllama.checkpoints import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.parity import (BF16_FLOOR_ROUNDINGS, BF16_RATIO, BF16_UNIT_ROUNDOFF, build_production,
-                               load_oracle, run_oracle, run_production, setup_parallel)
+from splitllama.parity import (BF16_UNIT_ROUNDOFF, bf16_allowed_error, build_production, load_oracle,
+                               run_oracle, run_production, setup_parallel)
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 from tests.integration.test_parity import edge_case_microbatches
@@ -23,8 +23,7 @@ def test_production_gates_reach_every_rank_in_the_oracles_order(layout, checkpoi
     ckpt = checkpoint_factory("lm", True)
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     microbatches = edge_case_microbatches("lm")  # incl. an all-padding batch and SP padding
-    ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches],
-                       BF16_RATIO, BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF)
+    ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches], bf16_allowed_error)
     setup_parallel(layout, DEVICE)
     chunks = build_production(config, layout, "lm", DTYPE, DEVICE)
     load_checkpoint(chunks, ckpt, progress=False)

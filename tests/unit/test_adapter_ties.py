@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from splitllama.adapter_ties import AdapterTies
-from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_RATIO, BF16_UNIT_ROUNDOFF
+from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_RATIO, BF16_UNIT_ROUNDOFF, bf16_allowed_error
 
 H = 4
 
@@ -40,7 +40,7 @@ BAND = BF16_RATIO * 1e-3 + BF16_FLOOR_ROUNDINGS * BF16_UNIT_ROUNDOFF * 0.8
 
 
 def make_ties(production_gates_TH: torch.Tensor) -> AdapterTies:
-    ties = AdapterTies([MASK], BF16_RATIO, BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF)
+    ties = AdapterTies([MASK], bf16_allowed_error)
     ties.production_gates = [production_gates_TH]
     ties.low_preactivations = [LOW_TH]
     return ties
