@@ -5,7 +5,7 @@ the edge-case micro-batches in bf16; a model fails when any row fails.
 
     python benchmarks/bf16_false_failures.py --seeds 12 [--without-ties]
 
-``--without-ties`` measures the rule as it was before ``splitllama/adapter_ties.py``.
+``--without-ties`` measures the rule as it was before ``splitllama/verify/adapter_ties.py``.
 Runs on CPU (about 5 s per model on 2 cores) or on one GPU.
 """
 
@@ -20,8 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import splitllama.parity as parity  # noqa: E402
+import splitllama.verify.runner as runner  # noqa: E402
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config  # noqa: E402
+from splitllama.distributed import init_distributed  # noqa: E402
+from splitllama.layout import ParallelLayout  # noqa: E402
+from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint  # noqa: E402
 from tests.integration.test_parity import edge_case_microbatches  # noqa: E402
 
 
@@ -33,17 +36,17 @@ def main() -> int:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parity.init_distributed(device)
+    init_distributed(device)
     if args.without_ties:
-        parity.AdapterTies = lambda *a, **k: None
+        runner.AdapterTies = lambda *a, **k: None
     failed = 0
     for head in ("lm", "value"):
         for seed in range(args.seeds):
             ckpt = tempfile.mkdtemp()
-            parity.random_split_checkpoint(tiny_split_config(mlp=True), ckpt, head, seed=seed,
-                                           **parity.TEST_CHECKPOINT_INIT[torch.bfloat16])
+            random_split_checkpoint(tiny_split_config(mlp=True), ckpt, head, seed=seed,
+                                    **TEST_CHECKPOINT_INIT[torch.bfloat16])
             config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-            report = parity.run_parity(ckpt, config, parity.ParallelLayout(), head, torch.bfloat16, device,
+            report = runner.run_parity(ckpt, config, ParallelLayout(), head, torch.bfloat16, device,
                                        edge_case_microbatches(head))
             worst = max((r for r in report.rows if r.bound > 0), key=lambda r: r.max_rel / r.bound)
             failed += not report.passed

@@ -5,22 +5,24 @@ Reading path (each file says what is inside):
 
 1. ``config.py``        the split config, its validation, named shape presets
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
-   ``layout.py``        TP requirements and the pipeline stage layout function
-2. ``attention.py``     the ONE attention dispatch point (flash-attn / torch varlen /
-                        FlexAttention / SDPA) and the packing helpers it needs
-   ``layers.py``        RMSNorm, rotary positions, megatron layer spec, the adapter
+   ``layout.py``        ParallelLayout, TP requirements, the pipeline stage layout function
+2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
+                        SDPA; flash-attn when forced), planned once per batch
+   ``layers.py``        RMSNorm, rotary positions, megatron layer spec and block, the adapter
 3. ``model.py``         the production model classes (padded and packed)
-4. ``heads.py``         vocab-parallel LM head, replicated value head
+4. ``heads.py``         LM head and value head: the one head contract
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner
 5. ``sharding.py``      how every weight is sharded (declared once)
    ``checkpoints.py``   sharded load / gathered save of split checkpoints
    ``assemble.py``      build a split checkpoint from two Llama checkpoints
    ``registry.py``      the RL trainer's model registry entry
+``distributed.py`` sets up process groups and megatron's parallel state for a layout;
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
-of weights replicated over the SP region; ``parity.py`` compares production with the
-oracle (``adapter_ties.py``: the bf16 rule at the adapter's ReLU); ``bench.py`` times it
-on GPUs; ``cli.py`` is the ``splitllama`` command.
+of weights replicated over the SP region; ``bench.py`` times the model on GPUs; ``cli.py``
+is the ``splitllama`` command (the only module that prints). ``verify/`` is the
+verification machinery behind ``splitllama check`` and the tests; the product never
+imports it.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CustomSplitLlamaConfig": "splitllama.config",
+    "ParallelLayout": "splitllama.layout",
     "use_cpu": "splitllama.cpu_support",
     "load_checkpoint": "splitllama.checkpoints",
     "save_checkpoint": "splitllama.checkpoints",

@@ -350,23 +350,3 @@ def iter_checkpoint_files(out_dir: Path) -> Iterator[Path]:
         yield from (out_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values())))
     else:
         yield out_dir / SINGLE_FILE
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``splitllama assemble``: one summary line on stdout; errors on stderr, exit code 2."""
-    try:
-        out = assemble_split_checkpoint(
-            args.lower, args.upper, args.num_lower, args.num_upper, args.out,
-            mlp=args.mlp, adapter=args.adapter, seed=args.seed,
-            max_shard_size=args.max_shard_size, progress=sys.stderr.isatty(),
-        )
-    except ValueError as err:
-        sys.stderr.write(f"splitllama assemble: error: {err}\n")
-        return 2
-    files = list(iter_checkpoint_files(out))
-    size = sum(f.stat().st_size for f in files)
-    sys.stdout.write(
-        f"assembled {out}: lower layers 0..{args.num_lower - 1}, the last {args.num_upper} upper "
-        f"layers, adapter {args.adapter}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)\n"
-    )
-    return 0

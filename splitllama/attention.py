@@ -1,17 +1,23 @@
 """THE attention dispatch point of the production model, and the packing helpers it needs.
 
-Backends, in order of preference (``select_backend``):
+Backends (``select_backend``), in order of preference on CUDA:
 
-1. ``flash_attn``   flash-attn's varlen kernel, when the package imports (CUDA, fp16/bf16);
-2. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
-                    without repeating K/V);
-3. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
-4. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
+1. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
+                    without repeating K/V); the default on CUDA;
+2. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
+3. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
                     dtype; the CPU path, float32 and float64).
 
-``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name. Nothing else in the package chooses
-a backend: megatron's attention module calls ``SplitCoreAttention`` (the ``core_attention``
-slot of the layer spec), which calls ``packed_attention`` or ``padded_attention`` here.
+``flash_attn`` (flash-attn's varlen kernel) is used only when forced: no machine this
+project tests on can install flash-attn, so it is never chosen by default until its path
+has been run against the oracle (README: how to check it on your machine).
+``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name.
+
+The choice, the document boundaries and the FlexAttention block mask are made ONCE per
+batch (``plan_packed`` / ``plan_padded``) and handed to every layer: megatron passes
+``packed_seq_params`` (packed) or ``attention_mask`` (padded) unchanged to its
+``core_attention`` slot, which is ``SplitCoreAttention`` here. Nothing else in the package
+chooses a backend.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import functools
 import inspect
 import math
 import os
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +36,8 @@ from megatron.core.transformer.module import MegatronModule
 
 try:  # flash-attn is optional: source-only, it cannot be installed on every machine.
     from flash_attn import flash_attn_varlen_func
-    from flash_attn.bert_padding import pad_input as _fa_pad_input
-    from flash_attn.bert_padding import unpad_input as _fa_unpad_input
 except ImportError:
     flash_attn_varlen_func = None
-    _fa_pad_input = _fa_unpad_input = None
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -46,26 +50,6 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---- packing helpers ------------------------------------------------------------------
-def unpad(mask_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Valid-token layout of a ``[batch, seq]`` mask.
-
-    Returns ``indices_T`` (flat positions of valid tokens, row-major), ``cu_seqlens``
-    (int32, ``[docs + 1]``, rows with no valid token dropped: zero-length documents break
-    some varlen kernels) and ``max_seqlen``."""
-    mask_BS = mask_BS.bool()
-    if _fa_unpad_input is not None and mask_BS.is_cuda:
-        ones = torch.ones(*mask_BS.shape, 1, device=mask_BS.device)
-        _, indices_T, cu_seqlens, max_seqlen, *_ = _fa_unpad_input(ones, mask_BS)
-        lengths = cu_seqlens.diff()
-    else:
-        indices_T = torch.nonzero(mask_BS.flatten(), as_tuple=False).flatten()
-        lengths = mask_BS.sum(-1, dtype=torch.int32)
-        max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    lengths = lengths[lengths > 0]
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return indices_T, cu_seqlens, int(max_seqlen)
-
-
 def gather_tokens(x_BS: torch.Tensor, indices_T: torch.Tensor) -> torch.Tensor:
     """``[batch, seq, ...]`` -> ``[tokens, ...]`` at ``indices_T``."""
     return x_BS.reshape(-1, *x_BS.shape[2:]).index_select(0, indices_T)
@@ -73,8 +57,6 @@ def gather_tokens(x_BS: torch.Tensor, indices_T: torch.Tensor) -> torch.Tensor:
 
 def scatter_tokens(x_T: torch.Tensor, indices_T: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """``[tokens, ...]`` -> ``[batch, seq, ...]`` with zeros at padded positions."""
-    if _fa_pad_input is not None and x_T.is_cuda and x_T.dim() >= 2:
-        return _fa_pad_input(x_T, indices_T, batch, seq)
     out = x_T.new_zeros(batch * seq, *x_T.shape[1:])
     out = out.index_put((indices_T,), x_T)
     return out.reshape(batch, seq, *x_T.shape[1:])
@@ -82,12 +64,10 @@ def scatter_tokens(x_T: torch.Tensor, indices_T: torch.Tensor, batch: int, seq: 
 
 # ---- backend selection -------------------------------------------------------------------
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends that run on ``(device, dtype)``, in the default order of preference."""
     names = []
-    if device.type == "cuda" and dtype in _HALF:
-        if flash_attn_varlen_func is not None:
-            names.append("flash_attn")
-        if varlen_attn is not None:
-            names.append("torch_varlen")
+    if device.type == "cuda" and dtype in _HALF and varlen_attn is not None:
+        names.append("torch_varlen")
     if device.type == "cuda":
         names.append("flex")
     names.append("sdpa")
@@ -98,6 +78,8 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend used for ``(device, dtype)``: the env override, else the first available."""
     forced = os.environ.get(BACKEND_ENV)
     names = available_backends(device, dtype)
+    if device.type == "cuda" and dtype in _HALF and flash_attn_varlen_func is not None:
+        names.append("flash_attn")  # only when forced
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
@@ -110,11 +92,49 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     return names[0]
 
 
-# ---- backends: q [T, heads, d], k/v [T, groups, d] -> [T, heads, d] ----------------------
-def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
-    return flash_attn_varlen_func(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+@dataclass
+class PackedAttention(PackedSeqParams):
+    """Megatron's ``PackedSeqParams`` plus what every layer's attention needs of this
+    batch, computed once: the backend, the document boundaries on the host (``sdpa``) and
+    the FlexAttention block mask (``flex``)."""
+
+    backend: str = "sdpa"
+    bounds: list[int] = field(default_factory=list)
+    block_mask: Any = None
+
+
+def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: torch.dtype) -> PackedAttention:
+    """The packed batch's attention plan. ``cu_seqlens`` covers all ``tokens`` (SP
+    padding tokens form a document of their own)."""
+    device = cu_seqlens.device
+    backend = select_backend(device, dtype)
+    block_mask = _flex_block_mask(cu_seqlens, tokens, device) if backend == "flex" else None
+    # the per-document loop needs the boundaries on the host: the CPU path, no device sync
+    bounds = cu_seqlens.tolist() if backend == "sdpa" else []
+    return PackedAttention(
+        qkv_format="sbhd",  # see SplitCoreAttention: per-token rotary
+        cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+        backend=backend, bounds=bounds, block_mask=block_mask,
     )
+
+
+def plan_padded(mask_BS: torch.Tensor) -> torch.Tensor:
+    """The padded batch's attention mask ``[B, 1, S, S]`` (True = may attend): a query
+    attends to the valid keys of its own row at or before it. A query with no such key
+    (a padded position before the row's first token) is given every key instead, so its
+    softmax stays finite; its output sits at a padded position and never reaches a valid
+    token, whose queries attend to valid keys only."""
+    seq = mask_BS.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask_BS.device).tril()
+    allowed_B1SS = causal[None, None] & mask_BS.bool()[:, None, None, :]
+    return allowed_B1SS | ~allowed_B1SS.any(-1, keepdim=True)
+
+
+# ---- backends: q [T, heads, d], k/v [T, groups, d] -> [T, heads, d] ----------------------
+def _flash_attn(q, k, v, plan: PackedAttention, scale):
+    cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
+    return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
 
 
 @functools.cache
@@ -124,11 +144,9 @@ def _varlen_kwargs() -> dict:
     return {"enable_gqa": True} if "enable_gqa" in params else {}
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
-    return varlen_attn(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-        scale=scale, window_size=(-1, 0), **_varlen_kwargs(),
-    )
+def _torch_varlen(q, k, v, plan: PackedAttention, scale):
+    cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
+    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **_varlen_kwargs())
 
 
 @functools.cache
@@ -138,29 +156,31 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen, scale):
+def _flex_block_mask(cu_seqlens: torch.Tensor, tokens: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    tokens = q.shape[0]
-    doc_T = torch.searchsorted(cu_seqlens[1:], torch.arange(tokens, device=q.device), right=True)
+    doc_T = torch.searchsorted(cu_seqlens[1:], torch.arange(tokens, device=device), right=True)
 
     def document_causal(b, h, q_idx, kv_idx):
         return (doc_T[q_idx] == doc_T[kv_idx]) & (q_idx >= kv_idx)
 
-    block_mask = create_block_mask(document_causal, None, None, tokens, tokens, device=q.device)
+    return create_block_mask(document_causal, None, None, tokens, tokens, device=device)
+
+
+def _flex(q, k, v, plan: PackedAttention, scale):
     # flex wants [batch, heads, tokens, d]; GQA is native.
     out = _compiled_flex()(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        block_mask=block_mask, scale=scale, enable_gqa=True,
+        block_mask=plan.block_mask, scale=scale, enable_gqa=True,
     )
     return out[0].transpose(0, 1)
 
 
-def _sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
+def _sdpa(q, k, v, plan: PackedAttention, scale):
     # K/V repeated per query group: the fused CPU kernel does not take GQA shapes.
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bounds = cu_seqlens.tolist()
+    bounds = plan.bounds
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
@@ -175,35 +195,19 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
 _BACKEND_FNS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
 
 
-def packed_attention(
-    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
-    cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
-) -> torch.Tensor:
-    """Causal attention within each document of a packed sequence -> ``[T, heads, d]``.
-
-    ``cu_seqlens`` must cover every token (padding tokens form a document of their own)."""
-    backend = select_backend(q_THD.device, q_THD.dtype)
-    return _BACKEND_FNS[backend](q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale)
+def packed_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
+                     plan: PackedAttention, scale: float) -> torch.Tensor:
+    """Causal attention within each document of a packed sequence -> ``[T, heads, d]``."""
+    return _BACKEND_FNS[plan.backend](q_THD, k_TGD, v_TGD, plan, scale)
 
 
-def padded_attention(
-    q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,
-    mask_BS: torch.Tensor, scale: float,
-) -> torch.Tensor:
-    """Causal attention over padded rows ``[seq, batch, heads, d]``; a query attends to the
-    valid keys of its own row at or before it. Queries with no such key get zeros."""
+def padded_attention(q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,
+                     allowed_B1SS: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over padded rows ``[seq, batch, heads, d]`` under ``plan_padded``'s mask."""
     groups = q_SBHD.shape[2] // k_SBGD.shape[2]
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBHD, k_SBGD, v_SBGD))
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    seq = q.shape[2]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    allowed_B1SS = causal[None, None] & mask_BS.bool()[:, None, None, :]
-    has_key = allowed_B1SS.any(-1, keepdim=True)
-    # Rows with no allowed key would softmax over nothing (NaN); let them see every key
-    # and zero their output afterwards.
-    allowed_B1SS = allowed_B1SS | ~has_key
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_B1SS, scale=scale)
-    out = out * has_key
     return out.permute(2, 0, 1, 3)
 
 
@@ -211,10 +215,10 @@ class SplitCoreAttention(MegatronModule):
     """Megatron's ``core_attention`` slot: packed (varlen) or padded causal attention.
 
     Packed input arrives as ``q [T, 1, heads, d]``, ``k/v [T, 1, groups, d]`` with a
-    ``PackedSeqParams(qkv_format="sbhd")``: the "sbhd" format (batch of one) makes megatron
+    ``PackedAttention(qkv_format="sbhd")``: the "sbhd" format (batch of one) makes megatron
     apply OUR per-token rotary embedding, so caller position_ids are honoured, instead of
     restarting positions per document as it does for "thd". Padded input arrives as
-    ``[S, B, heads, d]`` with ``attention_mask`` = the ``[B, S]`` validity mask."""
+    ``[S, B, heads, d]`` with ``attention_mask`` = ``plan_padded``'s ``[B, 1, S, S]`` mask."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  cp_comm_type=None, softmax_scale=None, pg_collection=None, **kwargs):
@@ -224,13 +228,10 @@ class SplitCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params: PackedSeqParams | None = None):
+                attention_bias=None, packed_seq_params: PackedAttention | None = None):
         if packed_seq_params is not None:
-            out = packed_attention(
-                query.squeeze(1), key.squeeze(1), value.squeeze(1),
-                packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q,
-                self.softmax_scale,
-            )
+            out = packed_attention(query.squeeze(1), key.squeeze(1), value.squeeze(1),
+                                   packed_seq_params, self.softmax_scale)
             return out.reshape(out.shape[0], 1, -1)
         out = padded_attention(query, key, value, attention_mask, self.softmax_scale)
         return out.reshape(out.shape[0], out.shape[1], -1)

@@ -9,13 +9,15 @@ Parts (``--only`` picks some):
 * ``backends``  the packed model with each available attention backend;
 * ``tp``        (world size 2) TP=2 with and without SP vs TP=1, for 8B-shaped and
                 70B-shaped stacks: per-GPU efficiency and peak memory;
+* ``recompute`` activation recompute none / selective / full on the packed model: step
+                time and activation memory;
 * ``profile``   torch profiler over one packed step: where the GPU time goes, by
                 operator and by kind (matmul, attention, other), to aim the next change.
 
 The timed step is what an RL actor does: forward, log-probabilities of the next tokens
 (vocabulary kept split over TP), backward. Useful FLOPs count real tokens only (SPEC 5,
-Megatron's formula with causal attention halved), so padded runs are credited with the
-same work. Times are CUDA-event medians after warm-up, on fresh random inputs.
+Megatron's formula with causal attention halved, BENCHMARKS.md), so padded runs are
+credited with the same work. Times are CUDA-event medians after warm-up, on fresh random inputs.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from tqdm import tqdm
 from splitllama.attention import BACKEND_ENV, available_backends
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
-from splitllama.parity import ParallelLayout, init_distributed, megatron_config, setup_parallel
+from splitllama.distributed import init_distributed, megatron_config, setup_parallel
+from splitllama.layout import ParallelLayout
 
-PARTS = ("ceiling", "packing", "backends", "tp", "profile")
+PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "profile")
 REAL_VOCAB = 128256
 
 
@@ -164,9 +167,9 @@ def measure(name: str, step, batch: Batch, config, ceiling: float, args, gpus: i
 
 
 # ---- models ------------------------------------------------------------------------------
-def build(cls, config, layout: ParallelLayout):
+def build(cls, config, layout: ParallelLayout, recompute: str = "none"):
     setup_parallel(layout, "cuda")
-    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True))
+    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True), recompute=recompute)
     return model.cuda()
 
 
@@ -199,8 +202,8 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
     rows = []
     layout = ParallelLayout()
     lengths = rl_lengths(args.tokens, gen)
-    packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
-    padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout)
+    packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute)
+    padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout, args.recompute)
 
     def packed_on(batch):
         return {**measure(f"rl/packed[{len(batch.lengths)} docs]", actor_step(packed, batch), batch, config,
@@ -228,7 +231,7 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
 
 
 def part_backends(config, ceiling, args, gen) -> list[dict]:
-    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute)
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
     rows = []
     previous = os.environ.get(BACKEND_ENV)
@@ -245,14 +248,32 @@ def part_backends(config, ceiling, args, gen) -> list[dict]:
     return rows
 
 
-def part_tp(args, ceiling, gen) -> list[dict]:
+def part_recompute(config, ceiling, args, gen) -> list[dict]:
+    """The packed model with each activation recompute setting, on the same documents."""
+    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    rows = []
+    for recompute in ("none", "selective", "full"):
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), recompute)
+        rows.append({**measure(f"recompute/{recompute}", actor_step(model, batch), batch, config, ceiling, args),
+                     "part": "recompute", "recompute": recompute})
+        del model
+        torch.cuda.empty_cache()
+    base = rows[0]
+    for row in rows:
+        if "ms" in row and "ms" in base:
+            row["time_vs_none"] = row["ms"] / base["ms"]
+            row["activation_memory_vs_none"] = row["activation_memory_gib"] / base["activation_memory_gib"]
+    return rows
+
+
+def part_tp(config, ceiling, args, gen) -> list[dict]:
     world = dist.get_world_size()
     rows = []
     for family in ("8b", "70b"):
         config = bench_config(family, args.lower_layers, args.upper_layers)
         batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
         for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
-            model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout)
+            model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute)
             row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args,
                           gpus=layout.tp)
             memory = torch.tensor([row.get("peak_memory_gib", 0.0), row.get("activation_memory_gib", 0.0)],
@@ -325,6 +346,8 @@ def summary(rows: list[dict], ceiling: float) -> str:
             lines += [f"    {k['ms']:8.2f} ms x{k['calls']:<4} {k['kernel']}" for k in r["top_kernels"]]
             continue
         extra = f"eff {r['per_gpu_efficiency']:.2f}" if "per_gpu_efficiency" in r else ""
+        if "time_vs_none" in r:
+            extra = f"time {r['time_vs_none']:.2f}x, activations {r['activation_memory_vs_none']:.2f}x of none"
         lines.append(
             f"{r['name']:<28} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['useful_tflops']:8.1f} "
             f"{r['fraction_of_ceiling']:7.2f} {r['peak_memory_gib']:8.1f} {r['activation_memory_gib']:7.1f} "
@@ -380,15 +403,12 @@ def plot(rows: list[dict], ceiling: float, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_cli(args) -> int:
-    from splitllama.cli import emit
+PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "tp": part_tp,
+                  "recompute": part_recompute, "profile": part_profile}
 
-    if not torch.cuda.is_available():
-        raise SystemExit("splitllama bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
-    parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise SystemExit(f"--only {sorted(unknown)} not among {list(PARTS)}")
+
+def run_bench(args, parts: tuple[str, ...]) -> dict | None:
+    """Every part of ``parts``; the figures (rank 0) or None (other ranks)."""
     init_distributed("cuda")
     gen = torch.Generator().manual_seed(args.seed)
     rows: list[dict] = []
@@ -396,29 +416,15 @@ def run_cli(args) -> int:
     rank0 = dist.get_rank() == 0
     ceiling = matmul_ceiling(args.repeats)
     for part in tqdm(parts, desc="bench", disable=not rank0):
-        if part == "packing":
-            rows += part_packing(config, ceiling, args, gen)
-        elif part == "backends":
-            rows += part_backends(config, ceiling, args, gen)
-        elif part == "profile":
-            rows += part_profile(config, ceiling, args, gen)
-        elif part == "tp":
-            if dist.get_world_size() < 2:
-                rows.append({"name": "tp", "error": "needs torchrun --nproc-per-node 2", "part": "tp"})
-            else:
-                rows += part_tp(args, ceiling, gen)
+        if part == "tp" and dist.get_world_size() < 2:
+            rows.append({"name": "tp", "error": "needs torchrun --nproc-per-node 2", "part": "tp"})
+        elif part != "ceiling":
+            rows += PART_FUNCTIONS[part](config, ceiling, args, gen)
+    result = None
     if rank0:
-        text = summary(rows, ceiling)
-        emit(f"{torch.cuda.get_device_name()} x{dist.get_world_size()}, torch {torch.__version__}")
-        emit(text)
         result = {"device": torch.cuda.get_device_name(), "world_size": dist.get_world_size(),
                   "torch": torch.__version__, "ceiling_tflops": ceiling, "rows": rows,
                   "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.plot:
-            plot(rows, ceiling, args.plot)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return result

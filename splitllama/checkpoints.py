@@ -100,9 +100,7 @@ class CheckpointReader:
 
 
 def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None:
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json")
-    saved = CustomSplitLlamaConfig.from_pretrained(directory)
+    saved = read_split_config(directory)
     for field in ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps"):
         if getattr(saved, field) != getattr(model_config, field):
             raise ValueError(
@@ -117,6 +115,38 @@ def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None
                     f"checkpoint {directory}: {which}.{field}={a!r} but the model was built "
                     f"with {which}.{field}={b!r}"
                 )
+
+
+def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
+    """The split config of a checkpoint directory, or a ValueError that says what is wrong
+    with it (missing directory or config.json, not JSON, not a split checkpoint)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} has no config.json")
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
+    model_type = fields.get("model_type")
+    if model_type != CustomSplitLlamaConfig.model_type:
+        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
+        raise ValueError(f"{path} has model_type={model_type!r}, expected "
+                         f"{CustomSplitLlamaConfig.model_type!r}{hint}")
+    return CustomSplitLlamaConfig.from_pretrained(directory)
+
+
+def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
+                            fresh_value_head: bool = False) -> CustomSplitLlamaConfig:
+    """Check a split checkpoint without reading any weight: its config, and every
+    tensor's name and shape from the safetensors headers. Returns the config."""
+    config = read_split_config(directory)
+    _check_tensors(CheckpointReader(directory), config, head, fresh_value_head)
+    return config
 
 
 def _listing(names) -> str:
@@ -307,7 +337,6 @@ def _finish(out: Path, files: list[tuple[str, list[str], int]], config: CustomSp
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     saved = CustomSplitLlamaConfig.from_dict(config.to_dict())
-    saved.pipeline_layers_per_stage = None
     saved.path8b = saved.path70b = None
     saved.save_pretrained(out)
 

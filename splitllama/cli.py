@@ -1,14 +1,28 @@
-"""The ``splitllama`` command: assemble, check, bench.
+"""The ``splitllama`` command: assemble, check, bench. The only module that prints.
 
 Each sub-command's work lives in its own module, imported only when that command runs,
-so ``splitllama --help`` and ``splitllama assemble`` stay fast (no megatron import).
+so ``splitllama --help`` and ``splitllama assemble`` stay fast (no megatron import); the
+library returns reports and this module shows them.
+
+Errors: bad input (arguments, the checkpoint directory, a layout the config cannot take)
+is found BEFORE any process is launched and printed as one line
+``splitllama <cmd>: error: ...``, exit code 2 (``--debug`` adds the traceback). A failure
+inside a distributed run is printed once, by rank 0, exit code 1; ``check`` exits 1 when
+production differs from the oracle.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import time
+import traceback
+from pathlib import Path
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -74,6 +88,8 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+    p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
+                   help="activation recompute of the production model (default none)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
 
 
@@ -98,40 +114,209 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), profile "
                         "(default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
+                   help="activation recompute of the timed model (default none; the 'recompute' part "
+                        "times all three)")
     p.add_argument("--json", metavar="FILE", help="write all figures as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG summary plot")
 
 
 def emit(text: str = "") -> None:
-    """User-facing output of every sub-command goes through here (library modules do not
-    print; a static rule checks it)."""
+    """User-facing output of every sub-command goes through here."""
     print(text, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, naming the command, instead of argparse's usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="splitllama",
         description="Custom Split LLaMA on Megatron-core: assemble checkpoints, prove "
                     "production equals the reference, benchmark.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_assemble(sub)
     _add_check(sub)
     _add_bench(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
+class UsageError(ValueError):
+    """Bad input found before any work starts: one line, exit code 2."""
+
+
+# ---- assemble ----------------------------------------------------------------------------
+def _assemble(args) -> int:
+    from splitllama.assemble import assemble_split_checkpoint, iter_checkpoint_files
+
+    try:
+        out = assemble_split_checkpoint(
+            args.lower, args.upper, args.num_lower, args.num_upper, args.out,
+            mlp=args.mlp, adapter=args.adapter, seed=args.seed,
+            max_shard_size=args.max_shard_size, progress=sys.stderr.isatty(),
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    files = list(iter_checkpoint_files(out))
+    size = sum(f.stat().st_size for f in files)
+    emit(f"assembled {out}: lower layers 0..{args.num_lower - 1}, the last {args.num_upper} upper "
+         f"layers, adapter {args.adapter}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)")
+    return 0
+
+
+# ---- check -------------------------------------------------------------------------------
+def _check_inputs(args):
+    """Everything ``check`` can refuse before launching: (layout, head, dtype, device)."""
+    import torch
+
+    from splitllama.layout import ParallelLayout
+
+    if args.sp and args.tp == 1:
+        raise UsageError("--sp needs --tp > 1 (sequence parallelism splits tokens over TP ranks)")
+    if args.vpp is not None and args.vpp > 1 and args.pp == 1:
+        raise UsageError(f"--vpp {args.vpp} needs --pp > 1 (virtual stages interleave pipeline ranks)")
+    for flag in ("tp", "pp", "vpp"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be a positive integer, got {value}")
+    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    if device == "cpu" and dtype == torch.bfloat16:
+        raise UsageError("--dtype bfloat16 is checked on CUDA only (the error-ratio rule needs GPU "
+                         "kernels); on CPU use float64 or float32")
+    head = "value" if args.value else "lm"
+    from splitllama.config import tiny_split_config
+
+    config = _checkpoint_config(args.checkpoint, head) if args.checkpoint else tiny_split_config(mlp=args.mlp)
+    try:
+        layout.validate(config)
+    except ValueError as err:
+        raise UsageError(f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}: {err}") from err
+    return layout, head, dtype, device
+
+
+def _checkpoint_config(path: str, head: str):
+    """The split config of checkpoint directory ``path``, after checking its tensors'
+    names and shapes (safetensors headers only: no weight is read)."""
+    from splitllama.checkpoints import validate_checkpoint_dir
+
+    try:
+        return validate_checkpoint_dir(path, head)
+    except ValueError as err:
+        raise UsageError(f"CHECKPOINT {path}: {err}") from err
+
+
+def _spawn_ranks(world: int, argv: list[str]) -> int:
+    """Run this command in ``world`` processes (one per rank, this machine). If a rank
+    fails, the others are given a moment to report and then stopped: no hang."""
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    procs = [subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 30:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+    return max(p.returncode for p in procs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(args, argv: list[str]) -> int:
+    layout, head, dtype, device = _check_inputs(args)
+    if "RANK" not in os.environ and layout.world_size > 1:
+        return _spawn_ranks(layout.world_size, argv)
+    import datetime
+
+    import torch.distributed as dist
+
+    from splitllama.distributed import init_distributed
+    from splitllama.verify.check import run_check
+
+    init_distributed(device, timeout=datetime.timedelta(seconds=float(os.environ.get(
+        "SPLITLLAMA_COLLECTIVE_TIMEOUT", "300"))))
+    if dist.get_world_size() != layout.world_size:
+        raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
+                         f"torchrun --nproc-per-node {layout.world_size}")
+    report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
+                       recompute=args.recompute)
+    if dist.get_rank() == 0:
+        emit(report.table())
+        if args.json:
+            Path(args.json).write_text(report.to_json())
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if report.passed else 1
+
+
+# ---- bench -------------------------------------------------------------------------------
+def _bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
+    from splitllama.bench import PARTS, plot, run_bench, summary
+
+    parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise UsageError(f"--only {sorted(unknown)}: allowed parts are {list(PARTS)}")
+    result = run_bench(args, parts)
+    if result is not None:  # rank 0
+        emit(f"{result['device']} x{result['world_size']}, torch {result['torch']}")
+        emit(summary(result["rows"], result["ceiling_tflops"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.plot:
+            plot(result["rows"], result["ceiling_tflops"], args.plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command == "assemble":
-        from splitllama.assemble import run_cli
-    elif args.command == "check":
-        from splitllama.parity import run_cli
-    else:
-        from splitllama.bench import run_cli
-    return run_cli(args)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if args.command == "assemble":
+            return _assemble(args)
+        if args.command == "check":
+            return _check(args, argv)
+        return _bench(args)
+    except UsageError as err:
+        if rank == 0:
+            if args.debug:
+                traceback.print_exc()
+            print(f"splitllama {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as err:  # a failure inside the run: rank 0 reports it once
+        if rank == 0:
+            if args.debug:
+                traceback.print_exc()
+            print(f"splitllama {args.command}: error: {type(err).__name__}: {err}"
+                  f"{'' if args.debug else ' (--debug shows the traceback)'}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -137,9 +137,6 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
     lower_config: dict | LlamaConfig | None = None
     upper_config: dict | LlamaConfig | None = None
     tie_word_embeddings: bool = False
-    # Runtime layout choice, not architecture: layers per (virtual) pipeline stage, in
-    # model order. None means an even split. Never written by save_checkpoint.
-    pipeline_layers_per_stage: list | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.lower_config = _as_llama_config(self.lower_config, "lower_config")

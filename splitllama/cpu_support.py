@@ -7,6 +7,9 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   workspaces) are CPU tensors;
 * an inference-mode RNG tracker replaces ``model_parallel_cuda_manual_seed`` (which needs
   CUDA); the model has no dropout, so no RNG stream is consumed;
+* activation recompute saves and restores the CUDA RNG state around each recomputed
+  region; on CPU there is none, so that part is a no-op (megatron still restores the CPU
+  RNG state itself);
 * ``cpu_schedule_context()`` wraps a pipeline schedule call: megatron's schedules
   allocate with ``device="cuda"`` and call ``torch.cuda.synchronize``; inside the context
   "cuda" means "cpu" and synchronize is a no-op. It also tags pipeline p2p messages by
@@ -45,6 +48,8 @@ def use_cpu() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _state["enabled"] = True
 
 

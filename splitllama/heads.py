@@ -1,22 +1,45 @@
-"""The two heads on top of the final norm: LM head (``V x h_hi``) and value head (``1 x h_hi``).
+"""The two heads on top of the final norm, and the one contract every model class calls.
 
-Both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states. Neither is tied to the
-embedding (they come from different checkpoints). Log-probabilities and entropy that keep
-the vocabulary split are in ``logprobs.py``.
+``LMHead`` (``V x h_hi``, vocab-parallel) and ``ValueHead`` (``1 x h_hi``, replicated)
+both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
+``head(hidden, scores=None, vocab_parallel=False)``:
+
+* ``scores=None``: the head's outputs per token, float32 (float64 for float64 compute):
+  logits ``[S, B, V]`` (``[S, B, V/tp]`` with ``vocab_parallel=True``, what the last
+  pipeline stage hands to vocab-parallel losses) or values ``[S, B]``;
+* ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
+  entropy of the next-token distribution), the vocabulary kept split over TP. Only the
+  LM head has them; the value head refuses with an error that says so.
+
+The padded, packed and pipeline model classes differ in how tokens are laid out, never in
+what a head computes. Neither head is tied to the embedding (they come from different
+checkpoints).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.layers import param_device
+from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs are float32, or float64 when computing in float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class TokenScores:
+    """A request for per-token log-probabilities: ``labels`` are global token ids laid
+    out like the hidden states' tokens (``[S, B]``, full sequence under SP)."""
+
+    labels_SB: torch.Tensor
+    entropy: bool = True
 
 
 class LMHead(tensor_parallel.ColumnParallelLinear):
@@ -32,12 +55,21 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         logits, _ = super().forward(hidden_SBH)
         return logits
 
-    def forward(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits ``[S, B, V]`` in float32 (float64 for float64 compute)."""
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-            self.vocab_parallel_logits(hidden_SBH)
-        )
+    def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                vocab_parallel: bool = False) -> torch.Tensor:
+        logits = self.vocab_parallel_logits(hidden_SBH)
+        if scores is not None:
+            return self.token_scores(logits, scores)
+        if not vocab_parallel:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits.to(output_dtype(logits.dtype))
+
+    @staticmethod
+    def token_scores(logits_SBV: torch.Tensor, scores: TokenScores) -> torch.Tensor:
+        """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked)."""
+        log_probs = vocab_parallel_log_probs(logits_SBV, scores.labels_SB)
+        entropy = vocab_parallel_entropy(logits_SBV) if scores.entropy else torch.zeros_like(log_probs)
+        return torch.stack([log_probs, entropy], dim=-1)
 
 
 class ValueHead(torch.nn.Linear):
@@ -51,8 +83,15 @@ class ValueHead(torch.nn.Linear):
         self.sequence_parallel = config.sequence_parallel
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
-    def forward(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                vocab_parallel: bool = False) -> torch.Tensor:
         """Values ``[S, B]`` in float32 (float64 for float64 compute)."""
+        if scores is not None:
+            raise ValueError(
+                "log-probabilities and entropy need an LM head, and this model has a value head "
+                "(score.weight, one value per token): call the model itself for values, or build "
+                "a CausalLM class for log-probs"
+            )
         values = super().forward(hidden_SBH)
         if self.sequence_parallel:
             # Gather once. The loss is replicated on every rank, so the backward takes this

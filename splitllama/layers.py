@@ -6,7 +6,8 @@
   ``sequence_parallel`` so its gradient gets all-reduced over TP, see ``grads.py``);
 * ``layer_spec``: megatron's local layer spec with ``RMSNorm`` and the ONE attention
   dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
-* ``DecoderStack``: a run of megatron ``TransformerLayer``s of one stack;
+* ``decoder_stack``: megatron's ``TransformerBlock`` over the layers of one stack that a
+  pipeline stage holds (so megatron's activation recompute applies, ``RECOMPUTE``);
 * ``RotaryPositions``: per-token rotary angles from position ids (megatron's inverse
   frequencies, llama3 scaling included);
 * ``Adapter``: ``h_lo -> h_hi``, one projection (``mlp=false``) or linear-ReLU-linear.
@@ -29,7 +30,8 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -51,9 +53,25 @@ def parallel_fields(megatron_config: ModelParallelConfig) -> dict:
     }
 
 
-def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_layers: int) -> TransformerConfig:
+# Activation recompute, megatron's settings per choice. ``selective`` recomputes the MLP:
+# its [tokens, 2 ffn] and [tokens, ffn] intermediates are about two thirds of a layer's
+# activations (ffn = 3.5 h). Not core attention, megatron's default: a varlen kernel keeps
+# no [S, S] scores, so there is nothing to save there. Not the norms: megatron-core
+# 0.16.1's norm recompute (CheckpointWithoutOutput) needs Transformer Engine. ``full``
+# keeps only each layer's input.
+RECOMPUTE: dict[str, dict] = {
+    "none": dict(recompute_granularity=None),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
+def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_layers: int,
+                 recompute: str = "none") -> TransformerConfig:
     """Megatron config of one Llama stack. Pipeline fields are reset: a stack's layers do
     not depend on them, and stage placement is ``layout.stage_layouts``'s job alone."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is not one of {sorted(RECOMPUTE)}")
     fields = parallel_fields(megatron_config)
     fields.update(
         pipeline_model_parallel_size=1,
@@ -80,6 +98,7 @@ def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_lay
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         init_method_std=sub.initializer_range,
+        **RECOMPUTE[recompute],
     )
     return TransformerConfig(**fields)
 
@@ -142,27 +161,14 @@ def layer_spec() -> ModuleSpec:
     )
 
 
-class DecoderStack(torch.nn.Module):
-    """Consecutive layers of one Llama stack. ``layers[k]`` is split-model layer
-    ``indices[k]`` of that stack (the checkpoint name; see ``sharding.py``)."""
-
-    def __init__(self, config: TransformerConfig, indices: range):
-        super().__init__()
-        self.indices = indices
-        spec = layer_spec()
-        self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=i + 1) for i in indices
-        )
-
-    def forward(self, hidden_SBH, rotary_SB1D, attention_mask_BS=None, packed_seq_params=None):
-        for layer in self.layers:
-            hidden_SBH, _ = layer(
-                hidden_states=hidden_SBH,
-                attention_mask=attention_mask_BS,
-                rotary_pos_emb=rotary_SB1D,
-                packed_seq_params=packed_seq_params,
-            )
-        return hidden_SBH
+def decoder_stack(config: TransformerConfig, count: int) -> TransformerBlock:
+    """``count`` consecutive layers of one Llama stack as a megatron ``TransformerBlock``
+    (no final norm: the split model's final norm follows the upper stack only). Its
+    ``layers[k]`` is the stage's k-th layer of that stack; ``sharding.py`` maps it to its
+    checkpoint index."""
+    spec = TransformerBlockSubmodules(layer_specs=[layer_spec()] * count, layer_norm=None)
+    config = dataclasses.replace(config, num_layers=count)
+    return TransformerBlock(config=config, spec=spec, post_layer_norm=False, pre_process=True, post_process=False)
 
 
 class RotaryPositions(torch.nn.Module):

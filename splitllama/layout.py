@@ -1,5 +1,6 @@
-"""Parallel layout: what a tensor-parallel size requires of the config, and THE function
-that places layers, the adapter, the embedding and the head on pipeline stages.
+"""Parallel layout: the ONE object that describes it (``ParallelLayout``), what a
+tensor-parallel size requires of the config, and THE function that places layers, the
+adapter, the embedding and the head on pipeline stages.
 
 Model order is: embedding, lower layers 0..N-1, adapter, upper layers 0..M-1, final norm,
 head. Layers are split over ``pp * vpp`` virtual stages; the adapter always travels with
@@ -12,8 +13,74 @@ Megatron's interleaving puts model chunk ``c`` of pipeline rank ``r`` at virtual
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from splitllama.config import CustomSplitLlamaConfig
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Tensor (``tp``), sequence (``sp``, needs tp > 1 to split anything), pipeline
+    (``pp``) and virtual pipeline (``vpp`` model chunks per pipeline rank) parallelism,
+    and optionally the number of layers on each virtual stage in model order
+    (``layers_per_stage``, ``pp * vpp`` counts; default: an even split).
+
+    Megatron's ``ModelParallelConfig`` is derived from it (``splitllama.distributed``),
+    and ``from_megatron`` reads it back, so the sizes are written in one place; the
+    architecture config holds no parallel setting."""
+
+    tp: int = 1
+    sp: bool = False
+    pp: int = 1
+    vpp: int | None = None
+    layers_per_stage: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for field, value in (("tp", self.tp), ("pp", self.pp)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
+            raise ValueError(f"vpp must be None or a positive int, got {self.vpp!r}")
+        if self.vpp is not None and self.vpp > 1 and self.pp == 1:
+            raise ValueError("vpp > 1 needs pp > 1 (virtual stages interleave pipeline ranks)")
+        if self.sp and self.tp == 1:
+            raise ValueError("sp=True needs tp > 1 (sequence parallelism splits tokens over TP ranks)")
+        if self.layers_per_stage is not None:
+            object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
+
+    @classmethod
+    def from_megatron(cls, megatron_config: Any,
+                      layers_per_stage: tuple[int, ...] | list[int] | None = None) -> "ParallelLayout":
+        """The layout of a megatron ``ModelParallelConfig`` (or ``TransformerConfig``)."""
+        vpp = megatron_config.virtual_pipeline_model_parallel_size
+        return cls(
+            tp=megatron_config.tensor_model_parallel_size,
+            sp=bool(megatron_config.sequence_parallel) and megatron_config.tensor_model_parallel_size > 1,
+            pp=megatron_config.pipeline_model_parallel_size,
+            vpp=vpp if vpp and vpp > 1 else None,
+            layers_per_stage=tuple(layers_per_stage) if layers_per_stage is not None else None,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def stages(self) -> int:
+        return self.pp * (self.vpp or 1)
+
+    def validate(self, config: CustomSplitLlamaConfig) -> list["StageLayout"]:
+        """Refuse a layout the config cannot take (naming the field); its stages."""
+        validate_tensor_parallel(config, self.tp)
+        return stage_layouts(config, self.pp, self.vpp, self.layers_per_stage)
+
+    def __str__(self) -> str:
+        parts = [f"tp{self.tp}"] + (["sp"] if self.sp else []) + [f"pp{self.pp}"]
+        if self.vpp:
+            parts.append(f"vpp{self.vpp}")
+        if self.layers_per_stage:
+            parts.append("split" + "-".join(map(str, self.layers_per_stage)))
+        return "_".join(parts)
 
 
 @dataclass(frozen=True)
@@ -60,7 +127,7 @@ def stage_layouts(
     layers_per_stage: list[int] | None = None,
 ) -> list[StageLayout]:
     """All virtual stages in model order. ``layers_per_stage`` (length ``pp * vpp``)
-    overrides the even split; it defaults to ``config.pipeline_layers_per_stage``."""
+    overrides the even split."""
     vpp = vpp or 1
     if not isinstance(pp, int) or pp < 1:
         raise ValueError(f"pipeline_model_parallel_size must be a positive int, got {pp!r}")
@@ -71,8 +138,6 @@ def stage_layouts(
     n, m = config.num_lower, config.num_upper
     total, stages = n + m, pp * vpp
     if layers_per_stage is None:
-        layers_per_stage = config.pipeline_layers_per_stage
-    if layers_per_stage is None:
         if total < stages:
             raise ValueError(
                 f"{total} layers (num_layers_8={n} + num_layers_70={m}) cannot fill "
@@ -81,8 +146,8 @@ def stage_layouts(
         if total % stages:
             raise ValueError(
                 f"{total} layers (num_layers_8={n} + num_layers_70={m}) do not split evenly "
-                f"over {stages} pipeline stages (pp={pp} x vpp={vpp}); set "
-                f"pipeline_layers_per_stage to a list of {stages} counts summing to {total}"
+                f"over {stages} pipeline stages (pp={pp} x vpp={vpp}); pass "
+                f"layers_per_stage, a list of {stages} counts summing to {total}"
             )
         layers_per_stage = [total // stages] * stages
     counts = list(layers_per_stage)
@@ -90,7 +155,7 @@ def stage_layouts(
         not isinstance(c, int) or c < 1 for c in counts
     ):
         raise ValueError(
-            f"pipeline_layers_per_stage={counts} must hold {stages} (pp={pp} x vpp={vpp}) "
+            f"layers_per_stage={counts} must hold {stages} (pp={pp} x vpp={vpp}) "
             f"positive counts summing to {total} (num_layers_8={n} + num_layers_70={m})"
         )
 
@@ -115,10 +180,16 @@ def stage_layouts(
 
 
 def stage_layout(
-    config: CustomSplitLlamaConfig, pp: int, vpp: int | None, pp_rank: int, chunk: int
+    config: CustomSplitLlamaConfig, pp: int, vpp: int | None, pp_rank: int, chunk: int,
+    layers_per_stage: list[int] | tuple[int, ...] | None = None,
 ) -> StageLayout:
     """The layout of one (pipeline rank, model chunk)."""
     vpp = vpp or 1
     if not 0 <= pp_rank < pp or not 0 <= chunk < vpp:
         raise ValueError(f"pp_rank={pp_rank}, chunk={chunk} outside pp={pp}, vpp={vpp}")
-    return stage_layouts(config, pp, vpp)[chunk * pp + pp_rank]
+    return stage_layouts(config, pp, vpp, layers_per_stage)[chunk * pp + pp_rank]
+
+
+def whole_model(config: CustomSplitLlamaConfig) -> StageLayout:
+    """The one stage of a model without pipeline parallelism."""
+    return stage_layouts(config, pp=1, vpp=1)[0]

@@ -7,9 +7,11 @@
 ``ParallelCustomSplitLLamaForValueRmPad``    packed critic: fp32 values ``[B, S]``
 
 A trunk holds what its pipeline stage owns (``layout.StageLayout``); without pipeline
-parallelism that is the whole model. The packed path removes padding itself
-(unpad -> cu_seqlens -> varlen attention), pads the token count to a multiple of TP under
-SP, and restores ``[batch, seq, ...]`` with zeros at padded positions.
+parallelism that is the whole model. Per forward, ONE batch object is built (inputs
+validated, padding removed or kept, the attention plan made) and handed to every layer:
+the packed path removes padding itself (unpad -> cu_seqlens -> varlen attention), pads the
+token count to a multiple of TP under SP, and restores ``[batch, seq, ...]`` with zeros at
+padded positions. What the head computes is the head's (``heads.py``).
 """
 
 from __future__ import annotations
@@ -22,63 +24,62 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from splitllama.attention import gather_tokens, scatter_tokens, unpad
+from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.heads import LMHead, ValueHead
-from splitllama.layers import (
-    Adapter,
-    DecoderStack,
-    RMSNorm,
-    RotaryPositions,
-    stack_config,
-)
-from splitllama.layout import StageLayout, stage_layouts, validate_tensor_parallel
-from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
+from splitllama.heads import LMHead, TokenScores, ValueHead
+from splitllama.layers import RECOMPUTE, Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
+from splitllama.layout import ParallelLayout, StageLayout
 
 
 # ---- inputs ------------------------------------------------------------------------------
-def validate_inputs(config: CustomSplitLlamaConfig, input_ids, attention_mask, position_ids) -> None:
-    """Edge validation of a forward call; a bad batch is refused, never half-computed."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {_shape(input_ids)}")
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-            f"got {_shape(attention_mask)}"
-        )
-    if position_ids is not None and (
-        not isinstance(position_ids, torch.Tensor) or position_ids.shape != input_ids.shape
-    ):
-        raise ValueError(
-            f"position_ids must be None or a tensor of the shape of input_ids "
-            f"{tuple(input_ids.shape)}, got {_shape(position_ids)}"
-        )
-    valid_ids = input_ids[attention_mask.bool()]
-    if valid_ids.numel() and (int(valid_ids.min()) < 0 or int(valid_ids.max()) >= config.vocab_size):
-        raise ValueError(
-            f"input_ids at valid positions must lie in [0, vocab_size={config.vocab_size}), got "
-            f"[{int(valid_ids.min())}, {int(valid_ids.max())}]"
-        )
-
-
-def _validate_labels(config, input_ids, attention_mask, labels, position_ids) -> None:
-    validate_inputs(config, input_ids, attention_mask, position_ids)
-    if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
-        raise ValueError(f"labels must be a tensor of the shape of input_ids "
-                         f"{tuple(input_ids.shape)}, got {_shape(labels)}")
-
-
 def _shape(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def check_input_shapes(input_ids, attention_mask, position_ids, labels=None) -> None:
+    """Edge validation that needs no device sync: types, dtypes and shapes."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {_shape(input_ids)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
+    for name, value, dtypes in (
+        ("attention_mask", attention_mask, (torch.bool, torch.int32, torch.int64, torch.uint8)),
+        ("position_ids", position_ids, (torch.int32, torch.int64)),
+        ("labels", labels, (torch.int32, torch.int64)),
+    ):
+        if value is None and name != "attention_mask":
+            continue
+        if not isinstance(value, torch.Tensor) or value.shape != input_ids.shape:
+            raise ValueError(f"{name} must be a tensor of the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {_shape(value)}")
+        if value.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+        if value.device != input_ids.device:
+            raise ValueError(f"{name} is on {value.device} but input_ids on {input_ids.device}")
+
+
+def _batch_stats(input_ids_BS, mask_BS, labels_BS) -> list[int]:
+    """The batch's host-side numbers in ONE device sync: valid tokens, longest row,
+    non-empty rows, and the range of token ids (and labels) at valid positions."""
+    zero = input_ids_BS.new_zeros(1)
+    lengths = mask_BS.sum(-1)
+    stats = [lengths.sum(), torch.cat([lengths, zero]).max(), (lengths > 0).sum()]
+    for ids in (input_ids_BS, labels_BS):
+        if ids is not None:
+            valid = torch.cat([torch.where(mask_BS, ids, 0).flatten(), zero])
+            stats += [valid.min(), valid.max()]
+    return [int(v) for v in torch.stack([s.to(torch.int64) for s in stats]).tolist()]
+
+
+def _check_range(name: str, low: int, high: int, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{name} at valid positions must lie in [0, vocab_size={vocab}), got [{low}, {high}]")
+
+
 def default_position_ids(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) - 1`` clamped at 0 (SPEC 1)."""
+    """``cumsum(mask) - 1`` clamped at 0."""
     return (attention_mask_BS.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -95,38 +96,49 @@ class PackedBatch:
 
     input_ids_1T: torch.Tensor
     position_ids_1T: torch.Tensor
-    packed: PackedSeqParams
+    attention: PackedAttention
+    labels_T1: torch.Tensor | None
     indices_T: torch.Tensor
     num_valid: int
     batch: int
     seq: int
+
+    def hidden(self, trunk: "ParallelCustomSplitLLamaModelRmPad") -> torch.Tensor:
+        return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
 
     def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
         """``[T_pad, 1, ...]`` -> ``[batch, seq, ...]``, zeros at padded positions."""
         return scatter_tokens(out_T1X[: self.num_valid, 0], self.indices_T, self.batch, self.seq)
 
 
-def pack_batch(input_ids_BS, attention_mask_BS, position_ids_BS, multiple: int) -> PackedBatch:
+def pack_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
+               vocab: int, dtype: torch.dtype) -> PackedBatch:
+    mask_BS = attention_mask_BS.bool()
     batch, seq = input_ids_BS.shape
+    num_valid, max_seqlen, docs, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
+    _check_range("input_ids", ranges[0], ranges[1], vocab)
+    if labels_BS is not None:
+        _check_range("labels", ranges[2], ranges[3], vocab)
     if position_ids_BS is None:
-        position_ids_BS = default_position_ids(attention_mask_BS)
-    indices_T, cu_seqlens, max_seqlen = unpad(attention_mask_BS)
-    num_valid = indices_T.numel()
+        position_ids_BS = default_position_ids(mask_BS)
+    # Sizes known on the host, so neither selection syncs again.
+    indices_T = torch.nonzero_static(mask_BS.flatten(), size=num_valid).flatten()
+    lengths = mask_BS.sum(-1, dtype=torch.int32)
+    # rows with no valid token are dropped: zero-length documents break some varlen kernels
+    lengths = lengths[torch.nonzero_static(lengths, size=docs).flatten()]
     total = _round_up(max(num_valid, 1), multiple)
     extra = total - num_valid
-    ids_T = gather_tokens(input_ids_BS, indices_T)
-    pos_T = gather_tokens(position_ids_BS, indices_T)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    ids_T, pos_T = gather_tokens(input_ids_BS, indices_T), gather_tokens(position_ids_BS, indices_T)
+    labels_T = None if labels_BS is None else gather_tokens(labels_BS, indices_T)
     if extra:
-        ids_T = F.pad(ids_T, (0, extra))
-        pos_T = F.pad(pos_T, (0, extra))
+        ids_T, pos_T = F.pad(ids_T, (0, extra)), F.pad(pos_T, (0, extra))
+        labels_T = None if labels_T is None else F.pad(labels_T, (0, extra))
         cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total])])
         max_seqlen = max(max_seqlen, extra)
-    packed = PackedSeqParams(
-        qkv_format="sbhd",  # see attention.SplitCoreAttention: per-token rotary
-        cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-        max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-    )
-    return PackedBatch(ids_T[None], pos_T[None], packed, indices_T, num_valid, batch, seq)
+    attention = plan_packed(cu_seqlens, max_seqlen, total, dtype)
+    return PackedBatch(ids_T[None], pos_T[None], attention, None if labels_T is None else labels_T[:, None],
+                       indices_T, num_valid, batch, seq)
 
 
 @dataclass
@@ -136,7 +148,12 @@ class PaddedBatch:
     input_ids_BS: torch.Tensor
     position_ids_BS: torch.Tensor
     attention_mask_BS: torch.Tensor
+    allowed_B1SS: torch.Tensor
+    labels_SB: torch.Tensor | None
     seq: int
+
+    def hidden(self, trunk: "ParallelCustomSplitLLamaModel") -> torch.Tensor:
+        return trunk(self.input_ids_BS, self.position_ids_BS, self.allowed_B1SS)
 
     def restore(self, out_SBX: torch.Tensor) -> torch.Tensor:
         """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
@@ -145,37 +162,36 @@ class PaddedBatch:
         return out * mask.to(out.dtype)
 
 
-def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, multiple: int) -> PaddedBatch:
+def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
+              vocab: int, dtype: torch.dtype) -> PaddedBatch:
+    mask_BS = attention_mask_BS.bool()
+    _, _, _, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
+    _check_range("input_ids", ranges[0], ranges[1], vocab)
+    if labels_BS is not None:
+        _check_range("labels", ranges[2], ranges[3], vocab)
     seq = input_ids_BS.shape[1]
     if position_ids_BS is None:
-        position_ids_BS = default_position_ids(attention_mask_BS)
-    extra = _round_up(seq, multiple) - seq
-    pad = (0, extra)
-    return PaddedBatch(
-        F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad),
-        F.pad(attention_mask_BS.bool(), pad), seq,
-    )
+        position_ids_BS = default_position_ids(mask_BS)
+    pad = (0, _round_up(seq, multiple) - seq)
+    mask_BS = F.pad(mask_BS, pad)
+    labels_SB = None if labels_BS is None else F.pad(labels_BS, pad).transpose(0, 1)
+    return PaddedBatch(F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad), mask_BS,
+                       plan_padded(mask_BS), labels_SB, seq)
 
 
 # ---- trunks ----------------------------------------------------------------------------
-def full_layout(config: CustomSplitLlamaConfig) -> StageLayout:
-    return stage_layouts(config, pp=1, vpp=1, layers_per_stage=[config.num_lower + config.num_upper])[0]
-
-
 class ParallelCustomSplitLLamaModel(torch.nn.Module):
     """Trunk: embedding -> lower layers -> adapter -> upper layers -> final norm, or the
     part of it that ``layout`` places on this pipeline stage. Input ``[B, S]`` ids and
-    positions; output ``[S(/tp under SP), B, hidden]``."""
+    positions and ``attention.plan_padded``'s mask; output ``[S(/tp under SP), B, hidden]``."""
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 layout: StageLayout | None = None):
+                 layout: StageLayout, recompute: str = "none"):
         super().__init__()
-        config.validate()
-        validate_tensor_parallel(config, megatron_config.tensor_model_parallel_size)
-        self.layout = layout = layout or full_layout(config)
+        self.layout = layout
         self.sequence_parallel = megatron_config.sequence_parallel
-        self.lower_config = stack_config(config.lower, megatron_config, config.num_lower)
-        self.upper_config = stack_config(config.upper, megatron_config, config.num_upper)
+        self.lower_config = stack_config(config.lower, megatron_config, config.num_lower, recompute)
+        self.upper_config = stack_config(config.upper, megatron_config, config.num_upper, recompute)
         self.embed_tokens = self.lower = self.rotary_lower = None
         self.adapter = self.upper = self.rotary_upper = self.norm = None
         if layout.has_embedding:
@@ -185,12 +201,12 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
                 reduce_scatter_embeddings=self.sequence_parallel,
             )
         if len(layout.lower_layers):
-            self.lower = DecoderStack(self.lower_config, layout.lower_layers)
+            self.lower = decoder_stack(self.lower_config, len(layout.lower_layers))
             self.rotary_lower = RotaryPositions(config.lower, self.lower_config)
         if layout.has_adapter:
             self.adapter = Adapter(self.upper_config, config.h_lo, config.h_hi, config.mlp)
         if len(layout.upper_layers):
-            self.upper = DecoderStack(self.upper_config, layout.upper_layers)
+            self.upper = decoder_stack(self.upper_config, len(layout.upper_layers))
             self.rotary_upper = RotaryPositions(config.upper, self.upper_config)
         if layout.has_head:
             self.norm = RMSNorm(self.upper_config, config.h_hi, eps=config.rms_norm_eps)
@@ -200,8 +216,8 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
         """Pipeline stages after the first read their input from the previous stage."""
         self.input_tensor = input_tensor
 
-    def forward(self, input_ids_BS, position_ids_BS, attention_mask_BS=None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+    def forward(self, input_ids_BS, position_ids_BS, attention_mask=None,
+                packed_seq_params: PackedAttention | None = None) -> torch.Tensor:
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids_BS)
             if not self.sequence_parallel:  # [B, S, h] -> [S, B, h]; SP already scattered
@@ -213,13 +229,13 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
             hidden = self.input_tensor
         dtype = self.lower_config.params_dtype
         if self.lower is not None:
-            rotary = self.rotary_lower(position_ids_BS, dtype)
-            hidden = self.lower(hidden, rotary, attention_mask_BS, packed_seq_params)
+            hidden = self.lower(hidden, attention_mask, rotary_pos_emb=self.rotary_lower(position_ids_BS, dtype),
+                                packed_seq_params=packed_seq_params)
         if self.adapter is not None:
             hidden = self.adapter(hidden)
         if self.upper is not None:
-            rotary = self.rotary_upper(position_ids_BS, dtype)
-            hidden = self.upper(hidden, rotary, attention_mask_BS, packed_seq_params)
+            hidden = self.upper(hidden, attention_mask, rotary_pos_emb=self.rotary_upper(position_ids_BS, dtype),
+                                packed_seq_params=packed_seq_params)
         if self.norm is not None:
             hidden = self.norm(hidden)
         return hidden
@@ -227,9 +243,9 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
 
 class ParallelCustomSplitLLamaModelRmPad(ParallelCustomSplitLLamaModel):
     """Trunk on packed tokens: ``input_ids_1T``/``position_ids_1T`` of shape ``[1, T]``
-    (a batch of one) and ``cu_seqlens`` in ``packed_seq_params``; output ``[T(/tp), 1, h]``."""
+    (a batch of one) and the batch's ``attention.PackedAttention``; output ``[T(/tp), 1, h]``."""
 
-    def forward(self, input_ids_1T, position_ids_1T, packed_seq_params: PackedSeqParams) -> torch.Tensor:
+    def forward(self, input_ids_1T, position_ids_1T, packed_seq_params: PackedAttention) -> torch.Tensor:
         return super().forward(input_ids_1T, position_ids_1T, None, packed_seq_params)
 
 
@@ -249,47 +265,78 @@ def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: Model
     return config
 
 
+def _recompute_of(megatron_config, recompute: str | None) -> str:
+    """The recompute choice: the argument, else the caller's megatron TransformerConfig's."""
+    if recompute is None:
+        recompute = getattr(megatron_config, "recompute_granularity", None) or "none"
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is not one of {sorted(RECOMPUTE)}")
+    return recompute
+
+
 class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     """Padded TP(+SP) causal LM: ``forward(input_ids, attention_mask, position_ids=None)``
-    -> fp32 logits ``[B, S, V]`` (zeros at padded positions)."""
+    -> fp32 logits ``[B, S, V]`` (zeros at padded positions).
+
+    Options: ``layers_per_stage`` (pipeline split, see ``layout.ParallelLayout``) and
+    ``recompute`` (``none | selective | full`` activation recompute; default: the
+    ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none)."""
 
     trunk_class = ParallelCustomSplitLLamaModel
+    packed = False
+    # The last pipeline stage hands vocab-parallel logits to vocab-parallel losses.
+    vocab_parallel_output = False
 
-    def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig):
+    def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
+                 stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None):
         super().__init__()
-        if megatron_config.pipeline_model_parallel_size != 1:
-            raise ValueError(
-                f"{type(self).__name__} runs without pipeline parallelism; got "
-                f"pipeline_model_parallel_size={megatron_config.pipeline_model_parallel_size}: "
-                "use the *RmPadPP classes (ModelRegistry.load_model_cls)"
-            )
-        self._build(config, megatron_config, layout=None)
-
-    def _build(self, config, megatron_config, layout: StageLayout | None) -> None:
+        config.validate()
         self.hf_config = config
         self.megatron_config = megatron_config
-        self.model = self.trunk_class(config, megatron_config, layout)
-        self.layout = self.model.layout
+        self.parallel_layout = ParallelLayout.from_megatron(megatron_config, layers_per_stage)
+        stages = self.parallel_layout.validate(config)
+        if stage is None:
+            if self.parallel_layout.pp != 1:
+                raise ValueError(
+                    f"{type(self).__name__} runs without pipeline parallelism; got "
+                    f"pipeline_model_parallel_size={self.parallel_layout.pp}: use the *RmPadPP "
+                    "classes (ModelRegistry.load_model_cls)"
+                )
+            (stage,) = stages
+        self.recompute = _recompute_of(megatron_config, recompute)
+        self.model = self.trunk_class(config, megatron_config, stage, self.recompute)
+        self.layout = stage
         self.head_config = self.model.upper_config
         self.config = schedule_config(self.model, megatron_config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask
-        self.tp_multiple = (
-            megatron_config.tensor_model_parallel_size if megatron_config.sequence_parallel else 1
-        )
-        if self.layout.has_head:
+        self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
+        if stage.has_head:
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_SBH)
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
+        return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)
 
-    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        validate_inputs(self.hf_config, input_ids, attention_mask, position_ids)
-        batch = pad_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
-        hidden = self.model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_BS)
-        return batch.restore(self._forward_head(hidden))
+    def _batch(self, input_ids, attention_mask, position_ids, labels):
+        check_input_shapes(input_ids, attention_mask, position_ids, labels)
+        prepare = pack_batch if self.packed else pad_batch
+        return prepare(input_ids, attention_mask, position_ids, labels, multiple=self.tp_multiple,
+                       vocab=self.hf_config.vocab_size, dtype=self.head_config.params_dtype)
+
+    def forward(self, input_ids, attention_mask, position_ids=None, *, labels=None, entropy: bool = True):
+        """Outputs ``[B, S, ...]`` (zeros at padding): logits, or values for a value model;
+        with ``labels`` (``[B, S]`` token ids, already shifted by the caller), ``[B, S, 2]``
+        = (log-probability of the label, entropy; zeros when ``entropy=False``). A pipeline
+        stage without the head returns its hidden states for the next stage."""
+        batch = self._batch(input_ids, attention_mask, position_ids, labels)
+        hidden = batch.hidden(self.model)
+        if not self.layout.has_head:
+            return hidden
+        labels_SB = batch.labels_T1 if self.packed else batch.labels_SB
+        scores = None if labels is None else TokenScores(labels_SB, entropy)
+        return batch.restore(self._forward_head(hidden, scores))
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):
@@ -297,16 +344,12 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         shifted by the caller) and the entropy of the next-token distribution (None when
         ``entropy=False``), ``[B, S]`` float32 with zeros at padding. The vocabulary stays
         split over TP: this is what an RL actor needs, without the ``[B, S, V]`` logits."""
-        _validate_labels(self.hf_config, input_ids, attention_mask, labels, position_ids)
-        batch = pad_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
-        hidden = self.model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_BS)
-        labels_SB = F.pad(labels, (0, batch.input_ids_BS.shape[1] - labels.shape[1])).transpose(0, 1)
-        return self._token_scores(hidden, labels_SB, batch, entropy)
-
-    def _token_scores(self, hidden, labels, batch, entropy: bool):
-        logits = self.lm_head.vocab_parallel_logits(hidden)
-        log_probs = batch.restore(vocab_parallel_log_probs(logits, labels))
-        return log_probs, batch.restore(vocab_parallel_entropy(logits)) if entropy else None
+        if not self.layout.has_head:
+            raise ValueError("log_probs_and_entropy runs on the pipeline stage that holds the head")
+        if labels is None:
+            raise ValueError("labels must be a [batch, seq] tensor of token ids, got None")
+        out = self.forward(input_ids, attention_mask, position_ids, labels=labels, entropy=entropy)
+        return out[..., 0], (out[..., 1] if entropy else None)
 
 
 class ParallelCustomSplitLLamaForCausalLMRmPad(ParallelCustomSplitLLamaForCausalLM):
@@ -314,22 +357,7 @@ class ParallelCustomSplitLLamaForCausalLMRmPad(ParallelCustomSplitLLamaForCausal
     the valid tokens only."""
 
     trunk_class = ParallelCustomSplitLLamaModelRmPad
-
-    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        validate_inputs(self.hf_config, input_ids, attention_mask, position_ids)
-        batch = pack_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
-        hidden = self.model(batch.input_ids_1T, batch.position_ids_1T, batch.packed)
-        if not self.layout.has_head:  # pipeline stage: [T_pad(/tp), 1, h] for the next one
-            return hidden
-        return batch.restore(self._forward_head(hidden))
-
-    def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
-                              entropy: bool = True):
-        _validate_labels(self.hf_config, input_ids, attention_mask, labels, position_ids)
-        batch = pack_batch(input_ids, attention_mask, position_ids, self.tp_multiple)
-        hidden = self.model(batch.input_ids_1T, batch.position_ids_1T, batch.packed)
-        labels_T = F.pad(gather_tokens(labels, batch.indices_T), (0, batch.input_ids_1T.shape[1] - batch.num_valid))
-        return self._token_scores(hidden, labels_T[:, None], batch, entropy)
+    packed = True
 
 
 class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMRmPad):
@@ -338,5 +366,5 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.value_head = ValueHead(self.head_config, config.h_hi)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        return self.value_head(hidden_SBH)
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
+        return self.value_head(hidden_SBH, scores)

@@ -8,7 +8,8 @@ chunk owns, so consecutive stages may exchange ``h_lo``- or ``h_hi``-wide tensor
 Every stage gets the same ``(input_ids, attention_mask, position_ids)`` and derives the
 packing from the mask; stages other than the first read hidden states given by
 ``set_input_tensor``. Stages other than the last return hidden states ``[T_pad(/tp), 1, h]``;
-the last returns vocab-parallel fp32 logits ``[B, S, V/tp]`` (CausalLM) or values ``[B, S]``.
+the last returns vocab-parallel fp32 logits ``[B, S, V/tp]`` (CausalLM) or values ``[B, S]``,
+or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and entropy (CausalLM).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled, cpu_schedule_context
-from splitllama.heads import output_dtype
 from splitllama.layout import stage_layout
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
@@ -31,12 +31,15 @@ from splitllama.model import (
 
 
 class PipelineStageMixin:
-    """Constructor and ``set_input_tensor`` of a pipeline stage (one virtual chunk)."""
+    """Constructor and ``set_input_tensor`` of a pipeline stage (one virtual chunk): it
+    finds the stage's layout, then runs the model class's own constructor for it."""
+
+    vocab_parallel_output = True
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,
-                 share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None):
-        torch.nn.Module.__init__(self)
+                 share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None,
+                 layers_per_stage=None, recompute: str | None = None):
         if share_embeddings_and_output_weights:
             raise ValueError(
                 "share_embeddings_and_output_weights must be False: the embedding comes from "
@@ -46,17 +49,19 @@ class PipelineStageMixin:
         vpp = megatron_config.virtual_pipeline_model_parallel_size
         if vp_stage is None:
             vp_stage = (parallel_state.get_virtual_pipeline_model_parallel_rank() or 0) if vpp else 0
-        layout = stage_layout(config, pp, vpp, parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
-        if (pre_process, post_process) != (layout.has_embedding, layout.has_head):
+        stage = stage_layout(config, pp, vpp, parallel_state.get_pipeline_model_parallel_rank(), vp_stage,
+                             layers_per_stage)
+        if (pre_process, post_process) != (stage.has_embedding, stage.has_head):
             raise ValueError(
                 f"pre_process={pre_process}, post_process={post_process} disagree with the stage "
-                f"layout of pipeline rank {layout.pp_rank}, chunk {layout.chunk}: it "
-                f"{'holds' if layout.has_embedding else 'does not hold'} the embedding and "
-                f"{'holds' if layout.has_head else 'does not hold'} the head"
+                f"layout of pipeline rank {stage.pp_rank}, chunk {stage.chunk}: it "
+                f"{'holds' if stage.has_embedding else 'does not hold'} the embedding and "
+                f"{'holds' if stage.has_head else 'does not hold'} the head"
             )
+        super().__init__(config, megatron_config, stage=stage, layers_per_stage=layers_per_stage,
+                         recompute=recompute)
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage if vpp else None
-        self._build(config, megatron_config, layout)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedules pass a list holding one tensor (or None on stage 0)."""
@@ -67,28 +72,26 @@ class PipelineStageMixin:
 
 
 class ParallelCustomSplitLLamaForCausalLMRmPadPP(PipelineStageMixin, ParallelCustomSplitLLamaForCausalLMRmPad):
-    """Pipeline stage of the causal LM; the last stage returns vocab-parallel logits."""
-
-    def _forward_head(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        # Not gathered: [T, 1, V/tp] for logprobs.vocab_parallel_log_probs / _entropy.
-        logits = self.lm_head.vocab_parallel_logits(hidden_SBH)
-        return logits.to(output_dtype(logits.dtype))
+    """Pipeline stage of the causal LM; the last stage returns vocab-parallel logits
+    ``[B, S, V/tp]`` (or, given ``labels``, log-probabilities and entropy)."""
 
 
 class ParallelCustomSplitLLamaForValueRmPadPP(PipelineStageMixin, ParallelCustomSplitLLamaForValueRmPad):
     """Pipeline stage of the value model; the last stage returns values ``[B, S]``."""
 
 
-def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig) -> list[torch.nn.Module]:
+def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
+                 **options) -> list[torch.nn.Module]:
     """All model chunks of this pipeline rank (one per virtual stage), as megatron's
-    interleaved schedule expects them."""
+    interleaved schedule expects them. ``options``: the model options (``layers_per_stage``,
+    ``recompute``)."""
     vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
     pp = megatron_config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for chunk in range(vpp):
-        layout = stage_layout(config, pp, vpp, pp_rank, chunk)
-        chunks.append(cls(config, megatron_config, layout.has_embedding, layout.has_head, vp_stage=chunk))
+        layout = stage_layout(config, pp, vpp, pp_rank, chunk, options.get("layers_per_stage"))
+        chunks.append(cls(config, megatron_config, layout.has_embedding, layout.has_head, vp_stage=chunk, **options))
     return chunks
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from splitllama.config import tiny_split_config
-from splitllama.parity import TEST_CHECKPOINT_INIT, init_distributed, random_split_checkpoint
+from splitllama.distributed import init_distributed
+from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 
 DEVICE = os.environ.get("SPLITLLAMA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 # CPU: float64 with tight tolerances; GPU: bfloat16 with the error-ratio rule (SPEC 3).

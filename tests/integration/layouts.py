@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitllama.parity import ParallelLayout
+from splitllama.layout import ParallelLayout
 
 LAYOUTS: dict[str, ParallelLayout] = {
     "tp1": ParallelLayout(),

@@ -100,8 +100,8 @@ def _value_head_gathered_twice(mp):
 def _position_ids_ignored(mp):
     pack = model.pack_batch
 
-    def ignoring(input_ids, attention_mask, position_ids, multiple):
-        return pack(input_ids, attention_mask, None, multiple)
+    def ignoring(input_ids, attention_mask, position_ids, labels, **kwargs):
+        return pack(input_ids, attention_mask, None, labels, **kwargs)
 
     mp.setattr(model, "pack_batch", ignoring)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitllama.adapter_ties import AdapterTies
+from splitllama.verify.adapter_ties import AdapterTies
 from splitllama.checkpoints import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.parity import (BF16_UNIT_ROUNDOFF, bf16_allowed_error, build_production, load_oracle,
-                               run_oracle, run_production, setup_parallel)
+from splitllama.distributed import setup_parallel
+from splitllama.verify.rules import BF16_UNIT_ROUNDOFF, bf16_allowed_error
+from splitllama.verify.runner import build_production, load_oracle, run_oracle, run_production
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 from tests.integration.test_parity import edge_case_microbatches

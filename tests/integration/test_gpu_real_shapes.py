@@ -5,7 +5,7 @@ index offset is exercised), a reduced vocabulary (32768: the embedding and head 
 real widths; the full 128256 would only make the per-rank gradient copies larger).
 Production in bf16 is compared with the oracle in float32 under the error-ratio rule:
 its error must be at most twice that of the oracle run in bf16, plus two bf16 roundings
-(2 x 2^-8) of the scale (splitllama.parity).
+(2 x 2^-8) of the scale (splitllama.verify.rules).
 Rows of exactly 4096 and of more than 4096 tokens are included.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
-from splitllama.parity import run_parity
+from splitllama.verify.runner import run_parity
 from tests.integration.conftest import DEVICE
 from tests.integration.test_parity import assert_passed, microbatch
 from tests.integration.layouts import layouts

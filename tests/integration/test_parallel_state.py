@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from splitllama.parity import setup_parallel, teardown_parallel
+from splitllama.distributed import setup_parallel, teardown_parallel
 from tests.integration.conftest import DEVICE
 from tests.integration.layouts import LAYOUTS
 

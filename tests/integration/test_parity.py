@@ -2,7 +2,7 @@
 
 Each test builds the production model at a layout, loads the same random split checkpoint
 into it and into the oracle, runs the micro-batches through both with the same loss, and
-compares (``splitllama.parity``: float64 tolerance 1e-9 relative on CPU; the bf16
+compares (``splitllama.verify``: float64 tolerance 1e-9 relative on CPU; the bf16
 error-ratio rule on GPU). Every rank builds the same report; the verdict is all-reduced,
 so a failure fails every rank.
 """
@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitllama.config import llama_preset, CustomSplitLlamaConfig
-from splitllama.parity import Microbatch, run_parity
+from splitllama.verify.batches import Microbatch
+from splitllama.verify.runner import run_parity
 from tests.cases import EDGE_MASKS, caller_position_ids, long_row_mask, masks, random_input_ids
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts

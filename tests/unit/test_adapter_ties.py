@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splitllama.adapter_ties import AdapterTies
-from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_RATIO, BF16_UNIT_ROUNDOFF, bf16_allowed_error
+from splitllama.verify.adapter_ties import AdapterTies
+from splitllama.verify.rules import BF16_FLOOR_ROUNDINGS, BF16_RATIO, BF16_UNIT_ROUNDOFF, bf16_allowed_error
 
 H = 4
 

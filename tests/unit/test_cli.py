@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitllama.cli import build_parser
-from splitllama.parity import check_microbatches
+from splitllama.verify.batches import check_microbatches
 
 # The planted two-projection adapter (SPEC 4.1) from the planted-bug table, applied in a
 # fresh process before the command runs.

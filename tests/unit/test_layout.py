@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitllama.config import tiny_split_config
-from splitllama.layout import stage_layout, stage_layouts, validate_tensor_parallel
+from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, validate_tensor_parallel
 
 
 def describe(stage):
@@ -40,9 +40,20 @@ def test_interleaved_chunks_follow_megatron_order():
     assert stages[2].has_adapter and list(stages[2].upper_layers) == [0]
 
 
-def test_config_field_sets_the_split():
-    config = tiny_split_config(pipeline_layers_per_stage=[3, 1])
-    assert [len(s.upper_layers) for s in stage_layouts(config, pp=2)] == [1, 1]
+def test_parallel_layout_sets_the_split():
+    stages = ParallelLayout(pp=2, layers_per_stage=[3, 1]).validate(tiny_split_config())
+    assert [len(s.upper_layers) for s in stages] == [1, 1]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tp=0), "tp must be a positive int"),
+    (dict(sp=True), "sp=True needs tp > 1"),
+    (dict(vpp=2), "vpp > 1 needs pp > 1"),
+    (dict(pp=2, vpp=0), "vpp must be None or a positive int"),
+])
+def test_parallel_layout_refuses_impossible_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelLayout(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,4 +1,4 @@
-"""The comparison rules of ``splitllama.parity`` on hand-made tensors: what passes, what
+"""The comparison rules of ``splitllama.verify.rules`` on hand-made tensors: what passes, what
 fails, and that NaN never passes."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from splitllama.parity import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, Microbatch, _row, compare
+from splitllama.verify.batches import Microbatch
+from splitllama.verify.rules import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, _row, compare
 
 
 def test_bf16_rule_allows_twice_the_oracle_bf16_error_plus_two_roundings():

@@ -1,0 +1,106 @@
+"""Distributed set-up, in one place: the process group, megatron's parallel state for a
+``ParallelLayout``, its teardown, and the megatron config derived from a layout.
+
+Used by ``splitllama check``, ``splitllama bench`` and the tests alike. A trainer that
+owns its own process groups and megatron state needs none of this: the model classes
+take its ``ModelParallelConfig`` directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from splitllama.cpu_support import use_cpu
+from splitllama.layout import ParallelLayout
+
+
+def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> None:
+    """Process group from torchrun's environment (or a world of one). ``timeout`` bounds
+    every collective, so a diverging rank becomes an error instead of a hang."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:
+    """(Re)initialise megatron's parallel state for ``layout`` on the current world."""
+    world = dist.get_world_size()
+    if world % layout.world_size:
+        raise ValueError(f"world size {world} is not a multiple of tp*pp={layout.world_size} ({layout})")
+    if device == "cpu":
+        use_cpu()
+    teardown_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+    )
+    if device == "cuda":  # megatron's GPU weight init draws from its model-parallel RNG
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown_parallel() -> None:
+    """Destroy megatron's parallel state AND the process groups it created on this rank.
+
+    megatron's destroy_model_parallel forgets its groups but destroys only its data-parallel
+    gloo ones. Each gloo group left alive keeps 3 threads (two run loops, one TCP loop), so
+    a test session that re-initialises for every layout piles up thousands of threads per
+    rank and crawls into the collective timeout; on GPUs every leaked group is an NCCL
+    communicator holding device memory."""
+    if not dist.is_initialized():
+        return
+    # megatron records every group this rank belongs to (None stands for the world group)
+    groups = [g for g in (parallel_state._global_process_group_list or []) if g is not None]
+    # a peer may still be finishing its last collective on these groups
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    live = dist.distributed_c10d._world.pg_map
+    for group in dict.fromkeys(groups):
+        if group in live:
+            dist.destroy_process_group(group)
+
+
+def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str,
+                    initialize: bool = False) -> ModelParallelConfig:
+    """Megatron's config of ``layout``. ``initialize=False`` skips weight init (the
+    weights are loaded right after construction); benchmarks draw random ones."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=device == "cpu",
+        perform_initialization=initialize,
+    )
+
+
+def agree(passed: bool) -> bool:
+    """All ranks pass, or all fail together (no rank hangs waiting for another)."""
+    flag = torch.tensor([1 if passed else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -1,0 +1,41 @@
+"""The ``splitllama check`` job: production at one layout vs the oracle, on a given split
+checkpoint or on the built-in tiny model, inside an initialised process group. Returns the
+report; the CLI prints it."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from splitllama import weight_names as wn
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.layout import ParallelLayout
+from splitllama.verify.batches import check_microbatches
+from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
+from splitllama.verify.rules import Report
+from splitllama.verify.runner import run_parity
+
+
+def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
+              device: str, *, seed: int = 0, mlp: bool = False, recompute: str = "none") -> Report:
+    """Collective over the world (``tp * pp`` ranks). Without ``checkpoint``, rank 0 writes
+    the built-in tiny model (``mlp``: with the mlp adapter) to a temporary directory."""
+    if dist.get_world_size() != layout.world_size:
+        raise ValueError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
+                         f"torchrun --nproc-per-node {layout.world_size}")
+    with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
+        if checkpoint is None:
+            holder = [local if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(holder, src=0)
+            checkpoint = holder[0]
+            if dist.get_rank() == 0:
+                random_split_checkpoint(tiny_split_config(mlp=mlp), checkpoint, head, seed=seed,
+                                        **TEST_CHECKPOINT_INIT[dtype])
+            dist.barrier()
+        config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
+        batches = check_microbatches(config.vocab_size, head, seed, multiple_of=layout.pp if layout.vpp else 1)
+        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, recompute=recompute)
+        dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
+    return report

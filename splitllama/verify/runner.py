@@ -1,0 +1,209 @@
+"""Production vs oracle: build both from one split checkpoint, run the same micro-batches
+and loss through both, and compare outputs and every parameter's gradient.
+
+Production runs at a parallel layout (TP, SP, PP, VPP); its gradients are gathered back
+to checkpoint names through ``sharding`` (the same declaration the loader uses) after the
+SP all-reduce of ``grads``. Every rank builds the same report and the verdict is agreed
+by all-reduce, so a failure fails every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from splitllama import weight_names as wn
+from splitllama.checkpoints import gather_full_state, load_checkpoint
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.distributed import agree, megatron_config, setup_parallel
+from splitllama.grads import allreduce_sequence_parallel_grads
+from splitllama.layout import ParallelLayout
+from splitllama.model import (
+    ParallelCustomSplitLLamaForCausalLM,
+    ParallelCustomSplitLLamaForCausalLMRmPad,
+    ParallelCustomSplitLLamaForValueRmPad,
+)
+from splitllama.pipeline import (
+    ParallelCustomSplitLLamaForCausalLMRmPadPP,
+    ParallelCustomSplitLLamaForValueRmPadPP,
+    build_chunks,
+    run_pipeline,
+)
+from splitllama.verify.adapter_ties import AdapterTies
+from splitllama.verify.batches import Microbatch, masked_probe
+from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
+
+
+def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
+                     dtype: torch.dtype, device: str, recompute: str = "none",
+                     padded: bool = False) -> list[torch.nn.Module]:
+    """The production model chunks of this rank (one unless VPP). ``padded``: the padded
+    seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
+    no pipeline, LM head)."""
+    mc = megatron_config(layout, dtype, device)
+    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute)
+    if padded:
+        if layout.pp != 1 or head != "lm":
+            raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
+        chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, **options)]
+    elif layout.pp == 1:
+        cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
+        chunks = [cls(config, mc, **options)]
+    else:
+        cls = ParallelCustomSplitLLamaForCausalLMRmPadPP if head == "lm" else ParallelCustomSplitLLamaForValueRmPadPP
+        chunks = build_chunks(cls, config, mc, **options)
+    return [chunk.to(device) for chunk in chunks]
+
+
+def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: str):
+    from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
+
+    if head == "lm":
+        return CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype).to(device)
+    return CustomSplitLLamaForTokenClassification.from_pretrained(
+        checkpoint_dir, dtype=dtype, num_labels=1
+    ).to(device)
+
+
+# ---- running ------------------------------------------------------------------------------------
+def _oracle_observe(model, mb: Microbatch) -> torch.Tensor:
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids).logits
+    if out.shape[-1] == 1 and mb.probe.dim() == 2:  # value model: [B, S, 1] -> [B, S]
+        return out[..., 0]
+    if mb.labels is None:
+        return out
+    log_softmax = torch.log_softmax(out, dim=-1)
+    log_prob = log_softmax.gather(-1, mb.labels[..., None])[..., 0]
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    return torch.stack([log_prob, entropy], dim=-1)
+
+
+def run_oracle(model, microbatches: list[Microbatch]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """What is observed per micro-batch, and gradients by checkpoint name."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    observed = []
+    for mb in microbatches:
+        mb = mb.to(device)
+        out = _oracle_observe(model, mb)
+        (out * masked_probe(mb, out)).sum().backward()
+        observed.append(out.detach().cpu())
+    grads = {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
+        for name, p in model.named_parameters()
+    }
+    return observed, grads
+
+
+def _vocab_slice(width: int) -> slice:
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return slice(rank * width, (rank + 1) * width)
+
+
+def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
+    ``[B, S, V/tp]``, values ``[B, S]``, or (log-prob, entropy) ``[B, S, 2]``."""
+    probe = masked_probe(mb, output)
+    if mb.labels is None and output.dim() == 3:  # this rank's slice of the vocabulary
+        probe = probe[..., _vocab_slice(output.shape[-1])]
+        return (output * probe).sum(), _gather_vocab(output.detach())
+    return (output * probe).sum(), output
+
+
+def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch],
+                   layout: ParallelLayout) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """What is observed per micro-batch (on every rank) and gathered gradients by
+    checkpoint name."""
+    device = next(chunks[0].parameters()).device
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    moved = [mb.to(device) for mb in microbatches]
+    if layout.pp == 1:
+        (model,) = chunks
+        observed = []
+        for mb in moved:
+            if mb.labels is not None:
+                out = torch.stack(model.log_probs_and_entropy(
+                    mb.input_ids, mb.attention_mask, mb.labels, mb.position_ids), dim=-1)
+            else:
+                out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+            (out * masked_probe(mb, out)).sum().backward()
+            observed.append(out.detach().cpu())
+    else:
+        observed = _run_pipelined(chunks, moved)
+    allreduce_sequence_parallel_grads(chunks)
+    return observed, gather_full_state(chunks, "grad")
+
+
+def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]:
+    count = len(microbatches)
+
+    def forward_step(mb, model):
+        out = model(mb.input_ids, mb.attention_mask, mb.position_ids, labels=mb.labels)
+
+        def loss_func(output):
+            loss, observed = _stage_loss(mb, output)
+            # megatron divides each micro-batch loss by their count; the oracle sums.
+            return loss * count, {"observed": observed.detach().cpu()}
+
+        return out, loss_func
+
+    reports = run_pipeline(chunks, microbatches, forward_step)
+    holder = [[r["observed"] for r in reports] if parallel_state.is_pipeline_last_stage() else None]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
+               head: wn.Head, dtype: torch.dtype, device: str,
+               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False) -> Report:
+    """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
+    rank. ``recompute`` and ``padded`` choose the production model (``build_production``)."""
+    setup_parallel(layout, device)
+    chunks = build_production(config, layout, head, dtype, device, recompute, padded)
+    load_checkpoint(chunks, checkpoint_dir, progress=False)
+    # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
+    ties = None
+    if dtype == torch.bfloat16 and config.mlp:
+        ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches], bf16_allowed_error)
+    with ties.record_production(chunks, config.h_hi) if ties else contextlib.nullcontext():
+        prod_out, prod_grads = run_production(chunks, microbatches, layout)
+    low_oracle = load_oracle(checkpoint_dir, head, dtype, device) if dtype == torch.bfloat16 else None
+    if ties:
+        with ties.record_oracle_preactivations(low_oracle), torch.no_grad():
+            for mb in microbatches:
+                _oracle_observe(low_oracle, mb.to(device))
+    ref_dtype = torch.float64 if device == "cpu" else torch.float32
+    oracle = load_oracle(checkpoint_dir, head, ref_dtype, device)
+    with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
+        ref_out, ref_grads = run_oracle(oracle, microbatches)
+    low_out = low_grads = None
+    if low_oracle is not None:
+        with ties.take_production_branch_at_ties(low_oracle, reference=False) if ties else contextlib.nullcontext():
+            low_out, low_grads = run_oracle(low_oracle, microbatches)
+    report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
+                     low_out, low_grads)
+    if ties:
+        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts)):
+            # max_abs: units on the other side of 0 beyond the rule's band; must be none
+            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
+                                   f"on production's branch)", beyond, beyond, 0.0, beyond == 0))
+    agreed = agree(report.passed)
+    if report.passed and not agreed:
+        report.rows.append(Row("another rank failed", math.inf, math.inf, 0.0, False))
+    return report
