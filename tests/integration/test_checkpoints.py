@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import INDEX_FILE, gather_full_state, load_checkpoint, save_checkpoint
+from splitllama.checkpoints import gather_full_state, load_checkpoint, save_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.parity import build_production, load_oracle, setup_parallel
+from splitllama.safetensors_io import INDEX_FILE
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 
