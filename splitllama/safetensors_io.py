@@ -99,14 +99,19 @@ class SafetensorsReader:
             self._read_headers({self.path: None})
         elif (self.path / INDEX_FILE).is_file():
             self.index_file = self.path / INDEX_FILE
-            self._read_headers(self._weight_map(self.index_file))
+            weight_map = self._weight_map(self.index_file)
+            shards: dict[Path, list[str]] = {}
+            for name, file in weight_map.items():
+                shards.setdefault(self.path / file, []).append(name)
+            self._read_headers(shards)
+            self.tensors = {name: self.tensors[name] for name in weight_map}
         elif (self.path / SINGLE_FILE).is_file():
             self._read_headers({self.path / SINGLE_FILE: None})
         else:
             raise ValueError(f"{label} {self.path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
 
-    def _weight_map(self, index: Path) -> dict[Path, list[str]]:
-        """The index's tensor names grouped by shard file, in index order."""
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        """The index's map from tensor name to shard file, every shard checked present."""
         try:
             weight_map = json.loads(index.read_text()).get("weight_map")
         except (ValueError, AttributeError) as err:  # not JSON, or JSON but not an object
@@ -116,13 +121,10 @@ class SafetensorsReader:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index} is not a safetensors index (a JSON object whose 'weight_map' "
                              f"maps tensor names to shard files)") from cause
-        shards: dict[Path, list[str]] = {}
-        for name, file in weight_map.items():
-            shards.setdefault(self.path / file, []).append(name)
-        for file in shards:
-            if not file.is_file():
-                raise ValueError(f"{index} names the shard {file.name}, which does not exist in {self.path}")
-        return shards
+        for file in dict.fromkeys(weight_map.values()):
+            if not (self.path / file).is_file():
+                raise ValueError(f"{index} names the shard {file}, which does not exist in {self.path}")
+        return weight_map
 
     def _read_headers(self, files: dict[Path, list[str] | None]) -> None:
         """Shapes and dtypes of ``files``' tensors (all of them when the list is None)."""

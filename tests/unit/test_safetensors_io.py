@@ -219,3 +219,11 @@ def test_missing_tensor_names_tensor_and_checkpoint(sharded):
     with pytest.raises(ValueError, match=rf"tensor 'nope' is missing from the lower checkpoint {sharded}"):
         reader.read("nope")
     assert "nope" not in reader and "embed.weight" in reader
+
+
+def test_names_follow_the_index_order(sharded):
+    """Not grouped by shard: an index may list its tensors in any order (HF sorts them)."""
+    index = json.loads((sharded / INDEX_FILE).read_text())
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (sharded / INDEX_FILE).write_text(json.dumps(index))
+    assert SafetensorsReader(sharded).names() == sorted(_tensors())
