@@ -40,6 +40,8 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+
+
 # ---- reading a Hugging Face Llama checkpoint -----------------------------------------------
 
 
