@@ -6,8 +6,8 @@ tensors from a safetensors file), the upper model's LAST ``M`` layers (global in
 ``L_upper - M + j`` renamed ``model.layers_last.{j}``), its final norm and LM head, and a
 self-contained ``config.json`` (both Llama configs embedded).
 
-Memory: source tensors are read one at a time with ``safetensors.safe_open`` (only the
-ones kept), and the output is written shard by shard, so peak memory is about one output
+Memory: source tensors are read one at a time (only the ones kept) and the output is
+written shard by shard (``safetensors_io``'s reader and streaming writer), so peak memory is about one output
 shard (``max_shard_size``) plus one tensor, whatever the size of the sources. Every source
 tensor's presence, shape and dtype is checked from the safetensors headers before anything
 is written.
@@ -15,28 +15,21 @@ is written.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
 from splitllama import weight_names as names
 from splitllama.config import CustomSplitLlamaConfig
+from splitllama.safetensors_io import SafetensorsReader, ShardWriter, finish, parse_size
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CHOICES = "'identity', 'init' or a path to a .safetensors file"
 
 _SAFETENSORS_DTYPES = {
@@ -45,39 +38,14 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
-_SIZE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10^9) or ``"500MiB"``
-    (2^20), the units Hugging Face's ``max_shard_size`` accepts."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-        unit = match.group(2).upper() if match else None
-        if unit not in _SIZE_UNITS:
-            raise ValueError(
-                f"max_shard_size={size!r} is not a size (allowed: bytes as an int, or a number "
-                f"with one of the units {sorted(u for u in _SIZE_UNITS if u)})"
-            )
-        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return value
 
 
 # ---- reading a Hugging Face Llama checkpoint -----------------------------------------------
 
 
 class LlamaCheckpoint:
-    """One HF Llama checkpoint directory: its config and which file holds each tensor.
-
-    Only headers are read here; tensor data is read by ``read``, one tensor at a time."""
+    """One HF Llama checkpoint directory: its config and its tensors' headers (data is read
+    by ``read``, one tensor at a time)."""
 
     def __init__(self, directory: str | Path, role: str) -> None:
         self.directory = Path(directory)
@@ -85,44 +53,26 @@ class LlamaCheckpoint:
         if not (self.directory / "config.json").is_file():
             raise ValueError(f"--{role} {self.directory} does not hold a config.json")
         self.config = LlamaConfig.from_pretrained(self.directory)
-        self.files = self._tensor_files()
+        self.tensors = SafetensorsReader(self.directory, label=f"the {role} checkpoint")
 
-    def _tensor_files(self) -> dict[str, Path]:
-        index, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: self.directory / file for name, file in weight_map.items()}
-            for file in sorted(set(files.values())):
-                if not file.is_file():
-                    raise ValueError(f"{index} names the shard {file.name}, which does not exist")
-            return files
-        if single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                return {name: single for name in handle.keys()}
-        raise ValueError(
-            f"the {self.role} checkpoint {self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}"
-        )
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
 
     def file_of(self, name: str, needed_for: str) -> Path:
-        if name not in self.files:
+        if name not in self.tensors:
             raise ValueError(
                 f"tensor {name!r} is missing from the {self.role} checkpoint {self.directory} "
                 f"(needed for {needed_for!r})"
             )
-        return self.files[name]
+        return self.tensors.file_of(name)
 
     def header(self, name: str, needed_for: str) -> tuple[tuple[int, ...], str]:
         """Shape and safetensors dtype string of one tensor, without reading its data."""
-        file = self.file_of(name, needed_for)
-        with safe_open(file, framework="pt") as handle:
-            if name not in handle.keys():
-                raise ValueError(f"tensor {name!r} is missing from {file} although the index names it")
-            tensor_slice = handle.get_slice(name)
-            return tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+        self.file_of(name, needed_for)
+        return self.tensors.shape(name), self.tensors.dtype(name)
 
     def read(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+        return self.tensors.read(name)
 
 
 # ---- what to write -----------------------------------------------------------------------
@@ -150,7 +100,7 @@ def _source_plan(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint,
                  for s in names.LAYER_SUFFIXES]
     plan.append((names.FINAL_NORM, upper, names.FINAL_NORM))
     head_source = names.LM_HEAD
-    if names.LM_HEAD not in upper.files and upper.config.tie_word_embeddings:
+    if names.LM_HEAD not in upper and upper.config.tie_word_embeddings:
         # A tied upper model stores no lm_head: its head IS its input embedding.
         head_source = names.EMBED
     plan.append((names.LM_HEAD, upper, head_source))
@@ -167,16 +117,16 @@ def _checked_dtype(config: CustomSplitLlamaConfig,
         shape, dtype = source.header(src_name, out_name)
         if shape != expected[out_name]:
             raise ValueError(
-                f"tensor {src_name!r} in {source.files[src_name]} has shape {shape}, but the "
+                f"tensor {src_name!r} in {source.tensors.file_of(src_name)} has shape {shape}, but the "
                 f"{source.role} config ({source.directory / 'config.json'}) implies "
                 f"{expected[out_name]}"
             )
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(
-                f"tensor {src_name!r} in {source.files[src_name]} has dtype {dtype} "
+                f"tensor {src_name!r} in {source.tensors.file_of(src_name)} has dtype {dtype} "
                 f"(allowed: {sorted(_SAFETENSORS_DTYPES)})"
             )
-        dtypes.setdefault(dtype, f"{src_name!r} in {source.files[src_name]}")
+        dtypes.setdefault(dtype, f"{src_name!r} in {source.tensors.file_of(src_name)}")
     if len(dtypes) > 1:
         found = ", ".join(f"{dtype} (e.g. {where})" for dtype, where in dtypes.items())
         raise ValueError(f"the source tensors do not share one dtype: {found}")
@@ -211,69 +161,18 @@ def adapter_tensors(config: CustomSplitLlamaConfig, adapter: str | Path, seed: i
 
 def _adapter_from_file(path: Path, shapes: dict[str, tuple[int, ...]],
                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    with safe_open(path, framework="pt") as handle:
-        present = set(handle.keys())
-        missing, unexpected = sorted(set(shapes) - present), sorted(present - set(shapes))
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter file {path}: missing tensors {missing}, unexpected tensors {unexpected} "
-                f"(expected exactly {sorted(shapes)})"
-            )
-        tensors = {}
-        for name, shape in shapes.items():
-            got = tuple(handle.get_slice(name).get_shape())
-            if got != shape:
-                raise ValueError(f"adapter file {path}: tensor {name!r} has shape {got}, expected {shape}")
-            tensors[name] = handle.get_tensor(name).to(dtype)
-    return tensors
-
-
-# ---- writing shards -----------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_bytes`` (a larger tensor gets
-    a shard of its own), holding only the current shard in memory; ``finish`` names the
-    shards HF-style and writes the index when there is more than one."""
-
-    def __init__(self, out_dir: Path, max_bytes: int) -> None:
-        self.out_dir = out_dir
-        self.max_bytes = max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        path = self.out_dir / f"tmp-shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> list[Path]:
-        if self.pending:
-            self._flush()
-        count = len(self.shards)
-        if count == 1:
-            final = [self.out_dir / SINGLE_FILE]
-        else:
-            final = [self.out_dir / f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-        weight_map = {}
-        for (tmp, tensor_names), path in zip(self.shards, final):
-            tmp.rename(path)
-            weight_map.update({name: path.name for name in tensor_names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return final
+    reader = SafetensorsReader(path, label="adapter file")
+    present = set(reader.names())
+    missing, unexpected = sorted(set(shapes) - present), sorted(present - set(shapes))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter file {path}: missing tensors {missing}, unexpected tensors {unexpected} "
+            f"(expected exactly {sorted(shapes)})"
+        )
+    for name, shape in shapes.items():
+        if reader.shape(name) != shape:
+            raise ValueError(f"adapter file {path}: tensor {name!r} has shape {reader.shape(name)}, expected {shape}")
+    return {name: reader.read(name).to(dtype) for name in shapes}
 
 
 # ---- the assembler ------------------------------------------------------------------------
@@ -337,16 +236,9 @@ def assemble_split_checkpoint(
     writer = ShardWriter(out, max_bytes)
     for item in tqdm(planned, desc="assemble", unit="tensor", disable=not progress):
         writer.add(item.name, item.load())
-    files = writer.finish()
+    parts = writer.close()
+    files = finish(out, parts)
     config.save_pretrained(out)
-    logger.info("wrote %s: %d tensors, %d bytes in %d file(s)", out, len(planned), writer.total_bytes, len(files))
+    logger.info("wrote %s: %d tensors, %d bytes in %d file(s)", out, len(planned),
+                sum(part.nbytes for part in parts), len(files))
     return out
-
-
-def iter_checkpoint_files(out_dir: Path) -> Iterator[Path]:
-    """The safetensors files of a checkpoint directory (single or sharded)."""
-    index = out_dir / INDEX_FILE
-    if index.is_file():
-        yield from (out_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values())))
-    else:
-        yield out_dir / SINGLE_FILE

@@ -16,25 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
+from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
 from splitllama.sharding import fuse, local_slices, unshard, weight_specs
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Architecture fields a checkpoint's config must share with the model it is loaded into;
 # shapes are checked tensor by tensor, these are what shapes cannot show.
 _SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -60,43 +56,6 @@ def _tp() -> tuple[int, int]:
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-class CheckpointReader:
-    """Tensor names, shapes and slices of a (single or sharded) safetensors checkpoint."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        index = self.directory / INDEX_FILE
-        single = self.directory / SINGLE_FILE
-        if index.is_file():
-            self.weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
-        else:
-            raise ValueError(f"{self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-        self._handles: dict[str, object] = {}
-
-    def names(self) -> set[str]:
-        return set(self.weight_map)
-
-    def _handle(self, name: str):
-        file = self.weight_map[name]
-        if file not in self._handles:
-            path = self.directory / file
-            if not path.is_file():
-                raise ValueError(f"{INDEX_FILE} maps {name} to {file}, which is missing in {self.directory}")
-            self._handles[file] = safe_open(path, framework="pt")
-        return self._handles[file]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def read(self, name: str, index: tuple[slice, ...] = (slice(None),)) -> torch.Tensor:
-        if all(s == slice(None) for s in index):
-            return self._handle(name).get_tensor(name)
-        return self._handle(name).get_slice(name)[index]
 
 
 def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None:
@@ -145,7 +104,7 @@ def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
     """Check a split checkpoint without reading any weight: its config, and every
     tensor's name and shape from the safetensors headers. Returns the config."""
     config = read_split_config(directory)
-    _check_tensors(CheckpointReader(directory), config, head, fresh_value_head)
+    _check_tensors(SafetensorsReader(directory), config, head, fresh_value_head)
     return config
 
 
@@ -155,9 +114,9 @@ def _listing(names) -> str:
     return ", ".join(names[:10]) + more
 
 
-def _check_tensors(reader: CheckpointReader, config, head: wn.Head, fresh_value_head: bool) -> None:
+def _check_tensors(reader: SafetensorsReader, config, head: wn.Head, fresh_value_head: bool) -> None:
     expected = wn.split_checkpoint_shapes(config, head)
-    present = reader.names()
+    present = set(reader.names())
     ignored: set[str] = set()
     if head == "value" and fresh_value_head:
         expected.pop(wn.VALUE_HEAD)
@@ -199,7 +158,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     config, head = chunks[0].hf_config, head_of(chunks[0])
     directory = Path(checkpoint_dir)
     _check_config(config, directory)
-    reader = CheckpointReader(directory)
+    reader = SafetensorsReader(directory)
     _check_tensors(reader, config, head, fresh_value_head)
     tp_rank, tp = _tp()
     todo = [(chunk, spec) for chunk in chunks for spec in weight_specs(config, chunk.layout, head)]
@@ -258,20 +217,6 @@ def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch
 
 
 # ---- saving ----------------------------------------------------------------------------------
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
-
-
-def parse_size(size: int | str) -> int:
-    """``5GB`` / ``500MB`` / bytes -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = _SIZE.match(size.strip())
-    if not match:
-        raise ValueError(f"max_shard_size={size!r} must look like 5GB, 500MB, 64KB or an int of bytes")
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
-
-
 def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                     progress: bool = True) -> None:
     """Gather TP/PP shards into a split checkpoint (HF layout, safetensors, index when
@@ -287,29 +232,13 @@ def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_si
     if dist.is_initialized():
         dist.barrier()
 
-    files: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-
-    def flush():
-        nonlocal pending, pending_bytes
-        if pending and writer:
-            tmp = f".stage{pp_rank:03d}-part{len(files):05d}.safetensors"
-            save_file(pending, str(out / tmp), metadata={"format": "pt"})
-            files.append((tmp, list(pending), pending_bytes))
-        pending, pending_bytes = {}, 0
-
-    bar = tqdm(desc="save", unit="tensor", disable=not (progress and _is_rank0()))
-    for name, tensor in iter_stage_tensors(chunks, "param"):
-        size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > limit:
-            flush()
-        if writer:
-            pending[name] = tensor.cpu().contiguous()
-        pending_bytes += size
-        bar.update()
-    flush()
-    bar.close()
+    # Stage files are named ".stageSSS-partKKKKK": sorting them gives model order.
+    shards = ShardWriter(out, limit, prefix=f".stage{pp_rank:03d}-part") if writer else None
+    for name, tensor in tqdm(iter_stage_tensors(chunks, "param"), desc="save", unit="tensor",
+                             disable=not (progress and _is_rank0())):
+        if shards is not None:
+            shards.add(name, tensor)
+    files = shards.close() if shards is not None else []
 
     gathered = [files]
     if dist.is_initialized():
@@ -321,22 +250,8 @@ def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_si
         dist.barrier()
 
 
-def _finish(out: Path, files: list[tuple[str, list[str], int]], config: CustomSplitLlamaConfig) -> None:
-    # Stage files are named ".stageSSS-partKKKKK": sorting them gives model order.
-    files = sorted(files)
-    if len(files) == 1:
-        (tmp, _, _), = files
-        os.replace(out / tmp, out / SINGLE_FILE)
-    else:
-        weight_map, total = {}, 0
-        for k, (tmp, names, size) in enumerate(files, start=1):
-            final = f"model-{k:05d}-of-{len(files):05d}.safetensors"
-            os.replace(out / tmp, out / final)
-            weight_map.update({name: final for name in names})
-            total += size
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+def _finish(out: Path, parts: list[Part], config: CustomSplitLlamaConfig) -> None:
+    finish(out, sorted(parts, key=lambda part: part.file))
     saved = CustomSplitLlamaConfig.from_dict(config.to_dict())
     saved.path8b = saved.path70b = None
     saved.save_pretrained(out)
-

@@ -155,7 +155,8 @@ class UsageError(ValueError):
 
 # ---- assemble ----------------------------------------------------------------------------
 def _assemble(args) -> int:
-    from splitllama.assemble import assemble_split_checkpoint, iter_checkpoint_files
+    from splitllama.assemble import assemble_split_checkpoint
+    from splitllama.safetensors_io import SafetensorsReader
 
     try:
         out = assemble_split_checkpoint(
@@ -165,7 +166,7 @@ def _assemble(args) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
-    files = list(iter_checkpoint_files(out))
+    files = SafetensorsReader(out).files()
     size = sum(f.stat().st_size for f in files)
     emit(f"assembled {out}: lower layers 0..{args.num_lower - 1}, the last {args.num_upper} upper "
          f"layers, adapter {args.adapter}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)")
