@@ -193,7 +193,7 @@ class _Scan(cst.CSTVisitor):
             return
         names = tuple(get_full_name_for_node(a.name) for a in node.names)
         self._add(module, names, node)
-        for alias, name in zip(node.names, names):
+        for alias, name in zip(node.names, names, strict=True):
             bound = get_full_name_for_node(alias.asname.name) if alias.asname else name
             self.aliases[bound] = f"{module}.{name}"
 
