@@ -89,12 +89,10 @@ PRODUCT_MAY_CALL_COLLECTIVES = {
     "splitllama/parity.py": "gathers outputs and gradients to compare with the oracle",
     "splitllama/adapter_ties.py": "agrees across ranks on the adapter's ReLU ties",
 }
-COLLECTIVES = frozenset({
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
-    "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv", "barrier",
-    "scatter", "gather",
-})
+COLLECTIVES = frozenset(
+    "all_reduce all_gather all_gather_into_tensor all_gather_object broadcast broadcast_object_list reduce "
+    "reduce_scatter reduce_scatter_tensor all_to_all all_to_all_single send recv isend irecv "
+    "batch_isend_irecv barrier scatter gather".split())
 # A citation of a document that ships with neither the package nor the repository.
 CITATION = re.compile(r"\bSPEC(?:\.md|\s*(?:§|section)?\s*\d)|\.\./shared")
 CITATION_SCOPE = ("splitllama/", "oracle/", "tests/")
@@ -145,13 +143,12 @@ class _Scan(cst.CSTVisitor):
         self.texts: list[cst.CSTNode] = []  # comments and string statements (docstrings)
         self.aliases: dict[str, str] = {}
         self.depth = 0
-        self.guarded: set[cst.CSTNode] = set()  # try bodies that catch ImportError
-        self.type_checking: set[cst.CSTNode] = set()
-        self.open_guards = self.open_type_checking = 0
+        self.marked: dict[cst.CSTNode, str] = {}  # block -> "guarded" / "type_checking"
+        self.open = {"guarded": 0, "type_checking": 0}
 
     def _add(self, module: str, names: tuple[str, ...], node: cst.CSTNode) -> None:
-        self.imports.append(Import(module, names, node, self.depth > 0, self.open_guards > 0,
-                                   self.open_type_checking > 0))
+        self.imports.append(Import(module, names, node, self.depth > 0, self.open["guarded"] > 0,
+                                   self.open["type_checking"] > 0))
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         self.depth += 1
@@ -159,23 +156,23 @@ class _Scan(cst.CSTVisitor):
     def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
         self.depth -= 1
 
-    def visit_Try(self, node: cst.Try) -> None:
+    def visit_Try(self, node: cst.Try) -> None:  # only the try body is guarded
         types = [get_full_name_for_node(t) or "" for h in node.handlers if h.type is not None
                  for t in ([e.value for e in h.type.elements] if isinstance(h.type, cst.Tuple) else [h.type])]
         if {t.rpartition(".")[2] for t in types} & {"ImportError", "ModuleNotFoundError"}:
-            self.guarded.add(node.body)
+            self.marked[node.body] = "guarded"
 
     def visit_If(self, node: cst.If) -> None:
         if (get_full_name_for_node(node.test) or "").endswith("TYPE_CHECKING"):
-            self.type_checking.add(node.body)
+            self.marked[node.body] = "type_checking"
 
-    def visit_IndentedBlock(self, node: cst.IndentedBlock) -> None:
-        self.open_guards += node in self.guarded
-        self.open_type_checking += node in self.type_checking
+    def visit_IndentedBlock(self, node: cst.BaseSuite) -> None:
+        if node in self.marked:
+            self.open[self.marked[node]] += 1
 
-    def leave_IndentedBlock(self, node: cst.IndentedBlock) -> None:
-        self.open_guards -= node in self.guarded
-        self.open_type_checking -= node in self.type_checking
+    def leave_IndentedBlock(self, node: cst.BaseSuite) -> None:
+        if node in self.marked:
+            self.open[self.marked[node]] -= 1
 
     visit_SimpleStatementSuite, leave_SimpleStatementSuite = visit_IndentedBlock, leave_IndentedBlock
 
@@ -214,7 +211,7 @@ class _Scan(cst.CSTVisitor):
 
 class Source:
     def __init__(self, path: str, text: str):
-        self.path, self.text, self.name = path, text, module_name(path)
+        self.path, self.name = path, module_name(path)
         try:
             self.module = cst.parse_module(text)
         except cst.ParserSyntaxError as error:
