@@ -7,6 +7,7 @@ export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 # Each torchrun rank gets one intra-op thread: 2 or 4 ranks share 2 cores.
 export OMP_NUM_THREADS=1
 step() { echo; echo "== $*"; start=$SECONDS; "$@"; echo "== done in $((SECONDS - start)) s"; }
+step ruff check .
 step pytest -n auto -q -p no:cacheprovider tests/unit tests/static tests/integration
 step torchrun --standalone --nproc-per-node 2 -m pytest -q -p no:cacheprovider tests/integration
 step torchrun --standalone --nproc-per-node 4 -m pytest -q -p no:cacheprovider tests/integration

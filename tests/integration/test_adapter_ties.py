@@ -34,7 +34,7 @@ def test_production_gates_reach_every_rank_in_the_oracles_order(layout, checkpoi
     with ties.record_oracle_preactivations(oracle):
         run_oracle(oracle, microbatches)
     assert len(ties.production_gates) == len(microbatches)
-    for mb, gates, pre in zip(microbatches, ties.production_gates, ties.low_preactivations):
+    for mb, gates, pre in zip(microbatches, ties.production_gates, ties.low_preactivations, strict=True):
         assert gates.shape == pre.shape == (int(mb.attention_mask.sum()), config.h_hi), mb.name
         differ = gates != (pre > 0)
         if DTYPE == torch.bfloat16 and pre.numel():  # both round: units within a few roundings of 0 may differ

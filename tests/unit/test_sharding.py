@@ -28,7 +28,7 @@ def test_shard_then_unshard_is_identity(tp, head, mlp):
     for spec in specs:
         full = [tensors[n] for n in spec.names]
         locals_ = [shard(spec, full, rank, tp) for rank in range(tp)]
-        for got, want in zip(unshard(spec, locals_), full):
+        for got, want in zip(unshard(spec, locals_), full, strict=True):
             assert torch.equal(got, want), spec.param
 
 
