@@ -11,6 +11,12 @@ read and write split checkpoints as they are.
 Precision: runs in float64 or float32 (CPU) and bfloat16 (CUDA). Norms and softmax run in
 at least float32 (float64 for a float64 model); rotary angles are always computed in
 float64 and then cast to the compute dtype.
+
+Hugging Face behaviour (docs/huggingface.md): eager attention is the default and the
+reference; ``attn_implementation="sdpa"`` and gradient checkpointing are options that
+change no math. ``labels`` give the shifted cross-entropy; forward reads ``use_cache``,
+``output_*`` and ``return_dict`` defaults from the config; ``hidden_states`` has
+``num_hidden_layers + 1 = N + M + 1`` entries.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -44,6 +52,15 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 def _with_cache(output_cls: type, cache: Cache | None, **fields: Any):
     return output_cls(**fields, **{CACHE_FIELD: cache})
+
+
+# Attention implementations: "eager" (the reference, default) and "sdpa"
+# (torch.nn.functional.scaled_dot_product_attention on the same boolean mask).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# Keyword arguments CausalLM.forward takes beyond its named ones: those of the loss
+# (transformers' Trainer passes num_items_in_batch). Anything else is refused, so that
+# e.g. packed-sequence arguments (cu_seq_lens_*) are never silently ignored.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -136,6 +153,9 @@ class OracleAttention(nn.Module):
 
     def __init__(self, sub: LlamaConfig, cache_layer: int) -> None:
         super().__init__()
+        # The sub-config, read at call time for its attention implementation (transformers
+        # sets `_attn_implementation` on the declared sub-configs).
+        self.config = sub
         self.num_heads = sub.num_attention_heads
         self.num_kv_heads = sub.num_key_value_heads
         self.head_dim = sub.head_dim
@@ -151,19 +171,35 @@ class OracleAttention(nn.Module):
         return x.view(batch, seq, count, self.head_dim).transpose(1, 2)  # [B, count, S, d]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                allowed: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+                allowed: torch.Tensor, cache: Cache | None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, Q, h]``; ``allowed [B, 1, Q, K]`` (K = cached + new keys) says which key
-        each query may attend."""
+        each query may attend. Returns the output ``[B, Q, h]`` and, when asked (eager
+        only), the attention probabilities ``[B, H, Q, K]``."""
+        implementation = self.config._attn_implementation or "eager"
+        if implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={implementation!r} is not supported by the oracle "
+                             f"(allowed: {list(ATTN_IMPLEMENTATIONS)})")
+        if output_attentions and implementation != "eager":
+            raise ValueError(f"output_attentions=True needs attn_implementation='eager' "
+                             f"(this model uses {implementation!r})")
         batch, q_len, _ = x.shape
         q = apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if cache is not None:
             k, v = cache.update(k, v, self.cache_layer)  # [B, kv_heads, K, d]
+        if k.shape[2] > allowed.shape[-1]:
+            # A static cache returns all its max_cache_len slots; those past the cached and
+            # new tokens hold nothing and are never attended.
+            allowed = nn.functional.pad(allowed, (0, k.shape[2] - allowed.shape[-1]), value=False)
+        assert k.shape[2] == allowed.shape[-1], (k.shape, allowed.shape)
         # GQA: query head i reads K/V head i // group (Hugging Face's repeat_kv order).
         group = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+        if implementation == "sdpa":
+            return self._sdpa(q, k, v, allowed), None
 
         wide = _wide_dtype(x.dtype)
         scores = (q @ k.transpose(-1, -2)).to(wide) * self.head_dim ** -0.5  # [B, H, Q, K]
@@ -173,11 +209,28 @@ class OracleAttention(nn.Module):
         scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
         probs = torch.softmax(scores, dim=-1) * allowed
         out = probs.to(x.dtype) @ v  # [B, H, Q, d]
+        out = self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
+        return out, (probs.to(x.dtype) if output_attentions else None)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              allowed: torch.Tensor) -> torch.Tensor:
+        """The same attention through ``scaled_dot_product_attention``: same scale, same
+        boolean mask; a query with no key to attend gets the same all-zero output (it
+        attends every key, finitely, and is then zeroed)."""
+        batch, _, q_len, _ = q.shape
+        has_key = allowed.any(dim=-1, keepdim=True)  # [B, 1, Q, 1]
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed | ~has_key, scale=self.head_dim ** -0.5
+        )
+        out = out * has_key.to(out.dtype)  # [B, H, Q, d]
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
-class OracleDecoderLayer(nn.Module):
-    """Pre-norm Llama layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+class OracleDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm Llama layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Under gradient checkpointing (transformers' GradientCheckpointingLayer) ``x`` must stay
+    positional: a reentrant checkpoint only propagates gradients of positional inputs."""
 
     def __init__(self, sub: LlamaConfig, cache_layer: int) -> None:
         super().__init__()
@@ -187,9 +240,11 @@ class OracleDecoderLayer(nn.Module):
         self.mlp = OracleMLP(sub)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                allowed: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                allowed: torch.Tensor, cache: Cache | None = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, probs = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, output_attentions)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
 
 
 # ---- masks and positions -------------------------------------------------------------------
@@ -219,25 +274,78 @@ def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
+def _default(value: bool | None, config: CustomSplitLlamaConfig, field: str) -> bool:
+    """A forward flag, or the config's default for it when not passed."""
+    return bool(getattr(config, field)) if value is None else bool(value)
+
+
+def _refuse_unknown(kwargs: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where} got unsupported arguments {unknown} (allowed extra arguments: "
+                         f"{list(allowed)}); the oracle never ignores an argument silently")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+                   shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Hugging Face's causal-LM loss (``ForCausalLMLoss``): position t predicts label t+1,
+    ``ignore_index`` labels count for nothing, the mean over counted tokens, or the sum
+    divided by ``num_items_in_batch`` when given (transformers' ``fixed_cross_entropy``).
+    ``ForCausalLMLoss`` itself casts the logits to float32, which would round a float64
+    model's logits; here they keep their dtype (float32, or float64)."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return fixed_cross_entropy(
+        logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+        num_items_in_batch, ignore_index,
+    )
+
+
 # ---- Hugging Face models -------------------------------------------------------------------
 
 
 class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
-    """Shared Hugging Face plumbing: config class, weight init, strict loading."""
+    """Shared Hugging Face plumbing: config class, weight init, strict loading, the
+    attention implementations (eager by default; sdpa on request)."""
 
     config_class = CustomSplitLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["OracleDecoderLayer"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
     # Head tensors of a full checkpoint that this class may drop when loading it (the trunk
     # drops them); they are still named in an error when something else is wrong.
     _droppable_on_load: tuple[str, ...] = ()
 
+    def get_correct_attn_implementation(self, requested_attention: str | None,
+                                        is_init_check: bool = False) -> str:
+        """Eager unless another implementation is asked for: transformers would default to
+        sdpa, but the eager path is the reference."""
+        requested = "eager" if requested_attention is None else requested_attention
+        if requested not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={requested!r} is not supported by the oracle "
+                             f"(allowed: {list(ATTN_IMPLEMENTATIONS)})")
+        return super().get_correct_attn_implementation(requested, is_init_check)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the module source (an `*Attention(nn.Module)` class must
+        # call its AttentionInterface); the oracle reads `_attn_implementation` from its
+        # sub-configs at every call, so set_attn_implementation takes effect.
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         # normal(0, std) with std = the initializer_range of the sub-config the module belongs
-        # to (attached as `init_std` when it was built); ones for RMSNorm weights.
+        # to (attached as `init_std` when it was built); ones for RMSNorm weights. Modules
+        # made by resize_token_embeddings carry no `init_std`: the embedding is the lower
+        # stack's, the LM head the upper stack's.
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=module.init_std)
+            fallback = (self.config.lower if isinstance(module, nn.Embedding) else self.config.upper).initializer_range
+            init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", fallback))
         elif isinstance(module, OracleRMSNorm):
             init.ones_(module.weight)
 
@@ -309,6 +417,11 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         super().__init__(config)
         config.validate()
         lower, upper = config.lower, config.upper
+        for sub in (lower, upper):
+            # transformers resolves the default implementation on the top config only; the
+            # stacks read theirs from the sub-configs (None would mean eager too).
+            if sub._attn_implementation is None:
+                sub._attn_implementation = config._attn_implementation
         self.embed_tokens = nn.Embedding(config.vocab_size, lower.hidden_size)
         self.embed_tokens.init_std = lower.initializer_range
         self.layers_first = nn.ModuleList(
@@ -323,6 +436,7 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
             [OracleDecoderLayer(upper, cache_layer=config.num_lower + j) for j in range(config.num_upper)]
         )
         self.norm = OracleRMSNorm(upper.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -354,10 +468,18 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         """``attention_mask [B, K]`` (1 = valid; None = all valid) covers the cached AND the
         new tokens, K = cached + S. ``position_ids [B, S]`` default to ``cumsum(mask) - 1``
         clamped at 0. ``cache_position [S]`` (default: the last S of the K columns) is each
-        new token's column. ``hidden_states`` (when asked): embeddings, every lower layer's
-        output, the adapter output, every upper layer's output, the final normed states."""
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported by the oracle (allowed: False)")
+        new token's column. Flags left at None take the config's defaults (``use_cache``,
+        ``output_attentions``, ``output_hidden_states``, ``return_dict``).
+
+        ``hidden_states`` (when asked) follows Hugging Face: ``num_hidden_layers + 1 =
+        N + M + 1`` tensors, the embeddings then each decoder layer's output (lower layers,
+        then upper layers), the last one after the final norm. The adapter's output is not
+        one of them (it is the first upper layer's input; a forward hook on the adapter
+        reads it). ``attentions`` (eager only): ``[B, H, S, K]`` per decoder layer."""
+        use_cache = _default(use_cache, self.config, "use_cache")
+        output_attentions = _default(output_attentions, self.config, "output_attentions")
+        output_hidden_states = _default(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = _default(return_dict, self.config, "return_dict")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -365,11 +487,17 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         device = hidden.device
 
         cache = _one_cache(past_key_values, cache)
-        if use_cache is False:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+                and (use_cache or cache is not None):
+            # The backward pass re-runs each layer, which would write its keys twice.
+            logger.warning("gradient checkpointing: the KV cache is not used in training (use_cache=False)")
+            use_cache, cache = False, None
+        if not use_cache:
             cache = None
-        elif use_cache and cache is None:
-            cache = DynamicCache()
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
+        past = int(past)  # a static cache counts in a tensor
 
         if attention_mask is None:
             key_valid = torch.ones(batch, past + q_len, dtype=torch.bool, device=device)
@@ -387,25 +515,27 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         position_ids = position_ids.to(device).expand(batch, q_len)
         allowed = attention_allowed(key_valid, cache_position)
 
-        states = [hidden]
+        states, attentions = [hidden], []
         cos, sin = rotary_cos_sin(self.config.lower, position_ids, hidden.dtype)
         for layer in self.layers_first:
-            hidden = layer(hidden, cos, sin, allowed, cache)
+            hidden, probs = layer(hidden, cos, sin, allowed, cache=cache, output_attentions=output_attentions)
             states.append(hidden)
+            attentions.append(probs)
         hidden = self._adapt(hidden)
-        states.append(hidden)
         cos, sin = rotary_cos_sin(self.config.upper, position_ids, hidden.dtype)
         for layer in self.layers_last:
-            hidden = layer(hidden, cos, sin, allowed, cache)
+            hidden, probs = layer(hidden, cos, sin, allowed, cache=cache, output_attentions=output_attentions)
             states.append(hidden)
+            attentions.append(probs)
         hidden = self.norm(hidden)
-        states.append(hidden)
+        states[-1] = hidden  # Hugging Face's convention: the last state is after the final norm
 
         output = _with_cache(
             BaseModelOutputWithPast, cache, last_hidden_state=hidden,
             hidden_states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -415,6 +545,9 @@ def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMixin):
     """Trunk + ``lm_head`` ``[V, h_hi]`` (not tied to the embedding)."""
+
+    # transformers' Trainer passes num_items_in_batch to forward (see LOSS_KWARGS).
+    accepts_loss_kwargs = True
 
     def __init__(self, config: CustomSplitLlamaConfig) -> None:
         super().__init__(config)
@@ -431,6 +564,9 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -438,15 +574,24 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **loss_kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits ``[B, S, V]`` (float32; float64 for a float64 model) at every position;
-        those at padding positions are meaningless. Arguments as ``CustomSplitLLamaModel``."""
+        those at padding positions are meaningless. ``logits_to_keep``: an int k keeps the
+        last k positions (0 = all), a tensor the positions it lists. ``labels [B, S]``: the
+        loss is ``causal_lm_loss`` (shifted cross-entropy, -100 ignored), given
+        ``num_items_in_batch`` / ``ignore_index`` / ``shift_labels`` as keyword arguments.
+        Other arguments as ``CustomSplitLLamaModel``."""
+        _refuse_unknown(loss_kwargs, LOSS_KWARGS, f"{type(self).__name__}.forward")
+        return_dict = _default(return_dict, self.config, "return_dict")
         trunk = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -454,28 +599,26 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
             return_dict=True, cache_position=cache_position, cache=cache,
         )
         hidden = trunk.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden).to(_logits_dtype(hidden.dtype))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.vocab_size, **loss_kwargs)
         output = _with_cache(
-            CausalLMOutputWithPast, getattr(trunk, CACHE_FIELD), logits=logits,
-            hidden_states=trunk.hidden_states,
+            CausalLMOutputWithPast, getattr(trunk, CACHE_FIELD), loss=loss, logits=logits,
+            hidden_states=trunk.hidden_states, attentions=trunk.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
-    def generate(self, *args: Any, **kwargs: Any):
-        """``GenerationMixin.generate`` with a plain ``DynamicCache`` made here: transformers
-        would build its default cache from ``config.num_hidden_layers``, which a split config
-        does not have (its layers come from two configs)."""
-        if self._generation_uses_cache(kwargs) and kwargs.get("cache") is None \
-                and kwargs.get("past_key_values") is None:
-            kwargs[CACHE_FIELD] = DynamicCache()
-        return super().generate(*args, **kwargs)
-
-    def _generation_uses_cache(self, kwargs: dict[str, Any]) -> bool:
-        # generate caches unless told not to (use_cache=None means the default, True).
-        if kwargs.get("use_cache") is not None:
-            return bool(kwargs["use_cache"])
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        return getattr(generation_config, "use_cache", None) is not False
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None,
+                                  **kwargs: Any) -> torch.Tensor | None:
+        """``generate`` turns the 2D padding mask into a 4D mask of transformers' own format
+        when the cache is static; forward takes the 2D mask (cached + new tokens) and builds
+        its boolean mask itself, static cache included, so the 2D mask is kept."""
+        return attention_mask
 
 
 class CustomSplitLLamaForTokenClassification(CustomSplitLLamaPreTrainedModel):
@@ -509,6 +652,7 @@ class CustomSplitLLamaForTokenClassification(CustomSplitLLamaPreTrainedModel):
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple:
         """Values ``[B, S, 1]`` (float32; float64 for a float64 model)."""
+        return_dict = _default(return_dict, self.config, "return_dict")
         trunk = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=False,
@@ -517,4 +661,4 @@ class CustomSplitLLamaForTokenClassification(CustomSplitLLamaPreTrainedModel):
         hidden = trunk.last_hidden_state
         values = self.score(hidden).to(_logits_dtype(hidden.dtype))
         output = TokenClassifierOutput(logits=values, hidden_states=trunk.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()

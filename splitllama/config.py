@@ -11,6 +11,12 @@ Two on-disk forms are accepted:
 * self-contained: ``lower_config`` / ``upper_config`` embed both Llama configs. This is
   what this project writes, so that no model constructor ever touches the file system.
 
+The config also answers the standard Hugging Face fields that generic tooling reads
+(``hidden_size``, ``num_hidden_layers``, heads, ``max_position_embeddings``): they are
+derived from the fields above, read-only, written to ``config.json`` for readers of the raw
+file, and checked against the architecture when a config is loaded. ``lower_config`` and
+``upper_config`` are declared sub-configs, so ``attn_implementation`` and ``dtype`` reach them.
+
 This module is data only (no megatron import): the oracle reads it too.
 """
 
@@ -74,6 +80,19 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
 }
 TINY_VOCAB = 256
 
+# The standard top-level fields, derived from the two stacks (see CustomSplitLlamaConfig):
+# name -> what it is derived from, for error messages.
+DERIVED_FIELDS: dict[str, str] = {
+    "hidden_size": "upper_config.hidden_size (the width of the trunk's output)",
+    "num_hidden_layers": "num_layers_8 + num_layers_70 (decoder layers = KV-cache layers)",
+    "num_attention_heads": "upper_config.num_attention_heads",
+    "num_key_value_heads": "upper_config.num_key_value_heads",
+    "head_dim": "upper_config.head_dim",
+    "intermediate_size": "upper_config.intermediate_size",
+    "max_position_embeddings": "min(lower_config, upper_config).max_position_embeddings",
+    "initializer_range": "upper_config.initializer_range",
+}
+
 
 def llama_preset(name: str, **overrides: Any) -> LlamaConfig:
     """A ``LlamaConfig`` of a named preset (real or tiny), with optional overrides."""
@@ -126,6 +145,11 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
     """
 
     model_type = MODEL_TYPE
+    # Declared sub-configs: transformers sets attn_implementation and dtype on them too. A
+    # plain class dict, which transformers 5.17 reads as is and 5.24 reads in place of its
+    # `sub_configs_defaults` (that one would also save the sub-configs as diffs against
+    # LlamaConfig's defaults and build default ones when they are missing).
+    sub_configs = {"lower_config": LlamaConfig, "upper_config": LlamaConfig}
 
     vocab_size: int | None = None
     rms_norm_eps: float | None = None
@@ -137,8 +161,12 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
     lower_config: dict | LlamaConfig | None = None
     upper_config: dict | LlamaConfig | None = None
     tie_word_embeddings: bool = False
+    # Standard Hugging Face field: forward builds a KV cache when use_cache is not passed.
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # Derived fields found in a loaded dict are checked below, never stored.
+        derived = {name: kwargs.pop(name) for name in DERIVED_FIELDS if name in kwargs}
         self.lower_config = _as_llama_config(self.lower_config, "lower_config")
         self.upper_config = _as_llama_config(self.upper_config, "upper_config")
         if self.lower_config is None and self.path8b is not None:
@@ -148,6 +176,32 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.lower_config is not None or self.upper_config is not None:
             self.validate()
+        for name, value in derived.items():
+            if self.lower_config is None or self.upper_config is None:
+                raise ValueError(f"{name} is given but lower_config/upper_config are missing: "
+                                 f"{name} is derived from {DERIVED_FIELDS[name]}")
+            if value != getattr(self, name):
+                raise ValueError(
+                    f"{name}={value!r} disagrees with the architecture: it is derived from "
+                    f"{DERIVED_FIELDS[name]} = {getattr(self, name)!r} (edit those fields instead)"
+                )
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        super().__setattr__(key, value)
+        # One vocabulary for the embedding (lower) and the LM head (upper): a new vocab_size
+        # (resize_token_embeddings sets it) applies to both sub-configs, so they never go stale.
+        if key == "vocab_size" and value is not None:
+            for field in ("lower_config", "upper_config"):
+                sub = self.__dict__.get(field)
+                if isinstance(sub, LlamaConfig):
+                    sub.vocab_size = value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, plus the derived standard fields (when both sub-configs are there)."""
+        out = super().to_dict()
+        if isinstance(self.lower_config, LlamaConfig) and isinstance(self.upper_config, LlamaConfig):
+            out.update({name: getattr(self, name) for name in DERIVED_FIELDS})
+        return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -210,6 +264,39 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
     @property
     def h_hi(self) -> int:
         return self.upper_config.hidden_size
+
+    # ---- standard Hugging Face fields (read-only; see DERIVED_FIELDS) ------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.upper_config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.num_layers_8 + self.num_layers_70
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.upper_config.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.upper_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.upper_config.head_dim
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.upper_config.intermediate_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return min(self.lower_config.max_position_embeddings, self.upper_config.max_position_embeddings)
+
+    @property
+    def initializer_range(self) -> float:
+        return self.upper_config.initializer_range
 
     @property
     def upper_layer_offset(self) -> int:

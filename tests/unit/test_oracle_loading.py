@@ -120,8 +120,8 @@ def test_forward_argument_errors(saved):
         model()
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\); expected \(2, 4\)"):
         model(ids, attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
-        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match=r"unsupported arguments \['cu_seq_lens_q'\]"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 4]))
 
 
 def test_inputs_embeds_equal_input_ids(saved):
