@@ -137,9 +137,10 @@ def _gather_stats(stats: torch.Tensor, group) -> torch.Tensor:
     world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         return stats[None]
-    out = stats.new_empty((world, *stats.shape))
+    # concatenated along dim 0 (gloo accepts only that shape), then split per rank
+    out = stats.new_empty((world * stats.shape[0], *stats.shape[1:]))
     dist.all_gather_into_tensor(out, stats.contiguous(), group=group)
-    return out
+    return out.view(world, *stats.shape)
 
 
 def _tile_grad(logits: torch.Tensor, label_col: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
