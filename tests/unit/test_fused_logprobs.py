@@ -1,0 +1,44 @@
+"""The fused head without any process group (``tp_group=None``: the weight is the whole
+vocabulary), as the single-GPU benchmark runs it, against autograd through log_softmax.
+The TP cases and the comparison with the materialising path live in
+tests/integration/test_fused_logprobs.py (they need megatron's TP group)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, strategies as st
+
+from splitllama.logprobs import fused_log_probs_entropy
+
+# float64, summation order only differs: ~1e-15 relative
+REL = 1e-10
+
+
+@given(tokens=st.integers(0, 11), vocab=st.integers(1, 40), chunk_tokens=st.integers(1, 8),
+       vocab_block=st.integers(1, 50), seed=st.integers(0, 2**31 - 1), entropy=st.booleans())
+def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, vocab_block, seed, entropy):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    g_lp, g_ent = torch.randn(2, tokens, generator=gen, dtype=torch.float64)
+
+    lp, ent = fused_log_probs_entropy(hidden, weight, labels, entropy=entropy, chunk_tokens=chunk_tokens,
+                                      vocab_block=vocab_block, tp_group=None)
+    assert (ent is None) == (not entropy)
+    ((lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0)).backward()
+    got = [lp, ent, hidden.grad, weight.grad]
+    hidden.grad = weight.grad = None
+
+    log_p = torch.log_softmax(hidden @ weight.T, -1)
+    ref_lp, ref_ent = log_p.gather(1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    ((ref_lp * g_lp).sum() + ((ref_ent * g_ent).sum() if entropy else 0)).backward()
+    want = [ref_lp, ref_ent if entropy else None, hidden.grad, weight.grad]
+    for name, a, b in zip(("log_probs", "entropy", "grad_hidden", "grad_weight"), got, want):
+        if b is None:
+            continue
+        if a is None:  # no token reached the op's backward path through this input
+            a = torch.zeros_like(b)
+        assert a.dtype == torch.float64 and a.shape == b.shape, name
+        if b.numel():
+            assert float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())), name
