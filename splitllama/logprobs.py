@@ -291,7 +291,9 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     tile's logits come out of the GEMM in float32 (16-bit inputs are never rounded to 16-bit
     logits), are reduced to 4 numbers per token (max, sum-exp, sum-exp-weighted logit, label
     logit), and are dropped. The per-token numbers of all ranks are exchanged by ONE
-    all-gather per call. Backward recomputes every tile's logits (a third GEMM in all).
+    all-gather per call. Backward recomputes every tile's logits: four head-sized GEMMs in
+    all (forward, recompute, grad of hidden, grad of weight) against the materialising
+    path's three, paid for by element-wise work that reads each float32 tile once per pass.
 
     Memory: saved for backward are references to the inputs plus the log-sum-exp and entropy
     (``[T]`` each). Forward holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
