@@ -5,6 +5,8 @@
 hidden ``[T, H]`` and the weight shard ``[V/tp, H]`` in bf16 on one GPU (``--tp`` only
 shrinks the shard to V/tp rows, as one rank of a TP group would hold; no collectives run).
 For T = --tokens, 2x, 4x, ... up to --max-tokens, each path reports:
+- paths: fused (weight gradient returned in bf16), materialising, and with --paths
+  fused_fp32_grad (weight gradient added into a resident float32 buffer, as main_grad);
 - ms: median over --repeats of CUDA-event timings of forward + backward (after --warmup);
 - peak GiB above resident: ``max_memory_allocated`` during the step minus what was
   allocated before it (inputs, weight); ``transient`` subtracts what the step leaves
@@ -49,6 +51,20 @@ def make_fused(chunk_tokens, vocab_block):
     def fused(hidden, weight, labels):
         return fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens,
                                        vocab_block=vocab_block, tp_group=None)
+    return fused
+
+
+def make_fused_fp32_grad(chunk_tokens, vocab_block):
+    """The fused head adding the weight's gradient into a float32 buffer (as megatron's
+    main_grad), resident like the weight."""
+    buffers = {}
+
+    def fused(hidden, weight, labels):
+        if weight not in buffers:
+            buffers.clear()
+            buffers[weight] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        return fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens, vocab_block=vocab_block,
+                                       tp_group=None, grad_weight_into=buffers[weight])
     return fused
 
 
@@ -103,7 +119,7 @@ def measure(head, hidden, weight, labels, g_lp, g_ent, args, device):
         lp, ent = step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        left = sum(t.numel() * t.element_size() for t in (lp, ent, hidden.grad, weight.grad))
+        left = sum(t.numel() * t.element_size() for t in (lp, ent, hidden.grad, weight.grad) if t is not None)
         row.update(peak_gib=peak / GIB, transient_gib=(peak - left) / GIB)
         del lp, ent
         clear()
@@ -122,15 +138,16 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1, help="the shard holds vocab/tp rows")
     parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     parser.add_argument("--vocab-block", type=int, default=DEFAULT_VOCAB_BLOCK)
-    parser.add_argument("--paths", default="fused,materialising")
+    parser.add_argument("--paths", default="fused,materialising",
+                        help="comma-separated: fused, materialising, fused_fp32_grad")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     paths = args.paths.split(",")
     for name in paths:
-        if name not in ("fused", "materialising"):
-            parser.error(f"--paths: {name!r} is not one of fused, materialising")
+        if name not in ("fused", "materialising", "fused_fp32_grad"):
+            parser.error(f"--paths: {name!r} is not one of fused, materialising, fused_fp32_grad")
     if args.vocab % args.tp:
         parser.error(f"--vocab {args.vocab} is not divisible by --tp {args.tp}")
     if args.tokens < 1 or args.max_tokens < args.tokens:
@@ -138,7 +155,8 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed(device)
     setup_parallel(ParallelLayout(), device)  # the materialising path reads megatron's TP state (tp=1)
-    heads = {"fused": make_fused(args.chunk_tokens, args.vocab_block), "materialising": materialising}
+    heads = {"fused": make_fused(args.chunk_tokens, args.vocab_block), "materialising": materialising,
+             "fused_fp32_grad": make_fused_fp32_grad(args.chunk_tokens, args.vocab_block)}
 
     gen = torch.Generator(device=device).manual_seed(0)
     width = args.vocab // args.tp
@@ -172,12 +190,12 @@ def main() -> int:
         del hidden, labels, g_lp, g_ent, ref_lp, ref_ent
         tokens *= 2
 
-    print(f"{'path':<14}{'tokens':>8}{'ms':>10}{'peak GiB':>10}{'transient':>11}{'lp err':>10}{'ent err':>10}")
+    print(f"{'path':<16}{'tokens':>8}{'ms':>10}{'peak GiB':>10}{'transient':>11}{'lp err':>10}{'ent err':>10}")
     for r in results:
         if r.get("oom"):
-            print(f"{r['path']:<14}{r['tokens']:>8}{'OOM':>10}")
+            print(f"{r['path']:<16}{r['tokens']:>8}{'OOM':>10}")
             continue
-        print(f"{r['path']:<14}{r['tokens']:>8}{r['ms']:>10.1f}{r.get('peak_gib', float('nan')):>10.2f}"
+        print(f"{r['path']:<16}{r['tokens']:>8}{r['ms']:>10.1f}{r.get('peak_gib', float('nan')):>10.2f}"
               f"{r.get('transient_gib', float('nan')):>11.2f}{r['lp_err']:>10.2e}{r['ent_err']:>10.2e}")
     if args.json:
         info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

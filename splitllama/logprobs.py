@@ -107,6 +107,20 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _addmm_wide_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place; ``acc`` may be float32 for 16-bit ``a``, ``b`` (then the
+    product is never rounded to 16 bits)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif not a.is_cuda:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        try:  # a float32 GEMM epilogue adding into acc, no temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):  # a torch without that kernel: one [rows, H] temporary
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+
+
 def _tile_stats(logits: torch.Tensor, label_col: torch.Tensor, entropy: bool) -> torch.Tensor:
     """Per-token statistics of one tile of logits ``[C, B]`` -> ``[4, C]``: the tile's max
     ``m``, ``s = sum exp(l - m)``, ``t = sum exp(l - m) (l - m)`` (0 without entropy) and the
@@ -196,7 +210,8 @@ def _label_columns(labels: torch.Tensor, first_row: int) -> torch.Tensor:
 
 class _FusedLogProbsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, entropy, chunk_tokens, vocab_block, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, entropy, chunk_tokens, vocab_block, group, vocab_start,
+                grad_weight_into):
         tokens, width = hidden.shape[0], weight.shape[0]
         compute = torch.promote_types(weight.dtype, torch.float32)
         chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
@@ -221,6 +236,8 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
         ent = sum_exp.log() - shifted_mean / sum_exp if entropy else None
         ctx.save_for_backward(hidden, weight, labels, lse, ent if entropy else lse.new_empty(0))
         ctx.options = (entropy, chunk_tokens, vocab_block, vocab_start)
+        # kept out of save_for_backward: it is written in place, as megatron keeps main_grad
+        ctx.grad_weight_into = grad_weight_into
         return log_probs, ent
 
     @staticmethod
@@ -229,18 +246,19 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
         entropy, chunk_tokens, vocab_block, vocab_start = ctx.options
         use_entropy = entropy and grad_entropy is not None
         if grad_log_probs is None and not use_entropy:
-            return (None,) * 8
+            return (None,) * 9
         g_lp = grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
         g_ent = grad_entropy if use_entropy else g_lp
         tokens, width = hidden.shape[0], weight.shape[0]
         chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
         blocks = _blocks(width, vocab_block)
         full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
-        # The two gradients the op returns; the weight's is accumulated in place over the
-        # chunks (addmm_ in the weight's dtype: each chunk's GEMM sums in float32 and rounds
-        # once), so no second weight-sized buffer exists at any time.
+        # The weight's gradient is accumulated in place over the chunks, into the caller's
+        # buffer or into the one returned (in the weight's dtype: each chunk's GEMM sums in
+        # float32 and rounds once), so no second weight-sized buffer exists at any time.
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        into = ctx.grad_weight_into
+        grad_weight = into if into is not None else torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for a, b in chunks:
             h = hidden[a:b]
             acc = None
@@ -256,17 +274,18 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                     part = _mm_wide(grad, w)
                     acc = part if acc is None else acc.add_(part)
                 if grad_weight is not None:
-                    grad_weight[v0:v1].addmm_(grad.t(), h)
+                    _addmm_wide_(grad_weight[v0:v1], grad.t(), h)
                 del grad
             if grad_hidden is not None:
                 grad_hidden[a:b] = acc
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, None if into is not None else grad_weight, None, None, None, None, None, None, None
 
 
 def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor, *,
                             entropy: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                             vocab_block: int = DEFAULT_VOCAB_BLOCK, tp_group=MEGATRON_TP_GROUP,
-                            vocab_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            vocab_start: int | None = None, grad_weight_into: torch.Tensor | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each label and entropy of each token's next-token distribution, straight
     from the LM head's input, without the ``[T, V/tp]`` logits ever existing at once.
 
@@ -281,6 +300,9 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     ``labels_T`` ``[T]``: global token ids in ``[0, tp * V/tp)``.
     ``tp_group``: the tensor-parallel group (default: megatron's), or None when the weight is
     the whole vocabulary (no collectives, no megatron state needed).
+    ``grad_weight_into``: a buffer of the weight's shape, float32 or the weight's dtype (e.g.
+    megatron's ``weight.main_grad``), to which backward ADDS the weight's gradient in place
+    (float32 sums of 16-bit products); the op then returns no gradient for the weight.
 
     Returns ``(log_probs [T], entropy [T] or None)`` in float32 (float64 for float64 inputs),
     replicated over TP. Upstream gradients may be anything per token; they must be the same
@@ -299,7 +321,7 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     (``[T]`` each). Forward holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
     512 MiB at the defaults) and its statistics; backward holds the returned gradients
     (``[T, H]`` like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in
-    the weight's dtype), one float32 logits tile, its gradient in the weight's dtype and a
+    the weight's dtype, or none with ``grad_weight_into``), one float32 logits tile, its gradient in the weight's dtype and a
     float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden gradient: about 1 GiB
     above inputs, outputs and gradients at the defaults and H = 8192, whatever T is.
     """
@@ -328,9 +350,15 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
         low, high = torch.stack([labels_T.min(), labels_T.max()]).tolist()
         if low < 0 or high >= vocab:
             raise ValueError(f"labels_T: token ids must lie in [0, {vocab}), got [{low}, {high}]")
+    if grad_weight_into is not None and (
+            grad_weight_into.shape != weight_VH.shape or grad_weight_into.device != weight_VH.device
+            or grad_weight_into.dtype not in (weight_VH.dtype, torch.promote_types(weight_VH.dtype, torch.float32))):
+        raise ValueError(f"grad_weight_into: expected {tuple(weight_VH.shape)} on {weight_VH.device} in "
+                         f"{weight_VH.dtype} or float32, got {grad_weight_into.dtype}{tuple(grad_weight_into.shape)} "
+                         f"on {grad_weight_into.device}")
     labels = labels_T.to(torch.int64)
     log_probs, ent = _FusedLogProbsEntropy.apply(hidden_TH, weight_VH, labels, entropy, chunk_tokens,
-                                                 vocab_block, tp_group, vocab_start)
+                                                 vocab_block, tp_group, vocab_start, grad_weight_into)
     return log_probs, ent
 
 

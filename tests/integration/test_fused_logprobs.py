@@ -273,3 +273,26 @@ def test_gpu_memory_bounded_by_tiles():
     peak = torch.cuda.max_memory_allocated() - base
     left = sum(t.numel() * t.element_size() for t in (lp, ent, hidden.grad, weight.grad))
     assert peak - left <= 2 * 2**30, f"{(peak - left) / 2**30:.2f} GiB above inputs, outputs and gradients"
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_float32_weight_gradient_buffer():
+    """bf16 weight, gradient added into a float32 buffer (the float32-epilogue GEMM, or its
+    fallback) against float64 autograd through log_softmax of the same bf16 values."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, generator=gen, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(1000, 64, generator=gen, device="cuda") * 0.2).to(torch.bfloat16)
+    labels = torch.randint(0, 1000, (300,), generator=gen, device="cuda")
+    g_lp, g_ent = torch.randn(2, 300, generator=gen, device="cuda")
+    buffer = torch.ones(1000, 64, device="cuda")
+    lp, ent = fused_log_probs_entropy(hidden, weight.requires_grad_(True), labels, chunk_tokens=128,
+                                      vocab_block=300, tp_group=None, grad_weight_into=buffer)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    assert weight.grad is None
+    w64 = weight.detach().double().requires_grad_(True)
+    log_p = torch.log_softmax(hidden.double() @ w64.T, -1)
+    ((log_p.gather(1, labels[:, None])[:, 0] * g_lp).sum() - ((log_p.exp() * log_p).sum(-1) * g_ent).sum()).backward()
+    # the logits' gradient is rounded to bf16 before the GEMM: ~2^-8 of the gradient's scale
+    err = float((buffer.double() - 1 - w64.grad).abs().max())
+    assert err <= 2e-2 * float(w64.grad.abs().max()), err

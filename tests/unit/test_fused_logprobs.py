@@ -42,3 +42,43 @@ def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, 
         assert a.dtype == torch.float64 and a.shape == b.shape, name
         if b.numel():
             assert float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())), name
+
+
+def test_grad_weight_into_adds_in_place():
+    """The weight's gradient ADDED to a caller's buffer (float64 here; float32 for a bf16
+    weight, as megatron's main_grad), none returned; the hidden gradient is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 20, (9,), generator=gen)
+    g_lp, g_ent = torch.randn(2, 9, generator=gen, dtype=torch.float64)
+
+    def backward(**kwargs):
+        lp, ent = fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=4, vocab_block=7, tp_group=None,
+                                          **kwargs)
+        ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    backward()
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    start = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    buffer = start.clone()
+    backward(grad_weight_into=buffer)
+    assert weight.grad is None
+    torch.testing.assert_close(buffer, start + want_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, want_h, rtol=1e-12, atol=1e-12)
+
+    bf16_weight = weight.detach().to(torch.bfloat16).requires_grad_(True)
+    buffer32 = torch.zeros(20, 6)
+    lp, ent = fused_log_probs_entropy(hidden.detach().to(torch.bfloat16), bf16_weight, labels, chunk_tokens=4,
+                                      vocab_block=7, tp_group=None, grad_weight_into=buffer32)
+    ((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum()).backward()
+    assert bf16_weight.grad is None
+    # bf16 inputs and a bf16 gradient of the logits: ~2^-8 of the gradient's scale
+    assert float((buffer32.double() - want_w).abs().max()) <= 2e-2 * float(want_w.abs().max())
+    try:
+        fused_log_probs_entropy(hidden, weight, labels, tp_group=None, grad_weight_into=torch.zeros(20, 5))
+    except ValueError as error:
+        assert "grad_weight_into" in str(error)
+    else:
+        raise AssertionError("a buffer of the wrong shape was accepted")
