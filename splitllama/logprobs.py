@@ -15,7 +15,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 
 
 def _global_max(local_max: torch.Tensor) -> torch.Tensor:
@@ -73,3 +77,296 @@ class _VocabParallelEntropy(torch.autograd.Function):
 def vocab_parallel_entropy(logits_local: torch.Tensor) -> torch.Tensor:
     """Entropy of ``softmax(logits)`` over the whole vocabulary, ``[..., V/tp] -> [...]``."""
     return _VocabParallelEntropy.apply(logits_local)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused head: log-probs and entropy straight from the final hidden states, in tiles.
+# ---------------------------------------------------------------------------------------
+
+# Tokens per chunk. A [4096, hidden] x [hidden, V/tp] GEMM is large enough to run the tensor
+# cores at full rate (measured on H200 at V/tp = 128k: 4,096-8,192 tokens was the sweet
+# spot; smaller chunks lose GEMM efficiency, larger ones only grow the tile memory).
+DEFAULT_CHUNK_TOKENS = 4096
+# Vocabulary rows per tile: the rank's shard is cut into equal blocks of at most this many
+# rows, so one tile of float32 logits stays at 4096 x 32768 x 4 B = 512 MiB whatever V/tp
+# is (128256 splits into 4 blocks of 32064 at TP=1, 2 per rank at TP=2, 1 at TP=4).
+DEFAULT_VOCAB_BLOCK = 32768
+MEGATRON_TP_GROUP = "megatron"
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with a float32 result for 16-bit inputs (never rounded to 16 bits), in
+    the inputs' dtype otherwise. On CUDA the GEMM writes float32 directly
+    (``out_dtype``); CPU has no such kernel, so 16-bit tiles are upcast there (tests only)."""
+    if a.dtype not in _LOW_PRECISION:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_wide_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place; ``acc`` may be float32 for 16-bit ``a``, ``b`` (then the
+    product is never rounded to 16 bits)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif not a.is_cuda:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        try:  # a float32 GEMM epilogue adding into acc, no temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):  # a torch without that kernel: one [rows, H] temporary
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+
+
+def _tile_stats(logits: torch.Tensor, label_col: torch.Tensor, entropy: bool) -> torch.Tensor:
+    """Per-token statistics of one tile of logits ``[C, B]`` -> ``[4, C]``: the tile's max
+    ``m``, ``s = sum exp(l - m)``, ``t = sum exp(l - m) (l - m)`` (0 without entropy) and the
+    label's logit (0 where the label's column ``label_col`` is outside the tile)."""
+    width = logits.shape[1]
+    m = logits.amax(dim=1)
+    shifted = logits - m[:, None]
+    e = shifted.exp()
+    s = e.sum(dim=1)
+    t = (e * shifted).sum(dim=1) if entropy else torch.zeros_like(s)
+    inside = (label_col >= 0) & (label_col < width)
+    picked = logits.gather(1, label_col.clamp(0, width - 1)[:, None])[:, 0]
+    return torch.stack([m, s, t, torch.where(inside, picked, torch.zeros_like(picked))])
+
+
+def _merge_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Merge ``[k, 4, C]`` statistics of k disjoint vocabulary pieces into ``[4, C]`` about
+    the common max: ``s`` and ``t`` of piece r are rescaled by ``exp(m_r - M)``, and
+    ``t`` gains ``s_r (m_r - M)`` because its shift moves from ``m_r`` to ``M``."""
+    m, s, t, label = stats.unbind(1)
+    top = m.amax(dim=0)
+    scale = (m - top).exp()
+    return torch.stack([top, (scale * s).sum(0), (scale * (t + s * (m - top))).sum(0), label.sum(0)])
+
+
+def _gather_stats(stats: torch.Tensor, group) -> torch.Tensor:
+    """``[4, T]`` of this rank -> ``[tp, 4, T]`` of every rank: ONE collective per call."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        return stats[None]
+    # concatenated along dim 0 (gloo accepts only that shape), then split per rank
+    out = stats.new_empty((world * stats.shape[0], *stats.shape[1:]))
+    dist.all_gather_into_tensor(out, stats.contiguous(), group=group)
+    return out.view(world, *stats.shape)
+
+
+def _tile_grad(logits: torch.Tensor, label_col: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+               g_lp: torch.Tensor, g_ent: torch.Tensor, entropy: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of the loss with respect to one tile of logits ``[C, B]``, in ``out_dtype``:
+    ``g_lp (1[j == label] - p_j) - g_ent p_j (l_j - sum_i p_i l_i)``, where
+    ``l_j - sum_i p_i l_i = log p_j + H`` (so only the log-sum-exp and the entropy are kept
+    from the forward)."""
+    log_p = logits - lse[:, None]
+    p = log_p.exp()
+    coef = g_lp[:, None] + g_ent[:, None] * (log_p + ent[:, None]) if entropy else g_lp[:, None]
+    grad = -p * coef
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    grad = grad + torch.where(cols[None, :] == label_col[:, None], g_lp[:, None], torch.zeros_like(grad))
+    return grad.to(out_dtype)
+
+
+class _Elementwise:
+    """The element-wise tile functions: one fused ``torch.compile``d kernel per function on
+    CUDA (a static compile for full tiles, one with dynamic shapes for the last partial
+    chunk or block, so a new token count does not recompile), plain eager code on CPU."""
+
+    def __init__(self):
+        self._compiled: dict[tuple[str, bool], object] = {}
+
+    def _get(self, fn, dynamic: bool):
+        key = (fn.__name__, dynamic)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+        return self._compiled[key]
+
+    def __call__(self, fn, full_tile: bool, logits: torch.Tensor, *args):
+        if not logits.is_cuda:
+            return fn(logits, *args)
+        return self._get(fn, dynamic=not full_tile)(logits, *args)
+
+
+_ELEMENTWISE = _Elementwise()
+
+
+def _blocks(width: int, block: int) -> list[tuple[int, int]]:
+    """Equal contiguous blocks of at most ``block`` rows covering ``range(width)``."""
+    count = max(1, -(-width // block))
+    size = -(-width // count)
+    return [(start, min(start + size, width)) for start in range(0, width, size)]
+
+
+def _label_columns(labels: torch.Tensor, first_row: int) -> torch.Tensor:
+    """Column of each label in a tile whose first vocabulary row is ``first_row`` (global
+    index); outside ``[0, tile width)`` when the label is elsewhere."""
+    return labels - first_row
+
+
+class _FusedLogProbsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, entropy, chunk_tokens, vocab_block, group, vocab_start,
+                grad_weight_into):
+        tokens, width = hidden.shape[0], weight.shape[0]
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
+        blocks = _blocks(width, vocab_block)
+        full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
+        local = torch.empty(4, tokens, dtype=compute, device=hidden.device)
+        for a, b in chunks:
+            h = hidden[a:b]
+            per_block = []
+            for v0, v1 in blocks:
+                logits = _mm_wide(h, weight[v0:v1].t())
+                full = (b - a == full_rows) and (v1 - v0 == full_cols)
+                per_block.append(_ELEMENTWISE(_tile_stats, full, logits,
+                                              _label_columns(labels[a:b], vocab_start + v0), entropy))
+                del logits
+            local[:, a:b] = _merge_stats(torch.stack(per_block))
+        # every rank holds the same tokens, so all of them skip the exchange together
+        gathered = _gather_stats(local, group) if tokens else local[None]
+        top, sum_exp, shifted_mean, label_logit = _merge_stats(gathered)
+        lse = top + sum_exp.log()
+        log_probs = label_logit - lse
+        ent = sum_exp.log() - shifted_mean / sum_exp if entropy else None
+        ctx.save_for_backward(hidden, weight, labels, lse, ent if entropy else lse.new_empty(0))
+        ctx.options = (entropy, chunk_tokens, vocab_block, vocab_start)
+        # kept out of save_for_backward: it is written in place, as megatron keeps main_grad
+        ctx.grad_weight_into = grad_weight_into
+        return log_probs, ent
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, weight, labels, lse, ent = ctx.saved_tensors
+        entropy, chunk_tokens, vocab_block, vocab_start = ctx.options
+        use_entropy = entropy and grad_entropy is not None
+        if grad_log_probs is None and not use_entropy:
+            return (None,) * 9
+        g_lp = grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
+        g_ent = grad_entropy if use_entropy else g_lp
+        tokens, width = hidden.shape[0], weight.shape[0]
+        chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
+        blocks = _blocks(width, vocab_block)
+        full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
+        # The weight's gradient is accumulated in place over the chunks, into the caller's
+        # buffer or into the one returned (in the weight's dtype: each chunk's GEMM sums in
+        # float32 and rounds once), so no second weight-sized buffer exists at any time.
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        into = ctx.grad_weight_into
+        grad_weight = into if into is not None else torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for a, b in chunks:
+            h = hidden[a:b]
+            acc = None
+            for v0, v1 in blocks:
+                w = weight[v0:v1]
+                logits = _mm_wide(h, w.t())
+                full = (b - a == full_rows) and (v1 - v0 == full_cols)
+                grad = _ELEMENTWISE(_tile_grad, full, logits, _label_columns(labels[a:b], vocab_start + v0),
+                                    lse[a:b], ent[a:b] if use_entropy else lse[a:b], g_lp[a:b], g_ent[a:b],
+                                    use_entropy, weight.dtype)
+                del logits
+                if grad_hidden is not None:
+                    part = _mm_wide(grad, w)
+                    acc = part if acc is None else acc.add_(part)
+                if grad_weight is not None:
+                    _addmm_wide_(grad_weight[v0:v1], grad.t(), h)
+                del grad
+            if grad_hidden is not None:
+                grad_hidden[a:b] = acc
+        return grad_hidden, None if into is not None else grad_weight, None, None, None, None, None, None, None
+
+
+def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor, *,
+                            entropy: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                            vocab_block: int = DEFAULT_VOCAB_BLOCK, tp_group=MEGATRON_TP_GROUP,
+                            vocab_start: int | None = None, grad_weight_into: torch.Tensor | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each label and entropy of each token's next-token distribution, straight
+    from the LM head's input, without the ``[T, V/tp]`` logits ever existing at once.
+
+    ``hidden_TH`` ``[T, H]``: the final hidden states (after the norm), every token of the
+    sequence on every TP rank. Its gradient is this rank's PARTIAL sum (over its vocabulary
+    shard), so the caller reduces it as a column-parallel layer's input is reduced:
+    ``lm_head_input`` does that (megatron's ``copy_to_tensor_model_parallel_region`` without
+    SP: all-reduce in backward; ``gather_from_sequence_parallel_region`` under SP: all-gather
+    forward, reduce-scatter backward).
+    ``weight_VH`` ``[V/tp, H]``: this rank's rows of the head weight, global rows
+    ``[vocab_start, vocab_start + V/tp)``; ``vocab_start`` defaults to ``rank * V/tp``.
+    ``labels_T`` ``[T]``: global token ids in ``[0, tp * V/tp)``.
+    ``tp_group``: the tensor-parallel group (default: megatron's), or None when the weight is
+    the whole vocabulary (no collectives, no megatron state needed).
+    ``grad_weight_into``: a buffer of the weight's shape, float32 or the weight's dtype (e.g.
+    megatron's ``weight.main_grad``), to which backward ADDS the weight's gradient in place
+    (float32 sums of 16-bit products); the op then returns no gradient for the weight.
+
+    Returns ``(log_probs [T], entropy [T] or None)`` in float32 (float64 for float64 inputs),
+    replicated over TP. Upstream gradients may be anything per token; they must be the same
+    on every TP rank (the loss is computed redundantly on each, as an RL loss is). Gradients
+    flow to ``hidden_TH`` and ``weight_VH``.
+
+    Work: tokens in chunks of ``chunk_tokens``, the shard in ``vocab_block``-row blocks; each
+    tile's logits come out of the GEMM in float32 (16-bit inputs are never rounded to 16-bit
+    logits), are reduced to 4 numbers per token (max, sum-exp, sum-exp-weighted logit, label
+    logit), and are dropped. The per-token numbers of all ranks are exchanged by ONE
+    all-gather per call. Backward recomputes every tile's logits: four head-sized GEMMs in
+    all (forward, recompute, grad of hidden, grad of weight) against the materialising
+    path's three, paid for by element-wise work that reads each float32 tile once per pass.
+
+    Memory: saved for backward are references to the inputs plus the log-sum-exp and entropy
+    (``[T]`` each). Forward holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
+    512 MiB at the defaults) and its statistics; backward holds the returned gradients
+    (``[T, H]`` like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in
+    the weight's dtype, or none with ``grad_weight_into``), one float32 logits tile, its gradient in the weight's dtype and a
+    float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden gradient: about 1 GiB
+    above inputs, outputs and gradients at the defaults and H = 8192, whatever T is.
+    """
+    if hidden_TH.dim() != 2 or weight_VH.dim() != 2 or hidden_TH.shape[1] != weight_VH.shape[1]:
+        raise ValueError(f"hidden_TH {tuple(hidden_TH.shape)} and weight_VH {tuple(weight_VH.shape)}: "
+                         "expected [T, H] and [V/tp, H] with the same H")
+    if labels_T.shape != hidden_TH.shape[:1] or labels_T.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels_T: expected integer token ids of shape [{hidden_TH.shape[0]}], "
+                         f"got {labels_T.dtype} {tuple(labels_T.shape)}")
+    if hidden_TH.dtype != weight_VH.dtype:
+        raise ValueError(f"hidden_TH is {hidden_TH.dtype} but weight_VH is {weight_VH.dtype}: expected one dtype")
+    for name, value in (("chunk_tokens", chunk_tokens), ("vocab_block", vocab_block)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if isinstance(tp_group, str):
+        if tp_group != MEGATRON_TP_GROUP:
+            raise ValueError(f"tp_group={tp_group!r}: expected {MEGATRON_TP_GROUP!r}, a process group or None")
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    width = weight_VH.shape[0]
+    if vocab_start is None:
+        vocab_start = rank * width
+    vocab = world * width
+    if labels_T.numel():
+        low, high = torch.stack([labels_T.min(), labels_T.max()]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"labels_T: token ids must lie in [0, {vocab}), got [{low}, {high}]")
+    if grad_weight_into is not None and (
+            grad_weight_into.shape != weight_VH.shape or grad_weight_into.device != weight_VH.device
+            or grad_weight_into.dtype not in (weight_VH.dtype, torch.promote_types(weight_VH.dtype, torch.float32))):
+        raise ValueError(f"grad_weight_into: expected {tuple(weight_VH.shape)} on {weight_VH.device} in "
+                         f"{weight_VH.dtype} or float32, got {grad_weight_into.dtype}{tuple(grad_weight_into.shape)} "
+                         f"on {grad_weight_into.device}")
+    labels = labels_T.to(torch.int64)
+    log_probs, ent = _FusedLogProbsEntropy.apply(hidden_TH, weight_VH, labels, entropy, chunk_tokens,
+                                                 vocab_block, tp_group, vocab_start, grad_weight_into)
+    return log_probs, ent
+
+
+def lm_head_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The fused head's ``hidden_TH`` from the final norm's output, as megatron's
+    column-parallel head prepares its input: under SP gather the sequence shards (backward:
+    reduce-scatter of the partial gradients), otherwise mark the replicated input
+    (backward: all-reduce over TP)."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    return copy_to_tensor_model_parallel_region(hidden)

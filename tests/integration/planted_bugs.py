@@ -30,7 +30,7 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "large_logits", "round_trip"
+    check: str = "parity"  # or "large_logits", "round_trip", "fused_head"
 
 
 def _two_projection_adapter(mp):
@@ -162,6 +162,23 @@ def _logsumexp_without_max(mp):
     mp.setattr(logprobs, "_logsumexp", naive)
 
 
+def _fused_stats_not_exchanged(mp):
+    # each rank's log-sum-exp, entropy and label logit from its own vocabulary shard only
+    mp.setattr(logprobs, "_gather_stats", lambda stats, group: stats[None])
+
+
+def _fused_blocks_merged_without_rescale(mp):
+    def unscaled(stats):
+        m, s, t, label = stats.unbind(1)
+        return torch.stack([m.amax(0), s.sum(0), t.sum(0), label.sum(0)])
+
+    mp.setattr(logprobs, "_merge_stats", unscaled)
+
+
+def _fused_label_offset_dropped(mp):
+    mp.setattr(logprobs, "_label_columns", lambda labels, first_row: labels)
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -195,5 +212,12 @@ PLANTED = [
                ("tp1", "tp2"), _logsumexp_without_max, check="large_logits"),
     PlantedBug("gate_up_saved_without_stride", "saver joins gate/up shards without stride 2",
                ("tp2", "tp2_sp_pp2"), _gate_up_saved_without_stride, check="round_trip"),
+    PlantedBug("fused_stats_not_exchanged", "fused head: max/sum-exp/label logit not combined over TP",
+               ("tp2",), _fused_stats_not_exchanged, check="fused_head"),
+    PlantedBug("fused_blocks_merged_without_rescale", "fused head: vocab blocks' sum-exp merged without "
+               "rescaling to the common max", ("tp1", "tp2"), _fused_blocks_merged_without_rescale, check="fused_head"),
+    # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
+    PlantedBug("fused_label_offset_dropped", "fused head: label column not shifted by the tile's first row",
+               ("tp1", "tp2"), _fused_label_offset_dropped, check="fused_head"),
 ]
 

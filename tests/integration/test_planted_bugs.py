@@ -18,6 +18,7 @@ from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import round_trip_mismatches
+from tests.integration.test_fused_logprobs import fused_head_agrees
 from tests.integration.test_parity import edge_case_microbatches
 
 
@@ -57,6 +58,11 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
         bug.plant(monkeypatch)
         mismatches = round_trip_mismatches(source, layout, bug.head, scratch_dir)
         assert not agree(not mismatches), f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
+    if bug.check == "fused_head":
+        assert fused_head_agrees(layout), "the check itself must pass without the bug"
+        bug.plant(monkeypatch)
+        assert not fused_head_agrees(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
         return
     if bug.check == "large_logits":
         assert large_logits_agree(layout), "the check itself must pass without the bug"

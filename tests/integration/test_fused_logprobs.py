@@ -1,0 +1,298 @@
+"""The fused head (``logprobs.fused_log_probs_entropy``) equals the materialising path
+(``vocab_parallel_log_probs`` / ``vocab_parallel_entropy`` of ``hidden @ weight.T``) in
+float64: log-probs, entropy, and the gradients of hidden and of the weight shard, for
+arbitrary per-token upstream gradients.
+
+Here rather than in tests/unit because the op's TP exchange and the reference both run on
+megatron's TP group, which this directory's session fixture already initialises (plain
+``pytest``: tp1; ``torchrun --nproc-per-node 2``: tp2 and tp2_sp, where the hidden states
+are sequence-sharded and gathered as the column-parallel head does). Every rank draws the
+same examples (the ``ci`` Hypothesis profile is derandomized), so they stay in step.
+The GPU tests at the real head shape run on one GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from megatron.core import parallel_state
+
+from splitllama.logprobs import (
+    fused_log_probs_entropy,
+    lm_head_input,
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+)
+from splitllama.parity import agree, setup_parallel
+from tests.integration.conftest import DEVICE, world_size
+from tests.integration.layouts import LAYOUTS, layouts
+
+HIDDEN = 8
+VOCAB = 64  # 32 rows per rank at TP=2
+# float64 on both paths: they differ only in summation order (tiles, blocks, all-gather
+# merge vs whole-row reductions), ~1e-15 relative; 1e-9 of the outputs' scale leaves room
+# for logits of magnitude 1e4 while any real defect is O(1e-3) or larger.
+REL = 1e-9
+
+
+def example(tokens: int, seed: int, scale: float = 1.0, labels: torch.Tensor | None = None):
+    """Full (unsharded) float64 hidden [T, H], weight [V, H], labels [T], upstream grads."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64) * scale
+    if labels is None:
+        labels = torch.randint(0, VOCAB, (tokens,), generator=gen)
+    g_lp = torch.randn(tokens, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(tokens, generator=gen, dtype=torch.float64)
+    return hidden, weight, labels, g_lp, g_ent
+
+
+def _run(head, layout, hidden, weight, labels, g_lp, g_ent):
+    """Shard as the layout does, run ``head(hidden_TH, weight_local) -> (lp, ent|None)``
+    and backward of ``sum(g_lp lp + g_ent ent)``; returns (lp, ent, grad of this rank's
+    hidden input, grad of its weight shard)."""
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    mine = hidden.chunk(tp, 0)[rank] if layout.sp else hidden
+    mine = mine.clone().to(DEVICE).requires_grad_(True)
+    w_local = weight.chunk(tp, 0)[rank].clone().to(DEVICE).requires_grad_(True)
+    lp, ent = head(lm_head_input(mine, layout.sp), w_local, labels.to(DEVICE))
+    loss = (lp * g_lp.to(DEVICE)).sum()
+    if ent is not None and g_ent is not None:
+        loss = loss + (ent * g_ent.to(DEVICE)).sum()
+    loss.backward()
+    grad_h = mine.grad if mine.grad is not None else torch.zeros_like(mine)
+    return lp.detach(), None if ent is None else ent.detach(), grad_h, w_local.grad
+
+
+def materialising(entropy: bool):
+    def head(hidden_TH, weight_VH, labels):
+        logits = hidden_TH @ weight_VH.T
+        return vocab_parallel_log_probs(logits, labels), vocab_parallel_entropy(logits) if entropy else None
+    return head
+
+
+def fused(entropy: bool, **options):
+    def head(hidden_TH, weight_VH, labels):
+        return fused_log_probs_entropy(hidden_TH, weight_VH, labels, entropy=entropy, **options)
+    return head
+
+
+def log_softmax_reference(layout, hidden, weight, labels, g_lp, g_ent, entropy: bool):
+    """Autograd through ``log_softmax`` of the whole logits (every rank computes all of
+    them), sliced to what this rank holds: the ground truth where the materialising path's
+    ``lse - sum p l`` loses digits (logits of magnitude 1e4: it cancels to ~1e-8)."""
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    hidden, weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    log_p = torch.log_softmax(hidden @ weight.T, -1)
+    lp, ent = log_p.gather(1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if entropy and g_ent is not None else 0)
+    loss.backward()
+    grad_h = hidden.grad.chunk(tp, 0)[rank] if layout.sp else hidden.grad
+    return [t.to(DEVICE) if t is not None else None
+            for t in (lp.detach(), ent.detach() if entropy else None, grad_h, weight.grad.chunk(tp, 0)[rank])]
+
+
+def mismatches(layout, hidden, weight, labels, g_lp, g_ent, *, entropy=True, reference="materialising",
+               **options) -> list[str]:
+    """Names of the outputs/gradients where fused and the reference disagree (empty: equal)."""
+    got = _run(fused(entropy, **options), layout, hidden, weight, labels, g_lp, g_ent)
+    if reference == "materialising":
+        want = _run(materialising(entropy), layout, hidden, weight, labels, g_lp, g_ent)
+    else:
+        want = log_softmax_reference(layout, hidden, weight, labels, g_lp, g_ent, entropy)
+    bad = []
+    for name, a, b in zip(("log_probs", "entropy", "grad_hidden", "grad_weight"), got, want):
+        if (a is None) != (b is None):
+            bad.append(f"{name}: one is None")
+        elif a is not None:
+            if a.shape != b.shape or a.dtype != b.dtype:
+                bad.append(f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
+                continue
+            scale = float(b.abs().max()) if b.numel() else 1.0
+            err = float((a - b).abs().max()) if b.numel() else 0.0
+            if not torch.isfinite(a).all() or err > REL * max(scale, 1.0):
+                bad.append(f"{name}: max abs error {err:.3g} at scale {scale:.3g}")
+    return bad
+
+
+def fused_head_agrees(layout) -> bool:
+    """One fixed example through several token chunks and vocab blocks (the check the
+    planted bugs of the fused head must fail), verdict shared by all ranks."""
+    setup_parallel(layout, DEVICE)
+    hidden, weight, labels, g_lp, g_ent = example(14, seed=3)
+    bad = mismatches(layout, hidden, weight, labels, g_lp, g_ent, chunk_tokens=4, vocab_block=12)
+    return agree(not bad)
+
+
+def _assert_equal(layout, *args, **options):
+    bad = mismatches(layout, *args, **options)
+    assert agree(not bad), f"fused head differs from the materialising path at {layout}: {bad}"
+
+
+TP_LAYOUTS = layouts("tp1", "tp2", "tp2_sp")
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+@pytest.mark.parametrize("entropy", [True, False], ids=["entropy", "log_prob_only"])
+@pytest.mark.parametrize("tokens,chunk_tokens,vocab_block", [
+    (12, 4, 16),   # chunks and blocks divide T and V/tp
+    (14, 5, 7),    # neither divides: a partial last chunk and uneven blocks
+    (2, 4, 64),    # one chunk smaller than chunk_tokens, one block per rank
+    (0, 4, 16),    # no tokens at all
+])
+def test_matches_materialising_path(layout, entropy, tokens, chunk_tokens, vocab_block):
+    setup_parallel(layout, DEVICE)
+    _assert_equal(layout, *example(tokens, seed=tokens), entropy=entropy,
+                  chunk_tokens=chunk_tokens, vocab_block=vocab_block)
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
+def test_single_token(layout):
+    setup_parallel(layout, DEVICE)
+    _assert_equal(layout, *example(1, seed=1), chunk_tokens=4, vocab_block=16)
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+def test_labels_at_vocabulary_shard_and_block_edges(layout):
+    setup_parallel(layout, DEVICE)
+    half = VOCAB // 2
+    # both ends of the vocabulary, of each TP=2 shard, and of blocks of 10 rows
+    edges = torch.tensor([0, VOCAB - 1, half - 1, half, 9, 10, half + 9, half + 10, 1, VOCAB - 2])
+    _assert_equal(layout, *example(len(edges), seed=5, labels=edges), chunk_tokens=3, vocab_block=10)
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+def test_logits_of_magnitude_1e4(layout):
+    """exp(1e4) overflows even in float64: the fused head must shift by the global max. The
+    materialising path is exact in log-probs and gradients here but its entropy cancels
+    (``lse - sum p l``, ~1e-8 off), so this one is judged against log_softmax."""
+    setup_parallel(layout, DEVICE)
+    hidden, weight, labels, g_lp, g_ent = example(10, seed=7, scale=3000.0)
+    assert float((hidden @ weight.T).abs().max()) > 1e4
+    _assert_equal(layout, hidden, weight, labels, g_lp, g_ent, chunk_tokens=4, vocab_block=16,
+                  reference="log_softmax")
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+def test_random_shapes_and_upstream_gradients(layout):
+    setup_parallel(layout, DEVICE)
+    tp = layout.tp
+
+    @given(
+        rows=st.integers(0, 9),
+        chunk_tokens=st.integers(1, 12),
+        vocab_block=st.integers(1, 40),
+        seed=st.integers(0, 2**31 - 1),
+        grad_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+        use=st.sampled_from(["both", "log_prob_only_used", "entropy_off"]),
+    )
+    def check(rows, chunk_tokens, vocab_block, seed, grad_scale, use):
+        tokens = rows * tp if layout.sp else rows + 1
+        hidden, weight, labels, g_lp, g_ent = example(tokens, seed)
+        g_lp, g_ent = g_lp * grad_scale, None if use == "log_prob_only_used" else g_ent * grad_scale
+        _assert_equal(layout, hidden, weight, labels, g_lp, g_ent, entropy=use != "entropy_off",
+                      chunk_tokens=chunk_tokens, vocab_block=vocab_block)
+
+    check()
+
+
+def test_rejects_bad_arguments():
+    setup_parallel(LAYOUTS["tp1"] if world_size() == 1 else LAYOUTS["tp2"], DEVICE)
+    hidden, weight, labels, _, _ = example(4, seed=0)
+    width = weight.shape[0] // parallel_state.get_tensor_model_parallel_world_size()
+    w = weight[:width]
+    for kwargs, bad in [
+        ({"labels_T": labels.clone().fill_(VOCAB)}, "labels_T"),
+        ({"labels_T": labels.clone().fill_(-1)}, "labels_T"),
+        ({"labels_T": labels[:3]}, "labels_T"),
+        ({"labels_T": labels.double()}, "labels_T"),
+        ({"weight_VH": w[:, :3]}, "weight_VH"),
+        ({"weight_VH": w.float()}, "weight_VH"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+        ({"vocab_block": 0}, "vocab_block"),
+        ({"tp_group": "world"}, "tp_group"),
+    ]:
+        args = {"hidden_TH": hidden, "weight_VH": w, "labels_T": labels, **kwargs}
+        with pytest.raises(ValueError, match=bad):
+            fused_log_probs_entropy(args.pop("hidden_TH"), args.pop("weight_VH"), args.pop("labels_T"), **args)
+
+
+# --- GPU, real head shape (Llama-3 vocabulary, 70B hidden), bf16, one GPU -------------------
+
+REAL_VOCAB, REAL_HIDDEN = 128256, 8192
+gpu_only = pytest.mark.skipif(DEVICE != "cuda" or world_size() != 1, reason="needs CUDA, one process")
+
+
+def _real_head(tokens: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(tokens, REAL_HIDDEN, generator=gen, device="cuda").to(torch.bfloat16)
+    # logits of std ~1.8, as a trained head's are O(1-10)
+    weight = (torch.randn(REAL_VOCAB, REAL_HIDDEN, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, REAL_VOCAB, (tokens,), generator=gen, device="cuda")
+    return hidden, weight, labels
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_accuracy_against_float32_gemm():
+    """<= 1e-3 max-abs in log-prob and entropy at 16k tokens (the materialising bf16 path,
+    whose logits are rounded to bf16 before the float32 math, is ~1.5e-2 off)."""
+    hidden, weight, labels = _real_head(16384)
+    with torch.no_grad():
+        lp, ent = fused_log_probs_entropy(hidden, weight, labels, tp_group=None)
+        weight32 = weight.float()
+        lp_err = ent_err = 0.0
+        for a in range(0, hidden.shape[0], 2048):
+            log_p = torch.log_softmax((hidden[a:a + 2048].float() @ weight32.T).double(), -1)
+            ref_lp = log_p.gather(1, labels[a:a + 2048, None])[:, 0]
+            ref_ent = -(log_p.exp() * log_p).sum(-1)
+            lp_err = max(lp_err, float((lp[a:a + 2048].double() - ref_lp).abs().max()))
+            ent_err = max(ent_err, float((ent[a:a + 2048].double() - ref_ent).abs().max()))
+            del log_p
+    assert lp.dtype == ent.dtype == torch.float32
+    assert lp_err <= 1e-3 and ent_err <= 1e-3, (lp_err, ent_err)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_memory_bounded_by_tiles():
+    """At 64k tokens the materialising path would hold ~230 GiB of logits and their float32
+    copies; the fused head's peak above its inputs, outputs and the two gradients it returns
+    stays <= 2 GiB (one float32 logits tile, its gradient, a chunk's hidden-grad sum)."""
+    hidden, weight, labels = _real_head(65536)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    g_lp, g_ent = torch.randn(2, hidden.shape[0], device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    lp, ent = fused_log_probs_entropy(hidden, weight, labels, tp_group=None)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    left = sum(t.numel() * t.element_size() for t in (lp, ent, hidden.grad, weight.grad))
+    assert peak - left <= 2 * 2**30, f"{(peak - left) / 2**30:.2f} GiB above inputs, outputs and gradients"
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_float32_weight_gradient_buffer():
+    """bf16 weight, gradient added into a float32 buffer (the float32-epilogue GEMM, or its
+    fallback) against float64 autograd through log_softmax of the same bf16 values."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, generator=gen, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(1000, 64, generator=gen, device="cuda") * 0.2).to(torch.bfloat16)
+    labels = torch.randint(0, 1000, (300,), generator=gen, device="cuda")
+    g_lp, g_ent = torch.randn(2, 300, generator=gen, device="cuda")
+    buffer = torch.ones(1000, 64, device="cuda")
+    lp, ent = fused_log_probs_entropy(hidden, weight.requires_grad_(True), labels, chunk_tokens=128,
+                                      vocab_block=300, tp_group=None, grad_weight_into=buffer)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    assert weight.grad is None
+    w64 = weight.detach().double().requires_grad_(True)
+    log_p = torch.log_softmax(hidden.double() @ w64.T, -1)
+    ((log_p.gather(1, labels[:, None])[:, 0] * g_lp).sum() - ((log_p.exp() * log_p).sum(-1) * g_ent).sum()).backward()
+    # the logits' gradient is rounded to bf16 before the GEMM: ~2^-8 of the gradient's scale
+    err = float((buffer.double() - 1 - w64.grad).abs().max())
+    assert err <= 2e-2 * float(w64.grad.abs().max()), err

@@ -1,0 +1,84 @@
+"""The fused head without any process group (``tp_group=None``: the weight is the whole
+vocabulary), as the single-GPU benchmark runs it, against autograd through log_softmax.
+The TP cases and the comparison with the materialising path live in
+tests/integration/test_fused_logprobs.py (they need megatron's TP group)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, strategies as st
+
+from splitllama.logprobs import fused_log_probs_entropy
+
+# float64, summation order only differs: ~1e-15 relative
+REL = 1e-10
+
+
+@given(tokens=st.integers(0, 11), vocab=st.integers(1, 40), chunk_tokens=st.integers(1, 8),
+       vocab_block=st.integers(1, 50), seed=st.integers(0, 2**31 - 1), entropy=st.booleans())
+def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, vocab_block, seed, entropy):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    g_lp, g_ent = torch.randn(2, tokens, generator=gen, dtype=torch.float64)
+
+    lp, ent = fused_log_probs_entropy(hidden, weight, labels, entropy=entropy, chunk_tokens=chunk_tokens,
+                                      vocab_block=vocab_block, tp_group=None)
+    assert (ent is None) == (not entropy)
+    ((lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0)).backward()
+    got = [lp, ent, hidden.grad, weight.grad]
+    hidden.grad = weight.grad = None
+
+    log_p = torch.log_softmax(hidden @ weight.T, -1)
+    ref_lp, ref_ent = log_p.gather(1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    ((ref_lp * g_lp).sum() + ((ref_ent * g_ent).sum() if entropy else 0)).backward()
+    want = [ref_lp, ref_ent if entropy else None, hidden.grad, weight.grad]
+    for name, a, b in zip(("log_probs", "entropy", "grad_hidden", "grad_weight"), got, want):
+        if b is None:
+            continue
+        if a is None:  # no token reached the op's backward path through this input
+            a = torch.zeros_like(b)
+        assert a.dtype == torch.float64 and a.shape == b.shape, name
+        if b.numel():
+            assert float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())), name
+
+
+def test_grad_weight_into_adds_in_place():
+    """The weight's gradient ADDED to a caller's buffer (float64 here; float32 for a bf16
+    weight, as megatron's main_grad), none returned; the hidden gradient is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 20, (9,), generator=gen)
+    g_lp, g_ent = torch.randn(2, 9, generator=gen, dtype=torch.float64)
+
+    def backward(**kwargs):
+        lp, ent = fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=4, vocab_block=7, tp_group=None,
+                                          **kwargs)
+        ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    backward()
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    start = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    buffer = start.clone()
+    backward(grad_weight_into=buffer)
+    assert weight.grad is None
+    torch.testing.assert_close(buffer, start + want_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, want_h, rtol=1e-12, atol=1e-12)
+
+    bf16_weight = weight.detach().to(torch.bfloat16).requires_grad_(True)
+    buffer32 = torch.zeros(20, 6)
+    lp, ent = fused_log_probs_entropy(hidden.detach().to(torch.bfloat16), bf16_weight, labels, chunk_tokens=4,
+                                      vocab_block=7, tp_group=None, grad_weight_into=buffer32)
+    ((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum()).backward()
+    assert bf16_weight.grad is None
+    # bf16 inputs and a bf16 gradient of the logits: ~2^-8 of the gradient's scale
+    assert float((buffer32.double() - want_w).abs().max()) <= 2e-2 * float(want_w.abs().max())
+    try:
+        fused_log_probs_entropy(hidden, weight, labels, tp_group=None, grad_weight_into=torch.zeros(20, 5))
+    except ValueError as error:
+        assert "grad_weight_into" in str(error)
+    else:
+        raise AssertionError("a buffer of the wrong shape was accepted")
