@@ -37,7 +37,8 @@ from splitllama.logprobs import (  # noqa: E402
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
 )
-from splitllama.parity import ParallelLayout, init_distributed, setup_parallel  # noqa: E402
+from splitllama.distributed import init_distributed, setup_parallel  # noqa: E402
+from splitllama.layout import ParallelLayout  # noqa: E402
 
 GIB = 2**30
 

@@ -24,7 +24,7 @@ from splitllama.logprobs import (
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
 )
-from splitllama.parity import agree, setup_parallel
+from splitllama.distributed import agree, setup_parallel
 from tests.integration.conftest import DEVICE, world_size
 from tests.integration.layouts import LAYOUTS, layouts
 

@@ -68,9 +68,6 @@ ORACLE_MAY_IMPORT = frozenset({"splitllama.config", "splitllama.weight_names"})
 # Product modules that may import the oracle.
 PRODUCT_MAY_IMPORT_ORACLE = {
     "splitllama/bench.py": "times production next to the padded oracle",
-    # TRANSITIONAL: the harness still lives at the top of the package; the lead removes this
-    # entry when parity.py moves to splitllama/verify/.
-    "splitllama/parity.py": "the parity harness, until it moves to splitllama/verify/",
 }
 # cli.py dispatches `splitllama check` to the harness, inside the subcommand's function so
 # that importing the product never loads the harness.
@@ -85,9 +82,7 @@ PRODUCT_MAY_CALL_COLLECTIVES = {
     "splitllama/logprobs.py": "vocab-parallel log-probs/entropy: model math whose max and "
                               "sum-exp reductions over TP are written with their backward",
     "splitllama/bench.py": "synchronises ranks around timed regions",
-    # TRANSITIONAL: harness code, exempt as a group once it moves to splitllama/verify/.
-    "splitllama/parity.py": "gathers outputs and gradients to compare with the oracle",
-    "splitllama/adapter_ties.py": "agrees across ranks on the adapter's ReLU ties",
+    "splitllama/distributed.py": "sets up and tears down process groups; agrees on a verdict",
 }
 COLLECTIVES = frozenset(
     "all_reduce all_gather all_gather_into_tensor all_gather_object broadcast broadcast_object_list reduce "

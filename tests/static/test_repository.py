@@ -10,11 +10,7 @@ import pytest
 from tests.static import rules
 
 # Rules the current tree does not follow yet; strict, so the xfail fails once it passes.
-PENDING = {
-    "no-citations": "citations removed by the lead's refactor",
-    "import-cycle": "parity.py and bench.py import cli.emit while cli imports them; the lead's "
-                    "refactor removes the cycle",
-}
+PENDING: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
