@@ -15,14 +15,14 @@ Parts (``--only`` picks some):
                 operator and by kind (matmul, attention, other), to aim the next change.
 
 The timed step is what an RL actor does: forward, log-probabilities of the next tokens
-(vocabulary kept split over TP), backward. Useful FLOPs count real tokens only (SPEC 5,
-Megatron's formula with causal attention halved, BENCHMARKS.md), so padded runs are
-credited with the same work. Times are CUDA-event medians after warm-up, on fresh random inputs.
+(vocabulary kept split over TP), backward. Useful FLOPs count real tokens only
+(Megatron's formula with causal attention halved, docs/verification.md), so padded runs
+are credited with the same work. Times are CUDA-event medians after warm-up, on fresh
+random inputs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from splitllama.attention import BACKEND_ENV, available_backends
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
-from splitllama.distributed import init_distributed, megatron_config, setup_parallel
+from splitllama.distributed import init_distributed, megatron_config, setup_parallel, shutdown
 from splitllama.layout import ParallelLayout
 
 PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "profile")
@@ -218,12 +218,12 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
     rows += timed
     if batch.lengths != lengths:
         rows.append(packed_on(batch))
-    del padded
+    padded = None  # frees its memory before the oracle is built
     torch.cuda.empty_cache()
     oracle = build_oracle(config)
     timed, batch = fitting("oracle", lambda b: oracle_step(oracle, b), lengths, config, ceiling, args, gen)
     rows += timed
-    del oracle
+    oracle = None
     torch.cuda.empty_cache()
     if not any(r["name"] == f"rl/packed[{len(batch.lengths)} docs]" for r in rows):
         rows.append(packed_on(batch))
@@ -425,6 +425,5 @@ def run_bench(args, parts: tuple[str, ...]) -> dict | None:
         result = {"device": torch.cuda.get_device_name(), "world_size": dist.get_world_size(),
                   "torch": torch.__version__, "ceiling_tflops": ceiling, "rows": rows,
                   "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
     return result

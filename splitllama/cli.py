@@ -253,7 +253,7 @@ def _check(args, argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from splitllama.distributed import init_distributed
+    from splitllama.distributed import init_distributed, shutdown
     from splitllama.verify.check import run_check
 
     init_distributed(device, timeout=datetime.timedelta(seconds=float(os.environ.get(
@@ -267,8 +267,7 @@ def _check(args, argv: list[str]) -> int:
         emit(report.table())
         if args.json:
             Path(args.json).write_text(report.to_json())
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
     return 0 if report.passed else 1
 
 

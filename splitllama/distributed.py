@@ -79,6 +79,13 @@ def teardown_parallel() -> None:
             dist.destroy_process_group(group)
 
 
+def shutdown() -> None:
+    """Leave the process group together: no rank exits while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str,
                     initialize: bool = False) -> ModelParallelConfig:
     """Megatron's config of ``layout``. ``initialize=False`` skips weight init (the

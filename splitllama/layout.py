@@ -50,7 +50,7 @@ class ParallelLayout:
 
     @classmethod
     def from_megatron(cls, megatron_config: Any,
-                      layers_per_stage: tuple[int, ...] | list[int] | None = None) -> "ParallelLayout":
+                      layers_per_stage: tuple[int, ...] | list[int] | None = None) -> ParallelLayout:
         """The layout of a megatron ``ModelParallelConfig`` (or ``TransformerConfig``)."""
         vpp = megatron_config.virtual_pipeline_model_parallel_size
         return cls(
@@ -69,7 +69,7 @@ class ParallelLayout:
     def stages(self) -> int:
         return self.pp * (self.vpp or 1)
 
-    def validate(self, config: CustomSplitLlamaConfig) -> list["StageLayout"]:
+    def validate(self, config: CustomSplitLlamaConfig) -> list[StageLayout]:
         """Refuse a layout the config cannot take (naming the field); its stages."""
         validate_tensor_parallel(config, self.tp)
         return stage_layouts(config, self.pp, self.vpp, self.layers_per_stage)

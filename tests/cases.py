@@ -1,7 +1,7 @@
 """Shared test inputs: Hypothesis strategies for attention masks and named edge cases.
 
 A mask is a ``[batch, seq]`` bool tensor (True = valid token). Rows may be padded on the
-left, the right, both sides, inside, not at all, or be all padding (SPEC 1).
+left, the right, both sides, inside, not at all, or be all padding (docs/verification.md).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _rows(*rows: str) -> torch.Tensor:
     return torch.tensor([[c == "1" for c in row] for row in rows], dtype=torch.bool)
 
 
-# Named edge cases every equivalence test runs explicitly (SPEC 3).
+# Named edge cases every equivalence test runs explicitly (docs/verification.md).
 EDGE_MASKS: dict[str, torch.Tensor] = {
     "no_padding": _rows("11111111", "11111111"),
     "batch_1": _rows("0111111"),

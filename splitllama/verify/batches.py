@@ -26,7 +26,7 @@ class Microbatch:
     name: str = ""
     labels: torch.Tensor | None = None  # [B, S] token ids
 
-    def to(self, device) -> "Microbatch":
+    def to(self, device) -> Microbatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Microbatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
                           self.probe, self.name, move(self.labels))

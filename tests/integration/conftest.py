@@ -21,7 +21,7 @@ from splitllama.distributed import init_distributed
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 
 DEVICE = os.environ.get("SPLITLLAMA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-# CPU: float64 with tight tolerances; GPU: bfloat16 with the error-ratio rule (SPEC 3).
+# CPU: float64 with tight tolerances; GPU: bfloat16 with the error-ratio rule (docs/verification.md).
 # SPLITLLAMA_TEST_DTYPE=bfloat16 runs the GPU rule on CPU (to rehearse a GPU run).
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _dtype_name = os.environ.get("SPLITLLAMA_TEST_DTYPE") or ("float64" if DEVICE == "cpu" else "bfloat16")

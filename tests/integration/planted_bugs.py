@@ -1,7 +1,7 @@
 """Planted bugs: each equivalence check must FAIL when one of these is applied.
 
 The first five are defects of the earlier implementation or public bugs of the same
-family (SPEC 4); the others guard the pipeline, log-prob and saving code. Each bug is a
+family (docs/verification.md); the others guard the pipeline, log-prob and saving code. Each bug is a
 monkeypatch of production code (production itself carries no bug switches) plus the check
 that must catch it and the layouts where the bug can show. ``test_planted_bugs.py`` runs
 them in the gate; run them alone with ``pytest tests/integration -k planted`` (and under
@@ -30,7 +30,8 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "large_logits", "round_trip", "fused_head"
+    check: str = "parity"
+    recompute: str = "none"  # the production model's activation recompute  # or "large_logits", "round_trip", "fused_head"
 
 
 def _two_projection_adapter(mp):
@@ -179,6 +180,18 @@ def _fused_label_offset_dropped(mp):
     mp.setattr(logprobs, "_label_columns", lambda labels, first_row: labels)
 
 
+def _recompute_detaches_input(mp):
+    from megatron.core import tensor_parallel as tp
+
+    checkpoint = tp.random.checkpoint
+
+    def detached(function, distribute_saved_activations, hidden, *args):
+        # the recomputed region's input gradient is lost: nothing below it learns
+        return checkpoint(function, distribute_saved_activations, hidden.detach(), *args)
+
+    mp.setattr(tp, "checkpoint", detached)
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -188,7 +201,9 @@ def equal_width_config() -> CustomSplitLlamaConfig:
 
 
 PLANTED = [
-    PlantedBug("two_projection_adapter", "SPEC 4.1: mlp=false applied two projections",
+    PlantedBug("recompute_detaches_input", "full activation recompute drops the gradient of its input",
+               ("tp1", "tp2_sp", "pp2_cut_adapter"), _recompute_detaches_input, recompute="full"),
+    PlantedBug("two_projection_adapter", "defect 1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
     # megatron's MLP defaults to GELU; near 0 GELU and ReLU differ by a few percent, where
     # the bf16 rule lets production pick either ReLU branch (adapter_ties)
@@ -200,9 +215,9 @@ PLANTED = [
     # two layouts coincide (real shapes have 8 groups; the tp1 case guards them).
     PlantedBug("qkv_concatenated", "fused QKV as [Q;K;V] instead of interleaved per query group",
                ("tp1",), _qkv_concatenated),
-    PlantedBug("value_head_gathered_twice", "SPEC 4.2: value head output gathered twice under SP",
+    PlantedBug("value_head_gathered_twice", "defect 2: value head output gathered twice under SP",
                ("tp2_sp",), _value_head_gathered_twice, head="value"),
-    PlantedBug("position_ids_ignored", "SPEC 4.6: packed path ignored the caller's position_ids",
+    PlantedBug("position_ids_ignored", "defect 6: packed path ignored the caller's position_ids",
                ("tp1", "tp2_sp"), _position_ids_ignored),
     PlantedBug("stage_boundary_drops_adapter", "a stage starting at the adapter does not apply it",
                ("pp2_cut_adapter",), _stage_boundary_drops_adapter, config=equal_width_config),

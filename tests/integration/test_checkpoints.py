@@ -1,7 +1,7 @@
 """Production checkpoints: load -> save is bitwise for every TP x PP layout, the oracle
 loads what production saved, and the loader refuses a checkpoint that does not match.
 
-The loader's refusals are what stop the earlier implementation's defect (SPEC 4.4: a
+The loader's refusals are what stop the earlier implementation's defect (docs/verification.md, defect 4: a
 missing tensor printed a warning and left random weights) from coming back.
 """
 

@@ -36,7 +36,7 @@ def microbatch(mask: torch.Tensor, head: str, seed: int, name: str = "", positio
 
 
 def edge_case_microbatches(head: str) -> list[Microbatch]:
-    """SPEC 3's explicit cases as micro-batches of different lengths (also what the
+    """The explicit cases of docs/verification.md as micro-batches of different lengths (also what the
     pipeline schedule must cope with): all-padding rows and batch, no padding, single-token
     rows, max_seqlen 1, padding inside rows, an odd token count (SP padding), caller
     position_ids that differ from the default."""
@@ -102,6 +102,17 @@ def test_drawn_masks(layout, checkpoint_factory):
         assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches))
 
     check()
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp", "pp2_cut_adapter", "tp2_sp_pp2"))
+def test_activation_recompute(layout, recompute, checkpoint_factory):
+    """Megatron's activation recompute (selective: the MLP; full: every layer) changes what
+    is stored for backward, never a gradient."""
+    ckpt = checkpoint_factory("lm", True)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = edge_case_microbatches("lm")
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, recompute=recompute))
 
 
 def long_row_config() -> CustomSplitLlamaConfig:

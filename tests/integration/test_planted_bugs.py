@@ -73,6 +73,7 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
     ckpt = checkpoint_factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)
     split_config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     bug.plant(monkeypatch)
-    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, edge_case_microbatches(bug.head))
+    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, edge_case_microbatches(bug.head),
+                        recompute=bug.recompute)
     assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
     dist.barrier()

@@ -13,7 +13,7 @@ import pytest
 from splitllama.cli import build_parser
 from splitllama.verify.batches import check_microbatches
 
-# The planted two-projection adapter (SPEC 4.1) from the planted-bug table, applied in a
+# The planted two-projection adapter (docs/verification.md, defect 1) from the planted-bug table, applied in a
 # fresh process before the command runs.
 PLANTED_TWO_PROJECTIONS = """
 import sys, types
