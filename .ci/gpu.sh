@@ -4,6 +4,8 @@
 #   tests   integration suite (tiny model) on 1, 2 and 4 GPUs (NCCL, bf16) + splitllama check
 #   real    the real-shape parity tests on 1, 2 and 4 GPUs + check on a real-shape checkpoint
 #   bench   splitllama bench on 1 GPU, then TP scaling on 2 and 4 GPUs
+#   head    the fused log-prob head alone vs the materialising one (benchmarks/fused_head.py)
+#   recompute  splitllama bench's activation-recompute and head parts on 1 GPU
 # STEP_TIMEOUT (seconds, default 280) bounds each step, so one slow step leaves time for the rest.
 set -u
 # NVLink multicast stays off: it can take the host's shared GPUs out of service.
@@ -49,7 +51,7 @@ for stage in "$@"; do
       if [ "$gpus" -ge 4 ]; then
         run real_4gpu python3 -m torch.distributed.run --standalone --nproc-per-node 4 -m pytest $pytest_args -k real_shapes
         python3 -c "import torch; from tests.integration.test_gpu_real_shapes import real_shape_config as c; \
-from splitllama.parity import TEST_CHECKPOINT_INIT as i, random_split_checkpoint as r; \
+from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT as i, random_split_checkpoint as r; \
 r(c(), '/tmp/real', dtype=torch.bfloat16, **i[torch.bfloat16])"
         run check_real_tp4_sp python3 -m splitllama.cli check /tmp/real --tp 4 --sp --json "$OUT/check_real_tp4_sp.json"
         run check_real_tp2_sp_pp2 python3 -m splitllama.cli check /tmp/real --tp 2 --sp --pp 2 --json "$OUT/check_real_tp2_sp_pp2.json"
@@ -66,6 +68,13 @@ r(c(), '/tmp/real', dtype=torch.bfloat16, **i[torch.bfloat16])"
           -m splitllama.cli bench --only tp --json "$OUT/bench_4gpu.json"
       fi
       ;;
-    *) echo "unknown stage $stage (tests, real, bench)"; exit 2 ;;
+    head)
+      run fused_head env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fused_head.py --json "$OUT/fused_head.json"
+      ;;
+    recompute)
+      run bench_recompute env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli bench --only ceiling,recompute \
+        --json "$OUT/bench_recompute.json"
+      ;;
+    *) echo "unknown stage $stage (tests, real, bench, head, recompute)"; exit 2 ;;
   esac
 done

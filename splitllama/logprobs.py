@@ -175,7 +175,10 @@ def _tile_grad(logits: torch.Tensor, label_col: torch.Tensor, lse: torch.Tensor,
 class _Elementwise:
     """The element-wise tile functions: one fused ``torch.compile``d kernel per function on
     CUDA (a static compile for full tiles, one with dynamic shapes for the last partial
-    chunk or block, so a new token count does not recompile), plain eager code on CPU."""
+    chunk or block, so a new token count does not recompile), plain eager code on CPU and
+    for float64 tiles: float64 is the reference precision, where speed is not the point and
+    every new tile shape would cost a recompile (dynamo allows 8 per function; a GPU test
+    session of float64 shapes exhausted them and then failed the bf16 tests)."""
 
     def __init__(self):
         self._compiled: dict[tuple[str, bool], object] = {}
@@ -187,7 +190,7 @@ class _Elementwise:
         return self._compiled[key]
 
     def __call__(self, fn, full_tile: bool, logits: torch.Tensor, *args):
-        if not logits.is_cuda:
+        if not logits.is_cuda or logits.dtype == torch.float64:
             return fn(logits, *args)
         return self._get(fn, dynamic=not full_tile)(logits, *args)
 
