@@ -18,7 +18,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, llama_preset
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,8 @@ def _fused_label_offset_dropped(mp):
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
-    lower = llama_preset("tiny-llama3.1-8b", hidden_size=128, num_attention_heads=16,
-                         num_key_value_heads=4, intermediate_size=448)
-    return CustomSplitLlamaConfig.from_llama_configs(lower, llama_preset("tiny-llama3.1-70b"), 2, 2)
+    return tiny_split_config(lower=dict(hidden_size=128, num_attention_heads=16,
+                                        num_key_value_heads=4, intermediate_size=448))
 
 
 PLANTED = [

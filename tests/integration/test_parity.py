@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitllama.config import llama_preset, CustomSplitLlamaConfig
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.runner import run_parity
 from tests.cases import EDGE_MASKS, caller_position_ids, long_row_mask, masks, random_input_ids
@@ -106,12 +106,10 @@ def test_drawn_masks(layout, checkpoint_factory):
 
 def long_row_config() -> CustomSplitLlamaConfig:
     """Two heads per stack, so the padded oracle's float64 attention of a 4097-token row
-    ([heads, S, S] = 2 x 4097^2, 270 MB) stays cheap on 2 CPU cores."""
-    def stack(preset, layers):
-        return llama_preset(preset, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
-                            intermediate_size=56, num_hidden_layers=layers)
-    return CustomSplitLlamaConfig.from_llama_configs(
-        stack("tiny-llama3.1-8b", 2), stack("tiny-llama3.1-70b", 3), 2, 2)
+    ([heads, S, S] = 2 x 4097^2, 270 MB) stays cheap on 2 CPU cores. The stacks keep the
+    tiny model's differing rope and eps settings."""
+    small = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=56)
+    return tiny_split_config(lower=dict(small, num_hidden_layers=2), upper=dict(small, num_hidden_layers=3))
 
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp", "pp2_cut_adapter"))
