@@ -389,7 +389,8 @@ def rope_parameters(sub: LlamaConfig) -> dict[str, Any]:
 # type and theta (default 1e4 below, llama3 5e5 above), llama3 scaling with an original
 # context other than 8192 (at head_dim 8 and theta 5e5 the wavelengths are 6.3, 167, 4443
 # and 1.2e5 positions: with 4096 / low_freq_factor 1 the last two are divided by the
-# factor), and three RMSNorm epsilons (lower, upper, final).
+# factor), and three RMSNorm epsilons (lower, upper, final) far enough apart that reading
+# one for another moves float64 outputs by about 1e-4 relative (the tolerance is 1e-9).
 TINY_LOWER_SETTINGS: dict[str, Any] = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
 )
@@ -397,9 +398,9 @@ TINY_UPPER_SETTINGS: dict[str, Any] = dict(
     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 4096},
-    rms_norm_eps=1e-6,
+    rms_norm_eps=1e-3,
 )
-TINY_FINAL_NORM_EPS = 1e-4
+TINY_FINAL_NORM_EPS = 1e-2
 
 
 def tiny_split_config(mlp: bool = False, num_lower: int = 2, num_upper: int = 2,

@@ -148,14 +148,14 @@ def _set_rope(which: str, **changes):
 
 
 # Each changes one field of the model's config that changes the math; the tiny checkpoint's
-# values: lower eps 1e-5, default rope theta 1e4; upper eps 1e-6, llama3 rope theta 5e5,
-# factor 8, original context 4096; final eps 1e-4.
+# values: lower eps 1e-5, default rope theta 1e4; upper eps 1e-3, llama3 rope theta 5e5,
+# factor 8, original context 4096; final eps 1e-2.
 CONFIG_MISMATCHES = {
-    "final_eps": (_set("rms_norm_eps", 1e-3), r"rms_norm_eps=0\.0001 but the model was built with rms_norm_eps=0\.001"),
+    "final_eps": (_set("rms_norm_eps", 1e-3), r"rms_norm_eps=0\.01 but the model was built with rms_norm_eps=0\.001"),
     "lower_eps": (_set("lower_config.rms_norm_eps", 1e-3),
                   r"lower_config\.rms_norm_eps=1e-05 but the model was built with lower_config\.rms_norm_eps=0\.001"),
     "upper_eps": (_set("upper_config.rms_norm_eps", 1e-5),
-                  r"upper_config\.rms_norm_eps=1e-06 but the model was built with upper_config\.rms_norm_eps=1e-05"),
+                  r"upper_config\.rms_norm_eps=0\.001 but the model was built with upper_config\.rms_norm_eps=1e-05"),
     "lower_rope_theta": (_set_rope("lower_config", rope_theta=500000.0),
                          r"lower_config\.rope_parameters=\{.*'rope_theta': 10000\.0.*\} but the model was built "
                          r"with lower_config\.rope_parameters=\{.*'rope_theta': 500000\.0"),
