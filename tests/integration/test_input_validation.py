@@ -70,3 +70,16 @@ def test_out_of_range_ids_at_padded_positions_are_ignored(layout, checkpoint_fac
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     out = model(ids.to(DEVICE), mask.to(DEVICE))
     assert torch.isfinite(out).all() and (out[~mask.to(out.device)] == 0).all()
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp"))
+def test_value_model_refuses_log_probs(layout, checkpoint_factory):
+    ckpt = checkpoint_factory("value", False)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    setup_parallel(layout, DEVICE)
+    (model,) = build_production(config, layout, "value", DTYPE, DEVICE)
+    load_checkpoint(model, ckpt, progress=False)
+    ids = torch.tensor([[1, 2, 3, 4]], device=DEVICE)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with pytest.raises(ValueError, match="log-probabilities and entropy need an LM head"):
+        model.log_probs_and_entropy(ids, mask, ids)
