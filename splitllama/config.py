@@ -225,7 +225,7 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
         mlp: bool = False,
         rms_norm_eps: float | None = None,
         **kwargs: Any,
-    ) -> "CustomSplitLlamaConfig":
+    ) -> CustomSplitLlamaConfig:
         return cls(
             vocab_size=lower.vocab_size,
             rms_norm_eps=upper.rms_norm_eps if rms_norm_eps is None else rms_norm_eps,

@@ -122,7 +122,7 @@ class RMSNorm(torch.nn.Module):
             torch.ones(hidden_size, dtype=config.params_dtype, device=param_device(config))
         )
         # Under SP each rank normalises different tokens, so the gradient is partial.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = torch.promote_types(x.dtype, torch.float32)
