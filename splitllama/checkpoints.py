@@ -31,10 +31,15 @@ from splitllama.sharding import fuse, local_slices, unshard, weight_specs
 
 logger = logging.getLogger(__name__)
 
-# Architecture fields a checkpoint's config must share with the model it is loaded into;
-# shapes are checked tensor by tensor, these are what shapes cannot show.
+# Every config field that changes the math, which a checkpoint's config must share with
+# the model it is loaded into: shapes are also checked tensor by tensor, but the norm
+# epsilons, rope settings, the adapter kind and the upper stack's depth (the index offset
+# of its layers) show in no tensor. Other fields are either refused by validation when not
+# Llama-3's (hidden_act, biases, tied embeddings) or do not enter the computation.
+_TOP_FIELDS = ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps")
 _SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size")
+               "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size",
+               "hidden_act", "attention_bias", "mlp_bias")
 
 
 def _chunks(model_or_chunks) -> list[torch.nn.Module]:
@@ -60,7 +65,7 @@ def _is_rank0() -> bool:
 
 def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None:
     saved = read_split_config(directory)
-    for field in ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps"):
+    for field in _TOP_FIELDS:
         if getattr(saved, field) != getattr(model_config, field):
             raise ValueError(
                 f"checkpoint {directory}: {field}={getattr(saved, field)!r} but the model was "
@@ -68,7 +73,7 @@ def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None
             )
     for which in ("lower_config", "upper_config"):
         for field in _SUB_FIELDS:
-            a, b = getattr(getattr(saved, which), field), getattr(getattr(model_config, which), field)
+            a, b = (getattr(getattr(config, which), field, None) for config in (saved, model_config))
             if a != b:
                 raise ValueError(
                     f"checkpoint {directory}: {which}.{field}={a!r} but the model was built "

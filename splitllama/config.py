@@ -31,21 +31,19 @@ from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 MODEL_TYPE = "custom_split_llama"
 CAUSAL_LM_ARCH = "CustomSplitLLamaForCausalLM"
 
-# Megatron's RotaryEmbedding hard-codes these llama3 rope-scaling constants; the
-# production model can only honour configs that use exactly them.
-LLAMA3_ROPE_FIXED = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# The llama3 rope-scaling fields (meta-llama/Llama-3.1-*/config.json values); any values
+# are honoured, these are the published ones.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 _LLAMA3_ROPE = {"rope_type": "default", "rope_theta": 500000.0}
 _LLAMA31_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
     "factor": 8.0,
-    **LLAMA3_ROPE_FIXED,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 # Published shapes of the Llama-3 family (meta-llama/*/config.json).
@@ -370,12 +368,15 @@ def _validate_llama(sub: LlamaConfig, field: str) -> None:
             f"(allowed: {list(SUPPORTED_ROPE_TYPES)})"
         )
     if rope_type == "llama3":
-        for key, fixed in LLAMA3_ROPE_FIXED.items():
-            if float(rope.get(key, fixed)) != float(fixed):
-                raise ValueError(
-                    f"{field}.rope_parameters.{key}={rope.get(key)!r} is not supported: "
-                    f"megatron-core's llama3 rope scaling fixes it to {fixed}"
-                )
+        missing = [key for key in LLAMA3_ROPE_KEYS if key not in rope]
+        if missing:
+            raise ValueError(f"{field}.rope_parameters lacks {missing}: rope_type 'llama3' needs "
+                             f"{list(LLAMA3_ROPE_KEYS)}")
+        if not float(rope["high_freq_factor"]) > float(rope["low_freq_factor"]) > 0:
+            raise ValueError(
+                f"{field}.rope_parameters: need high_freq_factor > low_freq_factor > 0, got "
+                f"low_freq_factor={rope['low_freq_factor']!r}, high_freq_factor={rope['high_freq_factor']!r}"
+            )
 
 
 def rope_parameters(sub: LlamaConfig) -> dict[str, Any]:
@@ -383,16 +384,39 @@ def rope_parameters(sub: LlamaConfig) -> dict[str, Any]:
     return dict(sub.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
 
 
+# The built-in tiny model's stacks and final norm differ in every non-shape setting, so
+# that code reading one stack's setting for another's computes different numbers: rope
+# type and theta (default 1e4 below, llama3 5e5 above), llama3 scaling with an original
+# context other than 8192 (at head_dim 8 and theta 5e5 the wavelengths are 6.3, 167, 4443
+# and 1.2e5 positions: with 4096 / low_freq_factor 1 the last two are divided by the
+# factor), and three RMSNorm epsilons (lower, upper, final) far enough apart that reading
+# one for another moves float64 outputs by about 1e-4 relative (the tolerance is 1e-9).
+TINY_LOWER_SETTINGS: dict[str, Any] = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+)
+TINY_UPPER_SETTINGS: dict[str, Any] = dict(
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 4096},
+    rms_norm_eps=1e-3,
+)
+TINY_FINAL_NORM_EPS = 1e-2
+
+
 def tiny_split_config(mlp: bool = False, num_lower: int = 2, num_upper: int = 2,
+                      lower: dict[str, Any] | None = None, upper: dict[str, Any] | None = None,
                       **kwargs: Any) -> CustomSplitLlamaConfig:
-    """The built-in tiny model: tiny 8B-shaped lower stack, tiny 70B-shaped upper stack.
+    """The built-in tiny model: tiny 8B-shaped lower stack, tiny 70B-shaped upper stack,
+    with the differing settings above. ``lower`` / ``upper``: overrides of either stack
+    (shapes of a test's variant); ``kwargs`` go to the split config.
 
     The upper source model is deeper than ``num_upper`` so the index offset of the upper
     layers is always exercised."""
-    lower = llama_preset("tiny-llama3.1-8b")
-    upper = llama_preset("tiny-llama3.1-70b")
+    lower_config = llama_preset("tiny-llama3.1-8b", **copy.deepcopy({**TINY_LOWER_SETTINGS, **(lower or {})}))
+    upper_config = llama_preset("tiny-llama3.1-70b", **copy.deepcopy({**TINY_UPPER_SETTINGS, **(upper or {})}))
+    kwargs.setdefault("rms_norm_eps", TINY_FINAL_NORM_EPS)
     return CustomSplitLlamaConfig.from_llama_configs(
-        lower, upper, num_lower, num_upper, mlp=mlp, **kwargs
+        lower_config, upper_config, num_lower, num_upper, mlp=mlp, **kwargs
     )
 
 

@@ -8,8 +8,8 @@
   dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
 * ``decoder_stack``: megatron's ``TransformerBlock`` over the layers of one stack that a
   pipeline stage holds (so megatron's activation recompute applies, ``RECOMPUTE``);
-* ``RotaryPositions``: per-token rotary angles from position ids (megatron's inverse
-  frequencies, llama3 scaling included);
+* ``RotaryPositions``: per-token rotary angles from position ids (inverse frequencies from
+  the stack's rope settings by transformers' rope functions, llama3 scaling included);
 * ``Adapter``: ``h_lo -> h_hi``, one projection (``mlp=false``) or linear-ReLU-linear.
 
 Tensor layout is megatron's ``[seq, batch, hidden]``; packed sequences are a batch of one
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -38,9 +37,11 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from splitllama.attention import SplitCoreAttention
-from splitllama.config import rope_parameters
+from splitllama.config import SUPPORTED_ROPE_TYPES, rope_parameters
 
 
 def parallel_fields(megatron_config: ModelParallelConfig) -> dict:
@@ -172,20 +173,30 @@ def decoder_stack(config: TransformerConfig, count: int) -> TransformerBlock:
 
 
 class RotaryPositions(torch.nn.Module):
-    """Rotary angles for explicit position ids (caller-given or default), per token."""
+    """Rotary angles for explicit position ids (caller-given or default), per token.
+
+    The inverse frequencies are those of transformers for the stack's own rope settings
+    (theta, and for llama3 the factor, low/high frequency factors and original context
+    length, whatever their values): the default rope from ``LlamaRotaryEmbedding`` (which
+    transformers keeps in the model file), the others from ``ROPE_INIT_FUNCTIONS``."""
 
     def __init__(self, sub: LlamaConfig, config: TransformerConfig):
         super().__init__()
-        rope = rope_parameters(sub)
-        llama3 = rope.get("rope_type", "default") == "llama3"
-        self.rotary = RotaryEmbedding(
-            kv_channels=sub.head_dim,
-            rotary_percent=1.0,
-            rotary_base=rope["rope_theta"],
-            rope_scaling=llama3,
-            rope_scaling_factor=float(rope.get("factor", 8.0)),
-            use_cpu_initialization=config.use_cpu_initialization,
-        )
+        rope_type = rope_parameters(sub).get("rope_type", "default")
+        if rope_type == "default":
+            inv_freq, attention_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(sub)
+        elif rope_type in SUPPORTED_ROPE_TYPES:
+            inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](sub, None)
+        else:
+            raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not supported "
+                             f"(allowed: {list(SUPPORTED_ROPE_TYPES)})")
+        # Megatron's rotary application scales cos/sin by nothing; both supported types
+        # leave them unscaled (transformers returns attention_factor 1.0 for them).
+        if float(attention_factor) != 1.0:
+            raise ValueError(f"rope_type={rope_type!r} scales cos/sin by {attention_factor}, "
+                             "which this model does not apply")
+        # float32, as transformers defines them; widened only when forming angles
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
 
     def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[B, S]`` positions -> angles ``[S, B, 1, head_dim]``.
@@ -194,7 +205,7 @@ class RotaryPositions(torch.nn.Module):
         position 4096 is off by up to 2.4e-4 rad, which would dominate a float64 check.
         Half-precision compute takes float32 angles (far below bf16 resolution)."""
         angle_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
-        inv_freq = self.rotary.inv_freq.to(position_ids_BS.device, angle_dtype)
+        inv_freq = self.inv_freq.to(position_ids_BS.device, angle_dtype)
         freqs = position_ids_BS.to(angle_dtype)[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.transpose(0, 1)[:, :, None, :]

@@ -14,7 +14,7 @@ import math
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
 from splitllama.checkpoints import gather_full_state, load_checkpoint
@@ -70,7 +70,10 @@ def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: 
 
 
 # ---- running ------------------------------------------------------------------------------------
-def _oracle_observe(model, mb: Microbatch) -> torch.Tensor:
+def _oracle_observe(model, mb: Microbatch, trunk: bool = False) -> torch.Tensor:
+    if trunk:  # the HF trunk's final hidden state (after the final norm), [B, S, h_hi]
+        return model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                           position_ids=mb.position_ids).last_hidden_state
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                 position_ids=mb.position_ids).logits
     if out.shape[-1] == 1 and mb.probe.dim() == 2:  # value model: [B, S, 1] -> [B, S]
@@ -83,14 +86,15 @@ def _oracle_observe(model, mb: Microbatch) -> torch.Tensor:
     return torch.stack([log_prob, entropy], dim=-1)
 
 
-def run_oracle(model, microbatches: list[Microbatch]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def run_oracle(model, microbatches: list[Microbatch],
+               trunk: bool = False) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """What is observed per micro-batch, and gradients by checkpoint name."""
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
     observed = []
     for mb in microbatches:
         mb = mb.to(device)
-        out = _oracle_observe(model, mb)
+        out = _oracle_observe(model, mb, trunk)
         (out * masked_probe(mb, out)).sum().backward()
         observed.append(out.detach().cpu())
     grads = {
@@ -124,10 +128,24 @@ def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, tor
     return (output * probe).sum(), output
 
 
+def trunk_hidden(model, mb: Microbatch) -> torch.Tensor:
+    """The final hidden states ``[B, S, h_hi]`` (zeros at padding) of the trunk of a model
+    without pipeline stages: its ``ParallelCustomSplitLLamaModel`` (padded) or
+    ``...ModelRmPad`` (packed) run on the batch object the model itself builds. Under SP
+    the trunk's sequence shards are gathered; every rank then holds the same loss, so the
+    backward only takes each rank's own shard (``tensor_parallel_output_grad=False``)."""
+    batch = model._batch(mb.input_ids, mb.attention_mask, mb.position_ids, None)
+    hidden = batch.hidden(model.model)
+    if model.parallel_layout.sp:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return batch.restore(hidden)
+
+
 def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch],
-                   layout: ParallelLayout) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                   layout: ParallelLayout, trunk: bool = False) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """What is observed per micro-batch (on every rank) and gathered gradients by
-    checkpoint name."""
+    checkpoint name. ``trunk``: the trunk's final hidden states instead of the head's
+    output (no pipeline stages)."""
     device = next(chunks[0].parameters()).device
     for chunk in chunks:
         chunk.zero_grad(set_to_none=True)
@@ -136,13 +154,17 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
         (model,) = chunks
         observed = []
         for mb in moved:
-            if mb.labels is not None:
+            if trunk:
+                out = trunk_hidden(model, mb)
+            elif mb.labels is not None:
                 out = torch.stack(model.log_probs_and_entropy(
                     mb.input_ids, mb.attention_mask, mb.labels, mb.position_ids), dim=-1)
             else:
                 out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
             (out * masked_probe(mb, out)).sum().backward()
             observed.append(out.detach().cpu())
+    elif trunk:
+        raise ValueError(f"the trunk is compared without pipeline stages, not at {layout}")
     else:
         observed = _run_pipelined(chunks, moved)
     allreduce_sequence_parallel_grads(chunks)
@@ -171,9 +193,12 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
-               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False) -> Report:
+               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
+               trunk: bool = False) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute`` and ``padded`` choose the production model (``build_production``)."""
+    rank. ``recompute`` and ``padded`` choose the production model (``build_production``).
+    ``trunk``: compare the trunk's final hidden states (``trunk_hidden``) with the oracle
+    trunk's ``last_hidden_state``, probes ``[B, S, h_hi]``."""
     setup_parallel(layout, device)
     chunks = build_production(config, layout, head, dtype, device, recompute, padded)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
@@ -182,20 +207,20 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
     if dtype == torch.bfloat16 and config.mlp:
         ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches], bf16_allowed_error)
     with ties.record_production(chunks, config.h_hi) if ties else contextlib.nullcontext():
-        prod_out, prod_grads = run_production(chunks, microbatches, layout)
+        prod_out, prod_grads = run_production(chunks, microbatches, layout, trunk)
     low_oracle = load_oracle(checkpoint_dir, head, dtype, device) if dtype == torch.bfloat16 else None
     if ties:
         with ties.record_oracle_preactivations(low_oracle), torch.no_grad():
             for mb in microbatches:
-                _oracle_observe(low_oracle, mb.to(device))
+                _oracle_observe(low_oracle, mb.to(device), trunk)
     ref_dtype = torch.float64 if device == "cpu" else torch.float32
     oracle = load_oracle(checkpoint_dir, head, ref_dtype, device)
     with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
-        ref_out, ref_grads = run_oracle(oracle, microbatches)
+        ref_out, ref_grads = run_oracle(oracle, microbatches, trunk)
     low_out = low_grads = None
     if low_oracle is not None:
         with ties.take_production_branch_at_ties(low_oracle, reference=False) if ties else contextlib.nullcontext():
-            low_out, low_grads = run_oracle(low_oracle, microbatches)
+            low_out, low_grads = run_oracle(low_oracle, microbatches, trunk)
     report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
                      low_out, low_grads)
     if ties:

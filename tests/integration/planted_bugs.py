@@ -10,6 +10,7 @@ them in the gate; run them alone with ``pytest tests/integration -k planted`` (a
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, llama_preset
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"
-    recompute: str = "none"  # the production model's activation recompute  # or "large_logits", "round_trip", "fused_head"
+    check: str = "parity"  # or "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
+    recompute: str = "none"  # the production model's activation recompute
+    padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
 
 
 def _two_projection_adapter(mp):
@@ -88,7 +90,7 @@ def _qkv_concatenated(mp):
 
 
 def _value_head_gathered_twice(mp):
-    def gathered_twice(self, hidden):
+    def gathered_twice(self, hidden, scores=None, vocab_parallel=False):
         values = torch.nn.Linear.forward(self, hidden)
         if self.sequence_parallel:
             values = tensor_parallel.gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
@@ -192,12 +194,84 @@ def _recompute_detaches_input(mp):
     mp.setattr(tp, "checkpoint", detached)
 
 
+def _padded_attention_ignores_padding(mp):
+    def causal_only(mask_BS):
+        seq = mask_BS.shape[1]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=mask_BS.device).tril()
+        return causal[None, None].expand(mask_BS.shape[0], 1, seq, seq)
+
+    # model.py imported the name
+    mp.setattr(model, "plan_padded", causal_only)
+
+
+def _after_trunk_init(mp, change):
+    """Patch the trunk (every class's, pipeline stages included) to apply ``change(trunk,
+    config)`` after its own constructor."""
+    init = model.ParallelCustomSplitLLamaModel.__init__
+
+    def patched(self, config, megatron_config, layout, recompute="none"):
+        init(self, config, megatron_config, layout, recompute)
+        change(self, config)
+
+    mp.setattr(model.ParallelCustomSplitLLamaModel, "__init__", patched)
+
+
+def _rotary_with(sub, stack_config, **rope):
+    sub = copy.deepcopy(sub)
+    sub.rope_parameters = rope
+    return layers.RotaryPositions(sub, stack_config)
+
+
+def _lower_rope_theta_from_upper(mp):
+    def change(trunk, config):
+        if trunk.rotary_lower is not None:
+            trunk.rotary_lower = _rotary_with(config.lower, trunk.lower_config, **{
+                **config.lower.rope_parameters, "rope_theta": config.upper.rope_parameters["rope_theta"]})
+
+    _after_trunk_init(mp, change)
+
+
+def _upper_rope_scaling_from_lower(mp):
+    def change(trunk, config):
+        if trunk.rotary_upper is not None:  # the lower's rope type (default), the upper's theta
+            trunk.rotary_upper = _rotary_with(config.upper, trunk.upper_config, **{
+                **config.lower.rope_parameters, "rope_theta": config.upper.rope_parameters["rope_theta"]})
+
+    _after_trunk_init(mp, change)
+
+
+def _upper_norm_eps_from_lower(mp):
+    def change(trunk, config):
+        for module in trunk.upper.modules() if trunk.upper is not None else ():
+            if isinstance(module, layers.RMSNorm):
+                module.eps = config.lower.rms_norm_eps
+
+    _after_trunk_init(mp, change)
+
+
+def _final_norm_eps_from_upper(mp):
+    def change(trunk, config):
+        if trunk.norm is not None:
+            trunk.norm.eps = config.upper.rms_norm_eps
+
+    _after_trunk_init(mp, change)
+
+
+def _loader_skips_eps(mp):
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "_SUB_FIELDS", tuple(f for f in checkpoints._SUB_FIELDS if f != "rms_norm_eps"))
+
+
+def _input_range_check_removed(mp):
+    mp.setattr(model, "_check_range", lambda name, low, high, vocab: None)
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
-    lower = llama_preset("tiny-llama3.1-8b", hidden_size=128, num_attention_heads=16,
-                         num_key_value_heads=4, intermediate_size=448)
-    return CustomSplitLlamaConfig.from_llama_configs(lower, llama_preset("tiny-llama3.1-70b"), 2, 2)
+    return tiny_split_config(lower=dict(hidden_size=128, num_attention_heads=16,
+                                        num_key_value_heads=4, intermediate_size=448))
 
 
 PLANTED = [
@@ -234,6 +308,24 @@ PLANTED = [
     PlantedBug("fused_blocks_merged_without_rescale", "fused head: vocab blocks' sum-exp merged without "
                "rescaling to the common max", ("tp1", "tp2"), _fused_blocks_merged_without_rescale, check="fused_head"),
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
+    PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
+               ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
+    # The tiny model's stacks differ in every non-shape setting (config.TINY_*_SETTINGS), so
+    # reading one from the wrong place moves the outputs.
+    PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",
+               ("tp1", "pp2_cut_lower"), _lower_rope_theta_from_upper),
+    PlantedBug("upper_rope_scaling_from_lower", "upper stack's rotary without its llama3 scaling "
+               "(the lower's default rope type)", ("tp1", "tp2_sp"), _upper_rope_scaling_from_lower),
+    PlantedBug("upper_norm_eps_from_lower", "upper stack's RMSNorms use the lower's eps",
+               ("tp1", "tp2_sp"), _upper_norm_eps_from_lower),
+    PlantedBug("final_norm_eps_from_upper", "final RMSNorm uses the upper stack's eps, not rms_norm_eps",
+               ("tp1", "pp2_cut_upper"), _final_norm_eps_from_upper),
+    PlantedBug("loader_skips_eps", "loader does not compare the stacks' eps: a checkpoint whose eps "
+               "differs from the model's loads", ("tp1", "tp2"), _loader_skips_eps, check="loader_config"),
+    # tp2 only: at tp1 the embedding itself raises IndexError on an out-of-range id; at tp2
+    # the vocab-parallel embedding zeroes it and the logits are finite and wrong
+    PlantedBug("input_range_check_removed", "out-of-range token ids and labels are not refused",
+               ("tp2",), _input_range_check_removed, check="input_range"),
     PlantedBug("fused_label_offset_dropped", "fused head: label column not shifted by the tile's first row",
                ("tp1", "tp2"), _fused_label_offset_dropped, check="fused_head"),
 ]

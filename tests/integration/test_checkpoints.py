@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -127,6 +128,74 @@ def test_loader_refuses_a_config_that_differs_from_the_model(layout, checkpoint_
     chunks = build(checkpoint_factory("lm", False), layout, "lm")
     with pytest.raises(ValueError, match=r"mlp=True but the model was built with mlp=False"):
         load_checkpoint(chunks, checkpoint_factory("lm", True), progress=False)
+
+
+def _set(path: str, value):
+    def edit(config: CustomSplitLlamaConfig) -> None:
+        *parents, field = path.split(".")
+        target = config
+        for name in parents:
+            target = getattr(target, name)
+        setattr(target, field, value)
+    return edit
+
+
+def _set_rope(which: str, **changes):
+    def edit(config: CustomSplitLlamaConfig) -> None:
+        sub = getattr(config, which)
+        sub.rope_parameters = {**sub.rope_parameters, **changes}
+    return edit
+
+
+# Each changes one field of the model's config that changes the math; the tiny checkpoint's
+# values: lower eps 1e-5, default rope theta 1e4; upper eps 1e-3, llama3 rope theta 5e5,
+# factor 8, original context 4096; final eps 1e-2.
+CONFIG_MISMATCHES = {
+    "final_eps": (_set("rms_norm_eps", 1e-3), r"rms_norm_eps=0\.01 but the model was built with rms_norm_eps=0\.001"),
+    "lower_eps": (_set("lower_config.rms_norm_eps", 1e-3),
+                  r"lower_config\.rms_norm_eps=1e-05 but the model was built with lower_config\.rms_norm_eps=0\.001"),
+    "upper_eps": (_set("upper_config.rms_norm_eps", 1e-5),
+                  r"upper_config\.rms_norm_eps=0\.001 but the model was built with upper_config\.rms_norm_eps=1e-05"),
+    "lower_rope_theta": (_set_rope("lower_config", rope_theta=500000.0),
+                         r"lower_config\.rope_parameters=\{.*'rope_theta': 10000\.0.*\} but the model was built "
+                         r"with lower_config\.rope_parameters=\{.*'rope_theta': 500000\.0"),
+    "upper_rope_original_context": (_set_rope("upper_config", original_max_position_embeddings=8192),
+                                    r"upper_config\.rope_parameters=\{.*4096.*\} but the model was built with "
+                                    r"upper_config\.rope_parameters=\{.*8192"),
+    "upper_rope_factor": (_set_rope("upper_config", factor=4.0),
+                          r"upper_config\.rope_parameters=\{.*'factor': 8\.0.*\} but .*'factor': 4\.0"),
+    "upper_rope_type": (_set("upper_config.rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
+                        r"upper_config\.rope_parameters=\{.*'rope_type': 'llama3'\} but .*'rope_type': 'default'"),
+    "vocab": (_set("vocab_size", 300), r"vocab_size=256 but the model was built with vocab_size=300"),
+    "adapter_kind": (_set("mlp", True), r"mlp=False but the model was built with mlp=True"),
+    "lower_layers": (_set("num_layers_8", 1), r"num_layers_8=2 but the model was built with num_layers_8=1"),
+    "upper_layers": (_set("num_layers_70", 3), r"num_layers_70=2 but the model was built with num_layers_70=3"),
+    "upper_depth": (_set("upper_config.num_hidden_layers", 5),
+                    r"upper_config\.num_hidden_layers=6 but the model was built with upper_config\.num_hidden_layers=5"),
+}
+
+
+def loader_refuses(ckpt: str, layout, case: str) -> bool:
+    """Whether loading ``ckpt`` into a model whose config differs in the field of ``case``
+    fails with the error that names the field and both values."""
+    edit, message = CONFIG_MISMATCHES[case]
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    edit(config)
+    setup_parallel(layout, DEVICE)
+    chunks = build_production(config, layout, "lm", DTYPE, DEVICE)
+    try:
+        load_checkpoint(chunks, ckpt, progress=False)
+    except ValueError as err:
+        return re.search(message, str(err)) is not None
+    return False
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_MISMATCHES))
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
+def test_loader_refuses_each_config_field_that_changes_the_math(case, layout, checkpoint_factory):
+    """The model's config differs from the checkpoint's in one field; the loader names the
+    field and both values before reading any tensor."""
+    assert loader_refuses(checkpoint_factory("lm", False), layout, case), CONFIG_MISMATCHES[case][1]
 
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp"))

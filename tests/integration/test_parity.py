@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitllama.config import llama_preset, CustomSplitLlamaConfig
+from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.runner import run_parity
 from tests.cases import EDGE_MASKS, caller_position_ids, long_row_mask, masks, random_input_ids
@@ -25,24 +25,29 @@ VOCAB = 256  # the tiny presets' vocabulary
 
 
 def microbatch(mask: torch.Tensor, head: str, seed: int, name: str = "", positions: bool = False,
-               labels: bool = False, vocab: int = VOCAB) -> Microbatch:
+               labels: bool = False, vocab: int = VOCAB, hidden: int | None = None) -> Microbatch:
+    """``hidden``: probe the trunk's final hidden states ``[B, S, hidden]`` instead of the head."""
     gen = torch.Generator().manual_seed(seed)
     ids = random_input_ids(mask, vocab, seed)
     pos = caller_position_ids(mask, seed) if positions else None
     if labels:
         return Microbatch(ids, mask, pos, torch.randn(*mask.shape, 2, generator=gen), name, ids.roll(-1, 1))
     shape = (*mask.shape, vocab) if head == "lm" else mask.shape
+    if hidden is not None:
+        shape = (*mask.shape, hidden)
     return Microbatch(ids, mask, pos, torch.randn(*shape, generator=gen), name)
 
 
-def edge_case_microbatches(head: str) -> list[Microbatch]:
+def edge_case_microbatches(head: str, hidden: int | None = None) -> list[Microbatch]:
     """The explicit cases of docs/verification.md as micro-batches of different lengths (also what the
     pipeline schedule must cope with): all-padding rows and batch, no padding, single-token
     rows, max_seqlen 1, padding inside rows, an odd token count (SP padding), caller
     position_ids that differ from the default."""
-    batches = [microbatch(mask, head, seed, name) for seed, (name, mask) in enumerate(EDGE_MASKS.items())]
-    batches.append(microbatch(EDGE_MASKS["left_right_inside"], head, 98, "caller_positions", positions=True))
-    batches.append(microbatch(EDGE_MASKS["empty_row"], head, 99, "caller_positions_empty_row", positions=True))
+    batches = [microbatch(mask, head, seed, name, hidden=hidden) for seed, (name, mask) in enumerate(EDGE_MASKS.items())]
+    batches.append(microbatch(EDGE_MASKS["left_right_inside"], head, 98, "caller_positions", positions=True,
+                              hidden=hidden))
+    batches.append(microbatch(EDGE_MASKS["empty_row"], head, 99, "caller_positions_empty_row", positions=True,
+                              hidden=hidden))
     return batches  # an even count: megatron's interleaved schedule wants a multiple of pp
 
 
@@ -59,6 +64,36 @@ def test_edge_cases(layout, head, mlp, checkpoint_factory):
     ckpt = checkpoint_factory(head, mlp)
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     assert_passed(run_parity(ckpt, config, layout, head, DTYPE, DEVICE, edge_case_microbatches(head)))
+
+
+# The seed classes without pipeline stages (the PP classes are the pp* layouts above).
+NO_PP_LAYOUTS = ("tp1", "tp2", "tp2_sp")
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+@pytest.mark.parametrize("layout", layouts(*NO_PP_LAYOUTS))
+def test_padded_causal_lm_edge_cases(layout, mlp, checkpoint_factory):
+    """The padded ``ParallelCustomSplitLLamaForCausalLM`` (padded attention path):
+    logits, and log-probs with entropy, forward and backward."""
+    ckpt = checkpoint_factory("lm", mlp)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = edge_case_microbatches("lm") + [
+        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "log_probs_mixed", labels=True),
+        microbatch(EDGE_MASKS["empty_row"], "lm", 2, "log_probs_empty_row", labels=True, positions=True),
+    ]
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=True))
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["ParallelCustomSplitLLamaModel",
+                                                       "ParallelCustomSplitLLamaModelRmPad"])
+@pytest.mark.parametrize("layout", layouts(*NO_PP_LAYOUTS))
+def test_trunk_final_hidden_states(layout, padded, checkpoint_factory):
+    """The trunks against the oracle trunk's final hidden state (after the final norm),
+    forward and backward, through a probe on the hidden states."""
+    ckpt = checkpoint_factory("lm", True)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = edge_case_microbatches("lm", hidden=config.h_hi)
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=padded, trunk=True))
 
 
 @pytest.mark.parametrize("layout", layouts())
@@ -117,12 +152,10 @@ def test_activation_recompute(layout, recompute, checkpoint_factory):
 
 def long_row_config() -> CustomSplitLlamaConfig:
     """Two heads per stack, so the padded oracle's float64 attention of a 4097-token row
-    ([heads, S, S] = 2 x 4097^2, 270 MB) stays cheap on 2 CPU cores."""
-    def stack(preset, layers):
-        return llama_preset(preset, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
-                            intermediate_size=56, num_hidden_layers=layers)
-    return CustomSplitLlamaConfig.from_llama_configs(
-        stack("tiny-llama3.1-8b", 2), stack("tiny-llama3.1-70b", 3), 2, 2)
+    ([heads, S, S] = 2 x 4097^2, 270 MB) stays cheap on 2 CPU cores. The stacks keep the
+    tiny model's differing rope and eps settings."""
+    small = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=56)
+    return tiny_split_config(lower=dict(small, num_hidden_layers=2), upper=dict(small, num_hidden_layers=3))
 
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp", "pp2_cut_adapter"))

@@ -17,8 +17,9 @@ from splitllama.verify.runner import run_parity
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
-from tests.integration.test_checkpoints import round_trip_mismatches
+from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_fused_logprobs import fused_head_agrees
+from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
 from tests.integration.test_parity import edge_case_microbatches
 
 
@@ -64,6 +65,22 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
         bug.plant(monkeypatch)
         assert not fused_head_agrees(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
         return
+    if bug.check == "loader_config":
+        ckpt = checkpoint_factory("lm", False)
+        cases = ("lower_eps", "upper_eps")
+        assert all(loader_refuses(ckpt, layout, case) for case in cases), "the check must pass without the bug"
+        bug.plant(monkeypatch)
+        assert not all(loader_refuses(ckpt, layout, case) for case in cases), \
+            f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
+    if bug.check == "input_range":
+        ckpt = checkpoint_factory("lm", False)
+        checks = [(case, padded) for case in sorted(BAD_VALUES) for padded in (False, True)]
+        assert all(out_of_range_refused(ckpt, layout, c, p) for c, p in checks), "the check must pass without the bug"
+        bug.plant(monkeypatch)
+        assert not any(out_of_range_refused(ckpt, layout, c, p) for c, p in checks), \
+            f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
     if bug.check == "large_logits":
         assert large_logits_agree(layout), "the check itself must pass without the bug"
         bug.plant(monkeypatch)
@@ -74,6 +91,6 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
     split_config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     bug.plant(monkeypatch)
     report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, edge_case_microbatches(bug.head),
-                        recompute=bug.recompute)
+                        recompute=bug.recompute, padded=bug.padded)
     assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
     dist.barrier()

@@ -79,11 +79,27 @@ def test_rope_type_not_supported():
 
 
 @pytest.mark.parametrize(("key", "value"), [("low_freq_factor", 2.0), ("high_freq_factor", 8.0),
-                                            ("original_max_position_embeddings", 4096)])
-def test_llama3_rope_constants_fixed_by_megatron(key, value):
+                                            ("original_max_position_embeddings", 4096), ("factor", 4.0)])
+def test_llama3_rope_settings_other_than_the_published_ones_are_accepted(key, value):
     rope = dict(PRESETS["llama3.1-70b"]["rope_parameters"], **{key: value})
-    with pytest.raises(ValueError, match=f"upper_config.rope_parameters.{key}="):
-        _split(upper=_upper(rope_parameters=rope))
+    assert _split(upper=_upper(rope_parameters=rope)).upper.rope_parameters[key] == value
+
+
+@pytest.mark.parametrize("key", ["factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings"])
+def test_llama3_rope_without_a_setting_names_it(key):
+    lower = _lower()
+    lower.rope_parameters = {k: v for k, v in PRESETS["llama3.1-8b"]["rope_parameters"].items() if k != key}
+    with pytest.raises(ValueError, match=f"lower_config.rope_parameters lacks \\['{key}'\\]"):
+        _split(lower=lower)
+
+
+def test_llama3_rope_frequency_factors_out_of_order_refused():
+    upper = _upper()
+    upper.rope_parameters = dict(PRESETS["llama3.1-70b"]["rope_parameters"], low_freq_factor=4.0,
+                                 high_freq_factor=1.0)
+    with pytest.raises(ValueError, match="upper_config.rope_parameters: need high_freq_factor > low_freq_factor"):
+        _split(upper=upper)
 
 
 def test_non_silu_activation_names_hidden_act():
