@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
+LOG_PROBS_CHOICES = ("fused", "materialise")  # splitllama.heads.LOG_PROBS
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -90,6 +91,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the production model (default none)")
+    p.add_argument("--log-probs", default="fused", choices=LOG_PROBS_CHOICES,
+                   help="how the LM head computes log-probs and entropy: fused (from the hidden "
+                        "states in tiles, default) or materialise (from the full logits)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
 
 
@@ -262,7 +266,7 @@ def _check(args, argv: list[str]) -> int:
         raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
-                       recompute=args.recompute)
+                       recompute=args.recompute, log_probs=args.log_probs)
     if dist.get_rank() == 0:
         emit(report.table())
         if args.json:
