@@ -105,8 +105,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "On CUDA: real Llama-3.1 layer shapes (a few layers of each stack, vocab "
             "128256), bf16, forward+backward on documents drawn from an RL length "
             "distribution; reports tokens/s, useful TFLOP/s, the matmul ceiling measured in "
-            "the same run, packed/padded speedup, attention backends side by side and, "
-            "under torchrun with 2 processes, TP=2 with and without SP."
+            "the same run, packed/padded speedup, attention backends side by side, the LM "
+            "head's fused vs materialising log-probs (entropy on) and the most packed tokens "
+            "each fits in memory, and, under torchrun with 2 processes, TP=2 with and without SP."
         ),
     )
     p.add_argument("--lower-layers", type=int, default=2, help="8B-shaped layers (default 2)")
@@ -115,8 +116,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--only", default=None,
-                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), profile "
-                        "(default: all)")
+                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), recompute, "
+                        "head (fused vs materialising log-probs), max_tokens (largest packed batch per "
+                        "log-prob path), profile (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the timed model (default none; the 'recompute' part "
