@@ -113,7 +113,7 @@ class ValueHead(torch.nn.Linear):
     def __init__(self, config: TransformerConfig, hidden_size: int):
         super().__init__(hidden_size, 1, bias=False, dtype=config.params_dtype, device=param_device(config))
         self.sequence_parallel = config.sequence_parallel
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
                 vocab_parallel: bool = False) -> torch.Tensor:

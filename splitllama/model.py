@@ -103,7 +103,7 @@ class PackedBatch:
     batch: int
     seq: int
 
-    def hidden(self, trunk: "ParallelCustomSplitLLamaModelRmPad") -> torch.Tensor:
+    def hidden(self, trunk: ParallelCustomSplitLLamaModelRmPad) -> torch.Tensor:
         return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
 
     def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ class PaddedBatch:
     labels_SB: torch.Tensor | None
     seq: int
 
-    def hidden(self, trunk: "ParallelCustomSplitLLamaModel") -> torch.Tensor:
+    def hidden(self, trunk: ParallelCustomSplitLLamaModel) -> torch.Tensor:
         return trunk(self.input_ids_BS, self.position_ids_BS, self.allowed_B1SS)
 
     def restore(self, out_SBX: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and entropy (Ca
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from megatron.core import parallel_state

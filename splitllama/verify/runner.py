@@ -203,7 +203,7 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
     report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
                      low_out, low_grads)
     if ties:
-        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts)):
+        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts, strict=False)):
             # max_abs: units on the other side of 0 beyond the rule's band; must be none
             report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
                                    f"on production's branch)", beyond, beyond, 0.0, beyond == 0))
