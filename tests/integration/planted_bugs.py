@@ -87,7 +87,7 @@ def _qkv_concatenated(mp):
 
 
 def _value_head_gathered_twice(mp):
-    def gathered_twice(self, hidden):
+    def gathered_twice(self, hidden, scores=None, vocab_parallel=False):
         values = torch.nn.Linear.forward(self, hidden)
         if self.sequence_parallel:
             values = tensor_parallel.gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
