@@ -20,8 +20,8 @@ Parts (``--only`` picks some):
 
 The timed step is what an RL actor does: forward, log-probabilities of the next tokens and
 the entropy of each next-token distribution (vocabulary kept split over TP), backward of a
-loss of both. Useful FLOPs count real tokens only (SPEC 5,
-Megatron's formula with causal attention halved, BENCHMARKS.md), so padded runs are
+loss of both. Useful FLOPs count real tokens only (Megatron's formula with causal
+attention halved, BENCHMARKS.md), so padded runs are
 credited with the same work. Times are CUDA-event medians after warm-up, on fresh random inputs.
 """
 

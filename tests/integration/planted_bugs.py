@@ -1,7 +1,7 @@
 """Planted bugs: each equivalence check must FAIL when one of these is applied.
 
 The first five are defects of the earlier implementation or public bugs of the same
-family (SPEC 4); the others guard the pipeline, log-prob and saving code. Each bug is a
+family; the others guard the pipeline, log-prob and saving code. Each bug is a
 monkeypatch of production code (production itself carries no bug switches) plus the check
 that must catch it and the layouts where the bug can show. ``test_planted_bugs.py`` runs
 them in the gate; run them alone with ``pytest tests/integration -k planted`` (and under

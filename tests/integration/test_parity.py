@@ -36,7 +36,7 @@ def microbatch(mask: torch.Tensor, head: str, seed: int, name: str = "", positio
 
 
 def edge_case_microbatches(head: str) -> list[Microbatch]:
-    """SPEC 3's explicit cases as micro-batches of different lengths (also what the
+    """The explicit edge cases as micro-batches of different lengths (also what the
     pipeline schedule must cope with): all-padding rows and batch, no padding, single-token
     rows, max_seqlen 1, padding inside rows, an odd token count (SP padding), caller
     position_ids that differ from the default."""

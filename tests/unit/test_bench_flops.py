@@ -1,4 +1,4 @@
-"""splitllama bench without a GPU: the useful-FLOP count reproduces SPEC 5, and the
+"""splitllama bench without a GPU: the useful-FLOP count reproduces the published per-token figures, and the
 workload, pairing, profiler sorting and summary behave."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_flops_per_token_match_the_published_figures():
     lower = 1.309e9 + 24576
     upper = 5.134e9 + 49152
     adapter, head = 0.201e9, 6.30e9
-    # SPEC 5 rounds each figure to 3-4 digits
+    # the published figures are rounded to 3-4 digits
     assert one_token == pytest.approx(lower + upper + adapter + head, rel=2e-3)
 
 
