@@ -68,3 +68,17 @@ def test_check_batch_count_fits_the_interleaved_schedule(pp):
     batches = check_microbatches(256, "lm", multiple_of=pp)
     assert len(batches) % pp == 0
     assert len({b.name for b in batches}) == len(batches)
+
+
+def test_choices_mirror_the_library():
+    from splitllama.bench import PARTS
+    from splitllama.cli import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES
+    from splitllama.heads import LOG_PROBS
+    from splitllama.layers import RECOMPUTE
+
+    assert LOG_PROBS_CHOICES == LOG_PROBS and set(RECOMPUTE_CHOICES) == set(RECOMPUTE)
+    assert build_parser().parse_args(["check", "--log-probs", "materialise"]).log_probs == "materialise"
+    assert build_parser().parse_args(["check"]).log_probs == "fused"
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "only")
+    assert all(part in bench.help for part in PARTS)
