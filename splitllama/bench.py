@@ -11,18 +11,24 @@ Parts (``--only`` picks some):
                 70B-shaped stacks: per-GPU efficiency and peak memory;
 * ``recompute`` activation recompute none / selective / full on the packed model: step
                 time and activation memory;
+* ``head``      the LM head's log-prob paths side by side, fused (tiles from the hidden
+                states) vs materialising (``[T, V]`` logits), packed, on the same documents;
+* ``max_tokens`` for each log-prob path, the packed token count doubled from ``--tokens``
+                until out of memory: the largest that fits, its step time and peak memory;
 * ``profile``   torch profiler over one packed step: where the GPU time goes, by
                 operator and by kind (matmul, attention, other), to aim the next change.
 
-The timed step is what an RL actor does: forward, log-probabilities of the next tokens
-(vocabulary kept split over TP), backward. Useful FLOPs count real tokens only
-(Megatron's formula with causal attention halved, docs/verification.md), so padded runs
-are credited with the same work. Times are CUDA-event medians after warm-up, on fresh
-random inputs.
+The timed step is what an RL actor does: forward, log-probabilities of the next tokens and
+the entropy of each next-token distribution (vocabulary kept split over TP), backward of a
+loss of both. Useful FLOPs count real tokens only (Megatron's formula with causal
+attention halved, docs/verification.md), so padded runs are credited with the same work.
+Times are CUDA-event medians after warm-up, on fresh random inputs.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import os
 import statistics
@@ -36,10 +42,16 @@ from splitllama.attention import BACKEND_ENV, available_backends
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.distributed import init_distributed, megatron_config, setup_parallel, shutdown
+from splitllama.heads import LOG_PROBS
 from splitllama.layout import ParallelLayout
 
-PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "profile")
+PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "head", "max_tokens", "profile")
 REAL_VOCAB = 128256
+# The actor loss weighs entropy as RL trainers' entropy bonus does; any non-zero weight
+# makes the backward go through the entropy.
+ENTROPY_COEF = 1e-3
+# max_tokens stops doubling here even if memory is left (16M tokens: far past one GPU).
+MAX_TOKENS_LIMIT = 1 << 24
 
 
 # ---- workload ----------------------------------------------------------------------------
@@ -126,13 +138,16 @@ def matmul_ceiling(repeats: int) -> float:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
-def actor_step(model, batch: Batch):
-    """Forward, next-token log-probs, backward: what an RL actor's update does."""
+def actor_step(model, batch: Batch, entropy: bool = True):
+    """Forward, next-token log-probs and entropy, backward: what an RL actor's update does."""
     def step():
         model.zero_grad(set_to_none=True)
-        log_probs, _ = model.log_probs_and_entropy(batch.input_ids, batch.attention_mask, batch.labels,
-                                                   entropy=False)
-        (log_probs * batch.attention_mask).sum().backward()
+        log_probs, ent = model.log_probs_and_entropy(batch.input_ids, batch.attention_mask, batch.labels,
+                                                     entropy=entropy)
+        loss = (log_probs * batch.attention_mask).sum()
+        if ent is not None:
+            loss = loss + ENTROPY_COEF * (ent * batch.attention_mask).sum()
+        loss.backward()
     return step
 
 
@@ -167,9 +182,10 @@ def measure(name: str, step, batch: Batch, config, ceiling: float, args, gpus: i
 
 
 # ---- models ------------------------------------------------------------------------------
-def build(cls, config, layout: ParallelLayout, recompute: str = "none"):
+def build(cls, config, layout: ParallelLayout, recompute: str = "none", log_probs: str = "fused"):
     setup_parallel(layout, "cuda")
-    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True), recompute=recompute)
+    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True), recompute=recompute,
+                log_probs=log_probs)
     return model.cuda()
 
 
@@ -214,14 +230,14 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
         rows.append({**measure(f"p0/{name}", actor_step(model, even), even, config, ceiling, args),
                      "part": "packing"})
     rows.append(packed_on(make_batch(lengths, config.vocab_size, gen, "cuda")))
-    timed, batch = fitting("padded", lambda b: actor_step(padded, b), lengths, config, ceiling, args, gen)
+    timed, batch = fitting("padded", functools.partial(actor_step, padded), lengths, config, ceiling, args, gen)
     rows += timed
     if batch.lengths != lengths:
         rows.append(packed_on(batch))
     padded = None  # frees its memory before the oracle is built
     torch.cuda.empty_cache()
     oracle = build_oracle(config)
-    timed, batch = fitting("oracle", lambda b: oracle_step(oracle, b), lengths, config, ceiling, args, gen)
+    timed, batch = fitting("oracle", functools.partial(oracle_step, oracle), lengths, config, ceiling, args, gen)
     rows += timed
     oracle = None
     torch.cuda.empty_cache()
@@ -264,6 +280,55 @@ def part_recompute(config, ceiling, args, gen) -> list[dict]:
             row["time_vs_none"] = row["ms"] / base["ms"]
             row["activation_memory_vs_none"] = row["activation_memory_gib"] / base["activation_memory_gib"]
     return rows
+
+
+def part_head(config, ceiling, args, gen) -> list[dict]:
+    """Packed actor steps (entropy on) with each log-prob path of the LM head, on the same
+    documents; one model at a time, so each path's peak memory is its own."""
+    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    rows = []
+    for path in LOG_PROBS:
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute, path)
+        rows.append({**measure(f"head/{path}", actor_step(model, batch), batch, config, ceiling, args),
+                     "part": "head", "log_probs": path})
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def part_max_tokens(config, ceiling, args, gen) -> list[dict]:
+    """For each log-prob path: packed actor steps (entropy on) at ``--tokens``, twice that,
+    ... until out of memory; the largest that fits with its time and peak memory. Every
+    size draws its documents from its own seed, so both paths see the same batches."""
+    quick = argparse.Namespace(**{**vars(args), "warmup": 1, "repeats": min(args.repeats, 3)})
+    rows = []
+    for path in LOG_PROBS:
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute, path)
+        largest, out_of_memory_at, tokens = None, None, args.tokens
+        while tokens <= MAX_TOKENS_LIMIT:
+            sized = torch.Generator().manual_seed(args.seed + tokens)
+            batch = make_batch(rl_lengths(tokens, sized), config.vocab_size, sized, "cuda")
+            row = measure(f"max_tokens/{path}[{tokens}]", actor_step(model, batch), batch, config, ceiling, quick)
+            del batch
+            if "error" in row:
+                out_of_memory_at = tokens
+                break
+            largest = row
+            tokens *= 2
+        rows.append(max_tokens_row(path, largest, out_of_memory_at))
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def max_tokens_row(path: str, largest: dict | None, out_of_memory_at: int | None) -> dict:
+    """``largest``: the measured row of the largest batch that fit (None: not even the first)."""
+    row = {"name": f"max_tokens/{path}", "part": "max_tokens", "log_probs": path,
+           "largest_tokens": None, "out_of_memory_at": out_of_memory_at}
+    if largest is not None:
+        row.update(largest_tokens=largest["real_tokens"], ms=largest["ms"],
+                   peak_memory_gib=largest["peak_memory_gib"], tokens_per_s=largest["tokens_per_s"])
+    return row
 
 
 def part_tp(config, ceiling, args, gen) -> list[dict]:
@@ -340,6 +405,8 @@ def summary(rows: list[dict], ceiling: float) -> str:
         if "error" in r:
             lines.append(f"{r['name']:<28} {r['error']}")
             continue
+        if r.get("part") == "max_tokens":
+            continue  # reported below the table
         if r.get("part") == "profile":
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["share_by_kind"].items())
             lines.append(f"{r['name']:<28} GPU time {r['gpu_ms']:.1f} ms: {shares}")
@@ -358,6 +425,13 @@ def summary(rows: list[dict], ceiling: float) -> str:
         target = 0.85 / (1 - p) if p > 0 else 0.97
         lines.append(f"speedup {packed['name']} vs {padded['name']} (p={p:.2f}): "
                      f"{padded['ms'] / packed['ms']:.2f} (target >= {target:.2f})")
+    for fused, materialised in head_pairs(rows):
+        lines.append(f"fused vs materialising step time at {fused['real_tokens']} tokens (entropy on): "
+                     f"{fused['ms'] / materialised['ms']:.2f}x (target <= 0.95), peak memory "
+                     f"{fused['peak_memory_gib'] / materialised['peak_memory_gib']:.2f}x")
+    for r in rows:
+        if r.get("part") == "max_tokens":
+            lines.append(max_tokens_line(r))
     by_name = {r["name"]: r for r in rows if "ms" in r}
     for on in (r for r in by_name.values() if r.get("sp")):
         off = by_name.get(on["name"].replace("_sp", ""))
@@ -367,6 +441,27 @@ def summary(rows: list[dict], ceiling: float) -> str:
                          f"activation memory {on['activation_memory_gib'] / off['activation_memory_gib']:.2f} "
                          "(target <= 0.80)")
     return "\n".join(lines)
+
+
+def max_tokens_line(r: dict) -> str:
+    end = (f"out of memory at {r['out_of_memory_at']}" if r["out_of_memory_at"] is not None
+           else f"stopped at the {MAX_TOKENS_LIMIT}-token limit")
+    if r["largest_tokens"] is None:
+        return f"max tokens {r['log_probs']}: none fits ({end})"
+    return (f"max tokens {r['log_probs']}: {r['largest_tokens']} real tokens, {r['ms']:.1f} ms, "
+            f"{r['peak_memory_gib']:.1f} GiB peak ({end})")
+
+
+def head_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(fused, materialise) rows of the ``head`` part timed on the same documents."""
+    timed = [r for r in rows if r.get("part") == "head" and "ms" in r]
+    pairs = []
+    for fused in (r for r in timed if r["log_probs"] == "fused"):
+        other = next((r for r in timed if r["log_probs"] == "materialise"
+                      and r["real_tokens"] == fused["real_tokens"]), None)
+        if other:
+            pairs.append((fused, other))
+    return pairs
 
 
 def speedup_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
@@ -404,7 +499,8 @@ def plot(rows: list[dict], ceiling: float, path: str) -> None:
 
 
 PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "tp": part_tp,
-                  "recompute": part_recompute, "profile": part_profile}
+                  "recompute": part_recompute, "head": part_head, "max_tokens": part_max_tokens,
+                  "profile": part_profile}
 
 
 def run_bench(args, parts: tuple[str, ...]) -> dict | None:

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
+LOG_PROBS_CHOICES = ("fused", "materialise")  # splitllama.heads.LOG_PROBS
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -90,6 +91,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the production model (default none)")
+    p.add_argument("--log-probs", default="fused", choices=LOG_PROBS_CHOICES,
+                   help="how the LM head computes log-probs and entropy: fused (from the hidden "
+                        "states in tiles, default) or materialise (from the full logits)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
 
 
@@ -101,8 +105,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "On CUDA: real Llama-3.1 layer shapes (a few layers of each stack, vocab "
             "128256), bf16, forward+backward on documents drawn from an RL length "
             "distribution; reports tokens/s, useful TFLOP/s, the matmul ceiling measured in "
-            "the same run, packed/padded speedup, attention backends side by side and, "
-            "under torchrun with 2 processes, TP=2 with and without SP."
+            "the same run, packed/padded speedup, attention backends side by side, the LM "
+            "head's fused vs materialising log-probs (entropy on) and the most packed tokens "
+            "each fits in memory, and, under torchrun with 2 processes, TP=2 with and without SP."
         ),
     )
     p.add_argument("--lower-layers", type=int, default=2, help="8B-shaped layers (default 2)")
@@ -111,8 +116,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--only", default=None,
-                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), profile "
-                        "(default: all)")
+                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), recompute, "
+                        "head (fused vs materialising log-probs), max_tokens (largest packed batch per "
+                        "log-prob path), profile (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the timed model (default none; the 'recompute' part "
@@ -262,7 +268,7 @@ def _check(args, argv: list[str]) -> int:
         raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
-                       recompute=args.recompute)
+                       recompute=args.recompute, log_probs=args.log_probs)
     if dist.get_rank() == 0:
         emit(report.table())
         if args.json:

@@ -9,7 +9,10 @@ both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
   pipeline stage hands to vocab-parallel losses) or values ``[S, B]``;
 * ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
   entropy of the next-token distribution), the vocabulary kept split over TP. Only the
-  LM head has them; the value head refuses with an error that says so.
+  LM head has them; the value head refuses with an error that says so. The LM head's
+  ``log_probs`` option picks how: ``"fused"`` (default: ``logprobs.fused_log_probs_entropy``
+  from the hidden states, the ``[S, B, V/tp]`` logits never held at once) or
+  ``"materialise"`` (the logits, then vocab-parallel log-softmax and entropy).
 
 The padded, packed and pipeline model classes differ in how tokens are laid out, never in
 what a head computes. Neither head is tied to the embedding (they come from different
@@ -25,7 +28,20 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.layers import param_device
-from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
+from splitllama.logprobs import (
+    fused_log_probs_entropy,
+    lm_head_input,
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+)
+
+LOG_PROBS = ("fused", "materialise")
+
+
+def check_log_probs(log_probs: str) -> str:
+    if log_probs not in LOG_PROBS:
+        raise ValueError(f"log_probs={log_probs!r} is not one of {list(LOG_PROBS)}")
+    return log_probs
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +60,13 @@ class TokenScores:
 
 class LMHead(tensor_parallel.ColumnParallelLinear):
     """Vocab-parallel LM head: TP rank r holds vocabulary rows ``[r V/tp, (r+1) V/tp)``.
-    Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear."""
+    Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear,
+    or by ``lm_head_input`` before the fused log-probs."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int):
+    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int, log_probs: str = "fused"):
         super().__init__(hidden_size, vocab_size, config=config, init_method=config.init_method,
                          bias=False, gather_output=False)
+        self.log_probs = check_log_probs(log_probs)
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, V/tp]`` in the compute dtype."""
@@ -57,19 +75,33 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
 
     def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
                 vocab_parallel: bool = False) -> torch.Tensor:
-        logits = self.vocab_parallel_logits(hidden_SBH)
         if scores is not None:
-            return self.token_scores(logits, scores)
+            return self.token_scores(hidden_SBH, scores)
+        logits = self.vocab_parallel_logits(hidden_SBH)
         if not vocab_parallel:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits.to(output_dtype(logits.dtype))
 
-    @staticmethod
-    def token_scores(logits_SBV: torch.Tensor, scores: TokenScores) -> torch.Tensor:
+    def token_scores(self, hidden_SBH: torch.Tensor, scores: TokenScores) -> torch.Tensor:
         """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked)."""
-        log_probs = vocab_parallel_log_probs(logits_SBV, scores.labels_SB)
-        entropy = vocab_parallel_entropy(logits_SBV) if scores.entropy else torch.zeros_like(log_probs)
-        return torch.stack([log_probs, entropy], dim=-1)
+        if self.log_probs == "materialise":
+            logits = self.vocab_parallel_logits(hidden_SBH)
+            log_probs = vocab_parallel_log_probs(logits, scores.labels_SB)
+            entropy = vocab_parallel_entropy(logits) if scores.entropy else torch.zeros_like(log_probs)
+            return torch.stack([log_probs, entropy], dim=-1)
+        # [S(/tp), B, h] -> every token on every TP rank, [S, B, h]; the backward reduces
+        # the per-shard partial gradients as the column-parallel linear would
+        hidden = lm_head_input(hidden_SBH, self.sequence_parallel)
+        seq, batch, width = hidden.shape
+        # The weight's gradient is returned (into weight.grad, the weight's dtype); megatron
+        # DDP's main_grad buffers would take it through grad_weight_into instead.
+        log_probs, entropy = fused_log_probs_entropy(
+            hidden.reshape(seq * batch, width), self.weight, scores.labels_SB.reshape(seq * batch),
+            entropy=scores.entropy,
+        )
+        if entropy is None:
+            entropy = torch.zeros_like(log_probs)
+        return torch.stack([log_probs, entropy], dim=-1).view(seq, batch, 2)
 
 
 class ValueHead(torch.nn.Linear):

@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.heads import LMHead, TokenScores, ValueHead
+from splitllama.heads import LMHead, TokenScores, ValueHead, check_log_probs
 from splitllama.layers import RECOMPUTE, Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
 from splitllama.layout import ParallelLayout, StageLayout
 
@@ -174,7 +174,11 @@ def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, mu
         position_ids_BS = default_position_ids(mask_BS)
     pad = (0, _round_up(seq, multiple) - seq)
     mask_BS = F.pad(mask_BS, pad)
-    labels_SB = None if labels_BS is None else F.pad(labels_BS, pad).transpose(0, 1)
+    # Labels at padded positions may be anything (-100 is common); the head needs token ids
+    # there too, and their outputs are zeroed by restore.
+    labels_SB = None
+    if labels_BS is not None:
+        labels_SB = F.pad(torch.where(mask_BS[:, :seq], labels_BS, 0), pad).transpose(0, 1)
     return PaddedBatch(F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad), mask_BS,
                        plan_padded(mask_BS), labels_SB, seq)
 
@@ -278,9 +282,11 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     """Padded TP(+SP) causal LM: ``forward(input_ids, attention_mask, position_ids=None)``
     -> fp32 logits ``[B, S, V]`` (zeros at padded positions).
 
-    Options: ``layers_per_stage`` (pipeline split, see ``layout.ParallelLayout``) and
+    Options: ``layers_per_stage`` (pipeline split, see ``layout.ParallelLayout``),
     ``recompute`` (``none | selective | full`` activation recompute; default: the
-    ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none)."""
+    ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none) and
+    ``log_probs`` (``fused | materialise``: how the LM head computes log-probabilities and
+    entropy, ``heads.LMHead``; default fused)."""
 
     trunk_class = ParallelCustomSplitLLamaModel
     packed = False
@@ -288,7 +294,8 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     vocab_parallel_output = False
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
-                 stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None):
+                 stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None,
+                 log_probs: str = "fused"):
         super().__init__()
         config.validate()
         self.hf_config = config
@@ -304,6 +311,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
                 )
             (stage,) = stages
         self.recompute = _recompute_of(megatron_config, recompute)
+        self.log_probs = check_log_probs(log_probs)
         self.model = self.trunk_class(config, megatron_config, stage, self.recompute)
         self.layout = stage
         self.head_config = self.model.upper_config
@@ -314,7 +322,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size)
+        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.log_probs)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)

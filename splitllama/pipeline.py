@@ -39,7 +39,7 @@ class PipelineStageMixin:
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,
                  share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None,
-                 layers_per_stage=None, recompute: str | None = None):
+                 layers_per_stage=None, recompute: str | None = None, log_probs: str = "fused"):
         if share_embeddings_and_output_weights:
             raise ValueError(
                 "share_embeddings_and_output_weights must be False: the embedding comes from "
@@ -59,7 +59,7 @@ class PipelineStageMixin:
                 f"{'holds' if stage.has_head else 'does not hold'} the head"
             )
         super().__init__(config, megatron_config, stage=stage, layers_per_stage=layers_per_stage,
-                         recompute=recompute)
+                         recompute=recompute, log_probs=log_probs)
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage if vpp else None
 
@@ -84,7 +84,7 @@ def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: Mod
                  **options) -> list[torch.nn.Module]:
     """All model chunks of this pipeline rank (one per virtual stage), as megatron's
     interleaved schedule expects them. ``options``: the model options (``layers_per_stage``,
-    ``recompute``)."""
+    ``recompute``, ``log_probs``)."""
     vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
     pp = megatron_config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

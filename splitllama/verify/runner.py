@@ -40,12 +40,12 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
                      dtype: torch.dtype, device: str, recompute: str = "none",
-                     padded: bool = False) -> list[torch.nn.Module]:
+                     padded: bool = False, log_probs: str = "fused") -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP). ``padded``: the padded
     seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
-    no pipeline, LM head)."""
+    no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``)."""
     mc = megatron_config(layout, dtype, device)
-    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute)
+    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
@@ -81,7 +81,9 @@ def _oracle_observe(model, mb: Microbatch, trunk: bool = False) -> torch.Tensor:
     if mb.labels is None:
         return out
     log_softmax = torch.log_softmax(out, dim=-1)
-    log_prob = log_softmax.gather(-1, mb.labels[..., None])[..., 0]
+    # labels at padded positions may be anything (e.g. -100); they are not compared
+    labels = torch.where(mb.attention_mask.bool(), mb.labels, 0)
+    log_prob = log_softmax.gather(-1, labels[..., None])[..., 0]
     entropy = -(log_softmax.exp() * log_softmax).sum(-1)
     return torch.stack([log_prob, entropy], dim=-1)
 
@@ -194,13 +196,13 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
                microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
-               trunk: bool = False) -> Report:
+               trunk: bool = False, log_probs: str = "fused") -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute`` and ``padded`` choose the production model (``build_production``).
-    ``trunk``: compare the trunk's final hidden states (``trunk_hidden``) with the oracle
-    trunk's ``last_hidden_state``, probes ``[B, S, h_hi]``."""
+    rank. ``recompute``, ``padded`` and ``log_probs`` choose the production model
+    (``build_production``). ``trunk``: compare the trunk's final hidden states
+    (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``, probes ``[B, S, h_hi]``."""
     setup_parallel(layout, device)
-    chunks = build_production(config, layout, head, dtype, device, recompute, padded)
+    chunks = build_production(config, layout, head, dtype, device, recompute, padded, log_probs)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None
@@ -224,7 +226,7 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
     report = compare(prod_out, ref_out, prod_grads, ref_grads, microbatches, layout, head, dtype,
                      low_out, low_grads)
     if ties:
-        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts)):
+        for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts, strict=False)):
             # max_abs: units on the other side of 0 beyond the rule's band; must be none
             report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
                                    f"on production's branch)", beyond, beyond, 0.0, beyond == 0))

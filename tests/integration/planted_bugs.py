@@ -31,7 +31,7 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
+    check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
     recompute: str = "none"  # the production model's activation recompute
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
 
@@ -267,6 +267,28 @@ def _input_range_check_removed(mp):
     mp.setattr(model, "_check_range", lambda name, low, high, vocab: None)
 
 
+def _fused_head_input_grad_not_reduced(mp):
+    # the wired head hands the fused op its input without megatron's TP marking: under SP
+    # gathered with a backward that takes this rank's slice of a PARTIAL gradient (no
+    # reduce-scatter), without SP not all-reduced; each rank's trunk then learns only
+    # from its own vocabulary shard
+    def unreduced(hidden, sequence_parallel):
+        if sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden
+
+    mp.setattr(heads, "lm_head_input", unreduced)
+
+
+def _fused_head_vocab_start_zero(mp):
+    fused = heads.fused_log_probs_entropy
+
+    def every_rank_first(*args, **kwargs):
+        return fused(*args, **{**kwargs, "vocab_start": 0})
+
+    mp.setattr(heads, "fused_log_probs_entropy", every_rank_first)
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -328,5 +350,10 @@ PLANTED = [
                ("tp2",), _input_range_check_removed, check="input_range"),
     PlantedBug("fused_label_offset_dropped", "fused head: label column not shifted by the tile's first row",
                ("tp1", "tp2"), _fused_label_offset_dropped, check="fused_head"),
+    # the wiring of the fused head into the models, caught by the models' parity check
+    PlantedBug("fused_head_input_grad_not_reduced", "fused head in the model: hidden-state gradient "
+               "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),
+    PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
+               "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
 ]
 

@@ -39,7 +39,7 @@ def microbatch(mask: torch.Tensor, head: str, seed: int, name: str = "", positio
 
 
 def edge_case_microbatches(head: str, hidden: int | None = None) -> list[Microbatch]:
-    """The explicit cases of docs/verification.md as micro-batches of different lengths (also what the
+    """The explicit edge cases (docs/verification.md) as micro-batches of different lengths (also what the
     pipeline schedule must cope with): all-padding rows and batch, no padding, single-token
     rows, max_seqlen 1, padding inside rows, an odd token count (SP padding), caller
     position_ids that differ from the default."""
@@ -96,19 +96,41 @@ def test_trunk_final_hidden_states(layout, padded, checkpoint_factory):
     assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=padded, trunk=True))
 
 
-@pytest.mark.parametrize("layout", layouts())
-def test_log_probs_and_entropy(layout, checkpoint_factory):
-    """Vocab-parallel log-probs of given tokens and entropy (never gathering the
-    vocabulary) equal log_softmax of the oracle, values and gradients."""
-    ckpt = checkpoint_factory("lm", False)
-    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    batches = [
+def log_prob_microbatches() -> list[Microbatch]:
+    """Next-token labels on rows with padding left/right/inside, an empty row, an
+    all-padding batch and single-token rows."""
+    return [
         microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True),
         microbatch(EDGE_MASKS["empty_row"], "lm", 2, "empty_row", labels=True),
         microbatch(EDGE_MASKS["all_padding_batch"], "lm", 3, "all_padding", labels=True),
         microbatch(EDGE_MASKS["single_token_rows"], "lm", 4, "single_tokens", labels=True),
     ]
-    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches))
+
+
+@pytest.mark.parametrize("log_probs", ["fused", "materialise"])
+@pytest.mark.parametrize("layout", layouts())
+def test_log_probs_and_entropy(layout, log_probs, checkpoint_factory):
+    """Log-probs of given tokens and entropy (never gathering the vocabulary), by the
+    fused head and by the materialising one, equal log_softmax of the oracle, values and
+    gradients."""
+    ckpt = checkpoint_factory("lm", False)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, log_prob_microbatches(),
+                             log_probs=log_probs))
+
+
+@pytest.mark.parametrize("log_probs", ["fused", "materialise"])
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp"))
+def test_log_probs_of_the_padded_class(layout, log_probs, checkpoint_factory):
+    """The padded class scores the same labels; labels at padded positions are arbitrary
+    (-100 here, as callers mask them) and must not reach the head."""
+    ckpt = checkpoint_factory("lm", False)
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = log_prob_microbatches()
+    for mb in batches:
+        mb.labels = torch.where(mb.attention_mask, mb.labels, -100)
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=True,
+                             log_probs=log_probs))
 
 
 @st.composite

@@ -20,7 +20,7 @@ from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_fused_logprobs import fused_head_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
-from tests.integration.test_parity import edge_case_microbatches
+from tests.integration.test_parity import edge_case_microbatches, log_prob_microbatches
 
 
 def planted_cases():
@@ -90,7 +90,9 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
     ckpt = checkpoint_factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)
     split_config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     bug.plant(monkeypatch)
-    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, edge_case_microbatches(bug.head),
+    # "log_probs": the models' log-prob path (the fused head by default) on labelled batches
+    batches = log_prob_microbatches() if bug.check == "log_probs" else edge_case_microbatches(bug.head)
+    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, batches,
                         recompute=bug.recompute, padded=bug.padded)
     assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
     dist.barrier()

@@ -3,11 +3,14 @@ figures of docs/verification.md, and the workload, pairing, profiler sorting and
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 from splitllama.bench import (
-    bench_config, kernel_kind, make_batch, rl_lengths, speedup_pairs, summary, useful_flops,
+    ENTROPY_COEF, MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, actor_step, bench_config, head_pairs, kernel_kind,
+    make_batch, max_tokens_row, rl_lengths, speedup_pairs, summary, useful_flops,
 )
 
 
@@ -64,3 +67,79 @@ def test_summary_reports_sp_against_its_own_tp_run():
     text = summary([row("tp/8b/tp1_pp1", 4.0, 8.0, 1, False), row("tp/8b/tp4_pp1", 1.2, 4.0, 4, False),
                     row("tp/8b/tp4_sp_pp1", 1.2, 3.0, 4, True)], ceiling=700.0)
     assert "SP on/off at TP=4, 8b: time 1.00 (target <= 1.02), activation memory 0.75" in text
+
+
+def test_every_part_has_a_function():
+    assert set(PARTS) - {"ceiling"} == set(PART_FUNCTIONS)
+
+
+def _timed(name, part, ms, peak, log_probs, tokens=16384):
+    return {"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "useful_tflops": 1.0,
+            "fraction_of_ceiling": 0.5, "peak_memory_gib": peak, "activation_memory_gib": peak / 2,
+            "padding_fraction": 0.5, "real_tokens": tokens, "part": part, "log_probs": log_probs}
+
+
+def test_summary_reports_fused_against_materialising_and_max_tokens():
+    rows = [
+        _timed("head/fused", "head", 90.0, 30.0, "fused"),
+        _timed("head/materialise", "head", 100.0, 60.0, "materialise"),
+        max_tokens_row("fused", _timed("max_tokens/fused[131072]", "max_tokens", 700.0, 120.0, "fused", 131100),
+                       262144),
+        max_tokens_row("materialise", None, 16384),
+        max_tokens_row("fused", _timed("x", "max_tokens", 1.0, 1.0, "fused", MAX_TOKENS_LIMIT), None),
+    ]
+    assert [(f["name"], m["name"]) for f, m in head_pairs(rows)] == [("head/fused", "head/materialise")]
+    text = summary(rows, ceiling=700.0)
+    assert ("fused vs materialising step time at 16384 tokens (entropy on): 0.90x (target <= 0.95), "
+            "peak memory 0.50x") in text
+    assert "max tokens fused: 131100 real tokens, 700.0 ms, 120.0 GiB peak (out of memory at 262144)" in text
+    assert "max tokens materialise: none fits (out of memory at 16384)" in text
+    assert f"stopped at the {MAX_TOKENS_LIMIT}-token limit" in text
+    assert text.count("max_tokens/") == 0  # not in the table: its rows have no table columns
+
+
+def test_actor_step_backpropagates_log_probs_and_entropy():
+    calls = {}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def log_probs_and_entropy(self, input_ids, attention_mask, labels, entropy):
+            calls["entropy"] = entropy
+            lp = self.w * torch.ones(attention_mask.shape)
+            return lp, (2 * self.w * torch.ones(attention_mask.shape) if entropy else None)
+
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch([3, 5], 100, gen, "cpu")
+    model = Model()
+    actor_step(model, batch)()
+    assert calls["entropy"] is True
+    assert float(model.w.grad) == pytest.approx(8 * (1 + 2 * ENTROPY_COEF))
+
+
+def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
+    from splitllama import bench
+
+    fits = {"fused": 70000, "materialise": 20000}
+    built = []
+
+    def fake_measure(name, step, batch, config, ceiling, args, gpus=1):
+        path = name.split("/")[1].split("[")[0]
+        tokens = sum(batch.lengths)
+        if tokens > fits[path]:
+            return {"name": name, "error": "out of memory", "real_tokens": tokens}
+        return {"name": name, "ms": tokens / 1000, "peak_memory_gib": tokens / 1e4, "tokens_per_s": 1e6,
+                "real_tokens": tokens}
+
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, recompute, path: built.append(path))
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
+    args = argparse.Namespace(tokens=8192, seed=0, repeats=10, warmup=3, recompute="none")
+    rows = bench.part_max_tokens(bench_config("8b", 1, 1), 700.0, args, None)
+    assert built == ["fused", "materialise"]
+    fused, materialise = rows
+    # 8192, 16384, ... ; documents are drawn until the target count, so the real count overshoots a little
+    assert 65536 <= fused["largest_tokens"] <= 70000 and fused["out_of_memory_at"] == 131072
+    assert 16384 <= materialise["largest_tokens"] <= 20000 and materialise["out_of_memory_at"] == 32768

@@ -4,6 +4,7 @@ exit code (0 on a correct model, 1 when production is wrong)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,15 @@ sys.exit(main(sys.argv[1:]))
 REPO = Path(__file__).resolve().parents[2]
 
 
+# A process group already made in this pytest process (init_distributed sets these) would
+# be joined, or its port taken, by the command: it must start as a user's would.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "splitllama.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
 def test_help_lists_commands_and_examples():
@@ -68,3 +75,17 @@ def test_check_batch_count_fits_the_interleaved_schedule(pp):
     batches = check_microbatches(256, "lm", multiple_of=pp)
     assert len(batches) % pp == 0
     assert len({b.name for b in batches}) == len(batches)
+
+
+def test_choices_mirror_the_library():
+    from splitllama.bench import PARTS
+    from splitllama.cli import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES
+    from splitllama.heads import LOG_PROBS
+    from splitllama.layers import RECOMPUTE
+
+    assert LOG_PROBS_CHOICES == LOG_PROBS and set(RECOMPUTE_CHOICES) == set(RECOMPUTE)
+    assert build_parser().parse_args(["check", "--log-probs", "materialise"]).log_probs == "materialise"
+    assert build_parser().parse_args(["check"]).log_probs == "fused"
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "only")
+    assert all(part in bench.help for part in PARTS)
