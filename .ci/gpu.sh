@@ -35,6 +35,9 @@ for stage in "$@"; do
   case $stage in
     tests)
       [ "$gpus" -ge 2 ] && run check_tp2_sp python3 -m splitllama.cli check --tp 2 --sp --json "$OUT/check_tp2_sp.json"
+      run check_1gpu_mlp_value env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli check --mlp --value \
+        --json "$OUT/check_1gpu_mlp_value.json"
+      run check_1gpu_lm env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli check --json "$OUT/check_1gpu_lm.json"
       run int_1gpu env CUDA_VISIBLE_DEVICES=0 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m pytest $pytest_args -k "not real_shapes"
       if [ "$gpus" -ge 2 ]; then
         run int_2gpu env CUDA_VISIBLE_DEVICES=0,1 python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m pytest $pytest_args -k "not real_shapes"
@@ -70,10 +73,15 @@ r(c(), '/tmp/real', dtype=torch.bfloat16, **i[torch.bfloat16])"
       ;;
     head)
       run fused_head env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/fused_head.py --json "$OUT/fused_head.json"
+      run bench_head env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli bench --only ceiling,head,max_tokens \
+        --json "$OUT/bench_head.json"
       ;;
     recompute)
       run bench_recompute env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli bench --only ceiling,recompute \
         --json "$OUT/bench_recompute.json"
+      # 8 layers of the 70B shape: where recompute matters (the head and 4 layers dominate at 2+2)
+      run bench_recompute_deep env CUDA_VISIBLE_DEVICES=0 python3 -m splitllama.cli bench --only ceiling,recompute \
+        --lower-layers 2 --upper-layers 8 --json "$OUT/bench_recompute_deep.json"
       ;;
     *) echo "unknown stage $stage (tests, real, bench, head, recompute)"; exit 2 ;;
   esac
