@@ -12,6 +12,8 @@ RL loss is): the sum over ranks is an all-reduce forward, identity backward (meg
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -20,6 +22,8 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _global_max(local_max: torch.Tensor) -> torch.Tensor:
@@ -174,14 +178,21 @@ def _tile_grad(logits: torch.Tensor, label_col: torch.Tensor, lse: torch.Tensor,
 
 class _Elementwise:
     """The element-wise tile functions: one fused ``torch.compile``d kernel per function on
-    CUDA (a static compile for full tiles, one with dynamic shapes for the last partial
-    chunk or block, so a new token count does not recompile), plain eager code on CPU and
-    for float64 tiles: float64 is the reference precision, where speed is not the point and
-    every new tile shape would cost a recompile (dynamo allows 8 per function; a GPU test
-    session of float64 shapes exhausted them and then failed the bf16 tests)."""
+    CUDA for tiles large enough to matter (a static compile for full tiles, one with
+    dynamic shapes for the last partial chunk or block, so a new token count does not
+    recompile), plain eager code on CPU, for float64 tiles and for small ones.
+
+    Float64 is the reference precision, where speed is not the point; small tiles (the
+    tiny test models) cost more to compile than they take to run. Both would otherwise spend
+    dynamo's 8 recompiles per function on shapes and constants (seen in a GPU test session,
+    which then failed the bf16 tests). Should a process still exhaust them, the tiles run
+    eagerly from then on, with one warning: a training step never fails on a compile."""
+
+    MIN_COMPILED_ELEMENTS = 1 << 22  # e.g. 1,024 tokens x 4,096 vocabulary rows
 
     def __init__(self):
         self._compiled: dict[tuple[str, bool], object] = {}
+        self._eager_only = False
 
     def _get(self, fn, dynamic: bool):
         key = (fn.__name__, dynamic)
@@ -190,9 +201,16 @@ class _Elementwise:
         return self._compiled[key]
 
     def __call__(self, fn, full_tile: bool, logits: torch.Tensor, *args):
-        if not logits.is_cuda or logits.dtype == torch.float64:
+        if (self._eager_only or not logits.is_cuda or logits.dtype == torch.float64
+                or logits.numel() < self.MIN_COMPILED_ELEMENTS):
             return fn(logits, *args)
-        return self._get(fn, dynamic=not full_tile)(logits, *args)
+        try:
+            return self._get(fn, dynamic=not full_tile)(logits, *args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            logger.warning("fused log-prob head: torch.compile's recompile limit reached; "
+                           "the element-wise tile work runs eagerly from now on")
+            self._eager_only = True
+            return fn(logits, *args)
 
 
 _ELEMENTWISE = _Elementwise()

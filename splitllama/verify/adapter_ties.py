@@ -61,8 +61,10 @@ class AdapterTies:
     def record_production(self, chunks: list[torch.nn.Module], h_hi: int):
         """Around production's run: its ReLU gates, gathered over TP / PP onto every rank."""
         local: list[torch.Tensor] = []
+        # packed classes hand the adapter [T_pad, 1, h]; the padded class [S_pad, B, h]
+        self._packed = getattr(chunks[0], "packed", True)
         adapters = [m for chunk in chunks for m in chunk.modules() if isinstance(m, Adapter) and m.mlp]
-        # linear_1 is column-parallel: [T_pad, 1, h_hi/tp], the whole (SP-gathered) sequence
+        # linear_1 is column-parallel over h_hi, on the whole (SP-gathered) sequence
         handles = [a.linear_1.register_forward_hook(lambda mod, args, out: local.append(out[0].detach() > 0))
                    for a in adapters]
         try:
@@ -84,9 +86,13 @@ class AdapterTies:
             code = torch.zeros(tokens, h_hi, dtype=torch.uint8, device=device)
             if local:
                 mine = local[k]
-                assert mine.dim() == 3 and mine.shape[1] == 1 and mine.shape[0] >= tokens, mine.shape
+                if self._packed:
+                    assert mine.dim() == 3 and mine.shape[1] == 1 and mine.shape[0] >= tokens, mine.shape
+                    valid = mine[:tokens, 0]
+                else:  # row-major valid tokens, the packed order
+                    valid = mine[: mask.shape[1]].transpose(0, 1)[mask.to(mine.device)]
                 width = mine.shape[-1]
-                code[:, tp_rank * width:(tp_rank + 1) * width] = 1 + mine[:tokens, 0].to(device, torch.uint8)
+                code[:, tp_rank * width:(tp_rank + 1) * width] = 1 + valid.to(device, torch.uint8)
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
             assert bool((code > 0).all()), "an adapter unit was computed on no rank"
             gates.append((code == 2).cpu())
