@@ -97,7 +97,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         # DDP's main_grad buffers would take it through grad_weight_into instead.
         log_probs, entropy = fused_log_probs_entropy(
             hidden.reshape(seq * batch, width), self.weight, scores.labels_SB.reshape(seq * batch),
-            entropy=scores.entropy,
+            entropy=scores.entropy, check_labels=False,  # the batch checked them
         )
         if entropy is None:
             entropy = torch.zeros_like(log_probs)

@@ -306,7 +306,7 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
                             entropy: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                             vocab_block: int = DEFAULT_VOCAB_BLOCK, tp_group=MEGATRON_TP_GROUP,
                             vocab_start: int | None = None, grad_weight_into: torch.Tensor | None = None,
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each label and entropy of each token's next-token distribution, straight
     from the LM head's input, without the ``[T, V/tp]`` logits ever existing at once.
 
@@ -321,6 +321,8 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     ``labels_T`` ``[T]``: global token ids in ``[0, tp * V/tp)``.
     ``tp_group``: the tensor-parallel group (default: megatron's), or None when the weight is
     the whole vocabulary (no collectives, no megatron state needed).
+    ``check_labels``: refuse labels outside the vocabulary (one host sync); the model classes
+    pass False, having checked them in their one sync per batch.
     ``grad_weight_into``: a buffer of the weight's shape, float32 or the weight's dtype (e.g.
     megatron's ``weight.main_grad``), to which backward ADDS the weight's gradient in place
     (float32 sums of 16-bit products); the op then returns no gradient for the weight.
@@ -367,7 +369,7 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     if vocab_start is None:
         vocab_start = rank * width
     vocab = world * width
-    if labels_T.numel():
+    if check_labels and labels_T.numel():
         low, high = torch.stack([labels_T.min(), labels_T.max()]).tolist()
         if low < 0 or high >= vocab:
             raise ValueError(f"labels_T: token ids must lie in [0, {vocab}), got [{low}, {high}]")
