@@ -49,6 +49,11 @@ def head_of(chunk: torch.nn.Module) -> wn.Head:
     return "value" if isinstance(chunk, ParallelCustomSplitLLamaForValueRmPad) else "lm"
 
 
+def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
+    """The chunk's weight specs, with its padded vocabulary (embedding and LM head rows)."""
+    return weight_specs(config, chunk.layout, head, chunk.padded_vocab_size)
+
+
 def _tp() -> tuple[int, int]:
     return (parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_world_size())
@@ -161,19 +166,19 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     reader = SafetensorsReader(directory)
     _check_tensors(reader, config, head, fresh_value_head)
     tp_rank, tp = _tp()
-    todo = [(chunk, spec) for chunk in chunks for spec in weight_specs(config, chunk.layout, head)]
+    todo = [(chunk, spec) for chunk in chunks for spec in _specs(chunk, config, head)]
     for chunk, spec in tqdm(todo, desc="load", unit="tensor", disable=not (progress and _is_rank0())):
         param = chunk.get_parameter(spec.param)
         if head == "value" and fresh_value_head and spec.names == (wn.VALUE_HEAD,):
             local = _fresh_value_head(config, seed)
         else:
             slices = local_slices(spec, [reader.shape(n) for n in spec.names], tp_rank, tp)
-            local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices)])
+            local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices)], tp)
         assert local.shape == param.shape, f"{spec.param}: local {tuple(local.shape)} vs param {tuple(param.shape)}"
         with torch.no_grad():
             param.copy_(local.to(param.dtype))
     for chunk in chunks:
-        declared = {spec.param for spec in weight_specs(config, chunk.layout, head)}
+        declared = {spec.param for spec in _specs(chunk, config, head)}
         actual = {name for name, _ in chunk.named_parameters()}
         assert declared == actual, f"sharding declaration and model differ: {declared ^ actual}"
 
@@ -196,7 +201,7 @@ def iter_stage_tensors(chunks, source: str = "param"):
         raise ValueError(f"source must be 'param' or 'grad', got {source!r}")
     config, head = chunks[0].hf_config, head_of(chunks[0])
     for chunk in chunks:
-        for spec in weight_specs(config, chunk.layout, head):
+        for spec in _specs(chunk, config, head):
             param = chunk.get_parameter(spec.param)
             local = param.detach() if source == "param" else param.grad
             if local is None:

@@ -5,8 +5,9 @@ both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
 ``head(hidden, scores=None, vocab_parallel=False)``:
 
 * ``scores=None``: the head's outputs per token, float32 (float64 for float64 compute):
-  logits ``[S, B, V]`` (``[S, B, V/tp]`` with ``vocab_parallel=True``, what the last
-  pipeline stage hands to vocab-parallel losses) or values ``[S, B]``;
+  logits ``[S, B, V]`` (``[S, B, Vp/tp]`` with ``vocab_parallel=True``, what the last
+  pipeline stage hands to vocab-parallel losses; padded vocabulary columns hold ``-inf``,
+  so a softmax gives them probability 0 and their gradient is 0) or values ``[S, B]``;
 * ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
   entropy of the next-token distribution), the vocabulary kept split over TP. Only the
   LM head has them; the value head refuses with an error that says so.
@@ -25,7 +26,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.layers import param_device
-from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
+from splitllama.logprobs import valid_vocab_columns, vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,12 +44,17 @@ class TokenScores:
 
 
 class LMHead(tensor_parallel.ColumnParallelLinear):
-    """Vocab-parallel LM head: TP rank r holds vocabulary rows ``[r V/tp, (r+1) V/tp)``.
+    """Vocab-parallel LM head: ``padded_vocab_size`` rows (``layout.padded_vocab_size``), TP
+    rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size`` are padding, excluded
+    from every output (sliced off the full logits, ``-inf`` in vocab-parallel logits, masked
+    out of log-sum-exp and entropy), so they never influence a real row or its gradient.
     Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int):
-        super().__init__(hidden_size, vocab_size, config=config, init_method=config.init_method,
-                         bias=False, gather_output=False)
+    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int,
+                 padded_vocab_size: int | None = None):
+        super().__init__(hidden_size, padded_vocab_size or vocab_size, config=config,
+                         init_method=config.init_method, bias=False, gather_output=False)
+        self.vocab_size = vocab_size
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, V/tp]`` in the compute dtype."""
@@ -60,15 +66,19 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         logits = self.vocab_parallel_logits(hidden_SBH)
         if scores is not None:
             return self.token_scores(logits, scores)
-        if not vocab_parallel:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        if vocab_parallel:
+            valid = valid_vocab_columns(logits.shape[-1], self.vocab_size, logits.device)
+            if valid is not None:
+                logits = torch.where(valid, logits, float("-inf"))
+        else:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
         return logits.to(output_dtype(logits.dtype))
 
-    @staticmethod
-    def token_scores(logits_SBV: torch.Tensor, scores: TokenScores) -> torch.Tensor:
+    def token_scores(self, logits_SBV: torch.Tensor, scores: TokenScores) -> torch.Tensor:
         """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked)."""
-        log_probs = vocab_parallel_log_probs(logits_SBV, scores.labels_SB)
-        entropy = vocab_parallel_entropy(logits_SBV) if scores.entropy else torch.zeros_like(log_probs)
+        log_probs = vocab_parallel_log_probs(logits_SBV, scores.labels_SB, vocab_size=self.vocab_size)
+        entropy = (vocab_parallel_entropy(logits_SBV, vocab_size=self.vocab_size) if scores.entropy
+                   else torch.zeros_like(log_probs))
         return torch.stack([log_probs, entropy], dim=-1)
 
 

@@ -100,11 +100,6 @@ def run_oracle(model, microbatches: list[Microbatch]) -> tuple[list[torch.Tensor
     return observed, grads
 
 
-def _vocab_slice(width: int) -> slice:
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    return slice(rank * width, (rank + 1) * width)
-
-
 def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
@@ -116,11 +111,15 @@ def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
 
 def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
-    ``[B, S, V/tp]``, values ``[B, S]``, or (log-prob, entropy) ``[B, S, 2]``."""
+    ``[B, S, Vp/tp]`` (padded columns ``-inf``, left out of both), values ``[B, S]``, or
+    (log-prob, entropy) ``[B, S, 2]``."""
     probe = masked_probe(mb, output)
-    if mb.labels is None and output.dim() == 3:  # this rank's slice of the vocabulary
-        probe = probe[..., _vocab_slice(output.shape[-1])]
-        return (output * probe).sum(), _gather_vocab(output.detach())
+    if mb.labels is None and output.dim() == 3:  # this rank's slice of the (padded) vocabulary
+        width, vocab = output.shape[-1], probe.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * width
+        real = max(0, min(width, vocab - start))
+        loss = (output[..., :real] * probe[..., start:start + real]).sum()
+        return loss, _gather_vocab(output.detach())[..., :vocab]
     return (output * probe).sum(), output
 
 

@@ -68,8 +68,8 @@ def _sp_norm_grads_not_reduced(mp):
 def _qkv_concatenated(mp):
     fuse, unfuse = sharding.fuse, sharding.unfuse
 
-    def plain_fuse(spec, pieces):
-        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces)
+    def plain_fuse(spec, pieces, tp=1):
+        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces, tp)
 
     def plain_unfuse(spec, local):
         if not isinstance(spec.layout, sharding.FusedQKV):
@@ -124,13 +124,13 @@ def _upper_layer_misoffset(mp):
     weight_specs = sharding.weight_specs
     upper = re.compile(r"model\.layers_last\.(\d+)\.")
 
-    def misoffset(config, stage, head):
+    def misoffset(config, stage, head, padded_vocab=None):
         # a stage's upper layers numbered from 0 instead of from its first global index
         start = stage.upper_layers.start
         return [
             sharding.WeightSpec(s.param, tuple(upper.sub(lambda m: f"model.layers_last.{int(m.group(1)) - start}.", n)
                                          for n in s.names), s.layout)
-            for s in weight_specs(config, stage, head)
+            for s in weight_specs(config, stage, head, padded_vocab)
         ]
 
     from splitllama import checkpoints
