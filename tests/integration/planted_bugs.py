@@ -187,6 +187,29 @@ def equal_width_config() -> CustomSplitLlamaConfig:
     return CustomSplitLlamaConfig.from_llama_configs(lower, llama_preset("tiny-llama3.1-70b"), 2, 2)
 
 
+def _padded_vocab_not_masked(mp):
+    from splitllama import heads, logprobs
+
+    def everything_valid(width, vocab_size, device):
+        return None
+
+    mp.setattr(logprobs, "valid_vocab_columns", everything_valid)
+    mp.setattr(heads, "valid_vocab_columns", everything_valid)
+
+
+def _padded_vocab_saved(mp):
+    unshard = sharding.unshard
+
+    def keeping_padding(spec, locals_by_rank):
+        if isinstance(spec.layout, sharding.VocabSplit):
+            return [torch.cat(locals_by_rank, 0)]
+        return unshard(spec, locals_by_rank)
+
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "unshard", keeping_padding)
+
+
 PLANTED = [
     PlantedBug("two_projection_adapter", "SPEC 4.1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
@@ -219,5 +242,9 @@ PLANTED = [
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
     PlantedBug("fused_label_offset_dropped", "fused head: label column not shifted by the tile's first row",
                ("tp1", "tp2"), _fused_label_offset_dropped, check="fused_head"),
+    PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
+               "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab"),
+    PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
+               check="odd_vocab_round_trip"),
 ]
 

@@ -217,7 +217,7 @@ def test_padded_vocabulary(layout, pad):
     want = [log_p.gather(1, labels.to(DEVICE)[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)]
     rank = parallel_state.get_tensor_model_parallel_rank()
     padding_rows = grad_w[max(0, vocab - rank * grad_w.shape[0]):]
-    ok = (all(float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())) for a, b in zip((lp, ent), want))
+    ok = (all(float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())) for a, b in zip((lp, ent), want, strict=True))
           and bool((padding_rows == 0).all()))
     assert agree(ok), f"padded vocabulary leaks at {layout}, pad={pad}"
 

@@ -146,18 +146,22 @@ def test_odd_vocabulary(layout, head, checkpoint_factory):
     assert_passed(run_parity(ckpt, config, layout, head, DTYPE, DEVICE, batches))
 
 
+def odd_vocab_log_prob_microbatches() -> list[Microbatch]:
+    # four: the interleaved schedule on CPU needs 2 * pp micro-batches
+    return [
+        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["single_token_rows"], "lm", 4, "single_tokens", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["empty_row"], "lm", 2, "empty_row", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["odd_token_count"], "lm", 3, "odd_tokens", labels=True, vocab=ODD_VOCAB),
+    ]
+
+
 @pytest.mark.parametrize("layout", layouts())
 def test_odd_vocabulary_log_probs(layout, checkpoint_factory):
     """Log-probs and entropy with padded vocabulary columns left out of the log-sum-exp."""
     ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    batches = [
-        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True, vocab=ODD_VOCAB),
-        microbatch(EDGE_MASKS["single_token_rows"], "lm", 4, "single_tokens", labels=True, vocab=ODD_VOCAB),
-        microbatch(EDGE_MASKS["empty_row"], "lm", 2, "empty_row", labels=True, vocab=ODD_VOCAB),
-        microbatch(EDGE_MASKS["odd_token_count"], "lm", 3, "odd_tokens", labels=True, vocab=ODD_VOCAB),
-    ]  # four: the interleaved schedule on CPU needs 2 * pp micro-batches
-    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches))
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, odd_vocab_log_prob_microbatches()))
 
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2", "tp2_sp"))

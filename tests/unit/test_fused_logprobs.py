@@ -108,7 +108,7 @@ def test_padded_rows_are_left_out(tokens, vocab, pad, vocab_block, seed):
     ref_lp, ref_ent = fused_log_probs_entropy(hidden, weight, labels, vocab_block=vocab_block, tp_group=None)
     ((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum()).backward()
     for name, a, b in zip(("log_probs", "entropy", "grad_hidden", "grad_weight"), got,
-                          [ref_lp, ref_ent, hidden.grad, weight.grad]):
+                          [ref_lp, ref_ent, hidden.grad, weight.grad], strict=True):
         assert float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())), name
 
 
