@@ -210,7 +210,7 @@ def _check_inputs(args):
 def _checkpoint_config(path: str, head: str):
     """The split config of checkpoint directory ``path``, after checking its tensors'
     names and shapes (safetensors headers only: no weight is read)."""
-    from splitllama.checkpoints import validate_checkpoint_dir
+    from splitllama.checkpoint_dir import validate_checkpoint_dir
 
     try:
         return validate_checkpoint_dir(path, head)
