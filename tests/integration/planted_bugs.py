@@ -154,10 +154,10 @@ def _gate_up_saved_without_stride(mp):
 
 
 def _logsumexp_without_max(mp):
-    def naive(logits_local):
+    def naive(logits_local, vocab_size=None):
         logits = logits_local.to(torch.promote_types(logits_local.dtype, torch.float32))
         total = tensor_parallel.reduce_from_tensor_model_parallel_region(logits.exp().sum(dim=-1))
-        return logits, total.log()
+        return logits, total.log(), logits
 
     mp.setattr(logprobs, "_logsumexp", naive)
 
