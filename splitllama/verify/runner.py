@@ -40,12 +40,13 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
                      dtype: torch.dtype, device: str, recompute: str = "none",
-                     padded: bool = False) -> list[torch.nn.Module]:
+                     padded: bool = False, make_vocab_size_divisible_by: int = 1) -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP). ``padded``: the padded
     seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
-    no pipeline, LM head)."""
+    no pipeline, LM head). ``make_vocab_size_divisible_by``: the model option of that name."""
     mc = megatron_config(layout, dtype, device)
-    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute)
+    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute,
+                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
@@ -170,11 +171,13 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
-               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False) -> Report:
+               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
+               make_vocab_size_divisible_by: int = 1) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute`` and ``padded`` choose the production model (``build_production``)."""
+    rank. ``recompute``, ``padded`` and ``make_vocab_size_divisible_by`` choose the
+    production model (``build_production``)."""
     setup_parallel(layout, device)
-    chunks = build_production(config, layout, head, dtype, device, recompute, padded)
+    chunks = build_production(config, layout, head, dtype, device, recompute, padded, make_vocab_size_divisible_by)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None

@@ -172,3 +172,16 @@ def test_odd_vocabulary_padded_class(layout, checkpoint_factory):
     batches = [microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", vocab=ODD_VOCAB),
                microbatch(EDGE_MASKS["left_right_inside"], "lm", 2, "mixed_lp", labels=True, vocab=ODD_VOCAB)]
     assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=True))
+
+
+@pytest.mark.parametrize("layout", layouts())
+def test_odd_vocabulary_padded_as_megatron_does(layout, checkpoint_factory):
+    """make_vocab_size_divisible_by=128 (megatron's default): 301 rows padded to 128 * tp,
+    so at TP=2 the last rank holds 45 real rows and 211 padding rows. Logits through the
+    vocab-parallel pipeline output (padding at -inf) and log-probs, values and gradients."""
+    ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = [microbatch(EDGE_MASKS["left_right_inside"], "lm", 5, "mixed", vocab=ODD_VOCAB),
+               microbatch(EDGE_MASKS["empty_row"], "lm", 6, "empty_row", vocab=ODD_VOCAB),
+               *odd_vocab_log_prob_microbatches()[:2]]
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, make_vocab_size_divisible_by=128))
