@@ -7,8 +7,9 @@ library returns reports and this module shows them.
 Errors: bad input (arguments, the checkpoint directory, a layout the config cannot take)
 is found BEFORE any process is launched and printed as one line
 ``splitllama <cmd>: error: ...``, exit code 2 (``--debug`` adds the traceback). A failure
-inside a distributed run is printed once, by rank 0, exit code 1; ``check`` exits 1 when
-production differs from the oracle.
+inside a distributed run is printed once, exit code 1: by rank 0 under torchrun; when the
+command launched the ranks itself, the first failure of any rank (its cause). ``check``
+exits 1 when production differs from the oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import traceback
 from pathlib import Path
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
+# Set by ``_spawn_ranks`` for the ranks it launches: where a failing rank writes its error.
+RANK_ERRORS_ENV = "SPLITLLAMA_RANK_ERRORS"
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -220,9 +223,15 @@ def _checkpoint_config(path: str, head: str):
 
 def _spawn_ranks(world: int, argv: list[str]) -> int:
     """Run this command in ``world`` processes (one per rank, this machine). If a rank
-    fails, the others are given a moment to report and then stopped: no hang."""
+    fails, the others are given a moment to report and then stopped: no hang. Failing
+    ranks leave their error in a file instead of printing it; this process prints the
+    FIRST one (the cause: the other ranks fail after it, on the collective it left)."""
+    import tempfile
+
+    errors = tempfile.mkdtemp(prefix="splitllama-errors-")
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **{RANK_ERRORS_ENV: errors})
     procs = [subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     failed_at = None
@@ -234,6 +243,16 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.1)
+    reports = sorted(json.loads(f.read_text()) for f in Path(errors).glob("rank*.json"))
+    if reports:
+        print(reports[0][2], file=sys.stderr, flush=True)
+    elif any(p.returncode not in (0, 1) for p in procs):
+        codes = {r: p.returncode for r, p in enumerate(procs) if p.returncode}
+        print(f"splitllama {argv[0]}: error: rank(s) exited with codes {codes} without a report (killed?)",
+              file=sys.stderr, flush=True)
+    for f in Path(errors).iterdir():
+        f.unlink()
+    os.rmdir(errors)
     return max(p.returncode for p in procs)
 
 
@@ -296,6 +315,10 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # megatron's notice that it falls back to plain torch kernels, once per import per rank
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -306,18 +329,23 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args, argv)
         return _bench(args)
     except UsageError as err:
-        if rank == 0:
-            if args.debug:
-                traceback.print_exc()
-            print(f"splitllama {args.command}: error: {err}", file=sys.stderr, flush=True)
+        _report(args, rank, f"splitllama {args.command}: error: {err}")
         return 2
-    except Exception as err:  # a failure inside the run: rank 0 reports it once
-        if rank == 0:
-            if args.debug:
-                traceback.print_exc()
-            print(f"splitllama {args.command}: error: {type(err).__name__}: {err}"
-                  f"{'' if args.debug else ' (--debug shows the traceback)'}", file=sys.stderr, flush=True)
+    except Exception as err:  # a failure inside the run: reported once
+        _report(args, rank, f"splitllama {args.command}: error: {type(err).__name__}: {err}"
+                            f"{'' if args.debug else ' (--debug shows the traceback)'}")
         return 1
+
+
+def _report(args, rank: int, line: str) -> None:
+    """Print the error once: by rank 0, or, in ranks that ``_spawn_ranks`` launched, into
+    the file from which the launcher prints the first failure of any rank."""
+    text = (traceback.format_exc() if args.debug else "") + line
+    errors = os.environ.get(RANK_ERRORS_ENV)
+    if errors:
+        Path(errors, f"rank{rank}.json").write_text(json.dumps([time.time(), rank, text]))
+    elif rank == 0:
+        print(text, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

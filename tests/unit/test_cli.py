@@ -4,6 +4,7 @@ exit code (0 on a correct model, 1 when production is wrong)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,31 @@ def test_check_batch_count_fits_the_interleaved_schedule(pp):
     batches = check_microbatches(256, "lm", multiple_of=pp)
     assert len(batches) % pp == 0
     assert len({b.name for b in batches}) == len(batches)
+
+
+# Loaded by every rank the command launches (PYTHONPATH): rank 1 alone fails inside the run.
+RANK1_FAILS = """
+import os
+import warnings
+if os.environ.get("RANK") == "1":
+    # imported before the command filters megatron's import notice: filter it here too
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    import splitllama.verify.check as check
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("planted failure on rank 1 only")
+
+    check.run_check = failing
+"""
+
+
+def test_a_failure_on_one_rank_is_printed_once_with_its_cause(tmp_path):
+    """Rank 0 then fails too (its peer is gone); the launcher prints the FIRST failure."""
+    (tmp_path / "sitecustomize.py").write_text(RANK1_FAILS)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", SPLITLLAMA_COLLECTIVE_TIMEOUT="30")
+    result = subprocess.run([sys.executable, "-m", "splitllama.cli", "check", "--tp", "2"], capture_output=True,
+                            text=True, timeout=300, cwd=REPO, env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert lines == ["splitllama check: error: RuntimeError: planted failure on rank 1 only "
+                     "(--debug shows the traceback)"], result.stderr
