@@ -178,11 +178,8 @@ def _assemble(args) -> int:
 
 # ---- check -------------------------------------------------------------------------------
 def _check_inputs(args):
-    """Everything ``check`` can refuse before launching: (layout, head, dtype, device)."""
-    import torch
-
-    from splitllama.layout import ParallelLayout
-
+    """Everything ``check`` can refuse before launching: (layout, head, dtype, device).
+    The flags are checked first, before torch is imported."""
     if args.sp and args.tp == 1:
         raise UsageError("--sp needs --tp > 1 (sequence parallelism splits tokens over TP ranks)")
     if args.vpp is not None and args.vpp > 1 and args.pp == 1:
@@ -191,6 +188,10 @@ def _check_inputs(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be a positive integer, got {value}")
+    import torch
+
+    from splitllama.layout import ParallelLayout
+
     layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
