@@ -13,7 +13,6 @@ All three read ``sharding.weight_specs``, the one declaration of every weight's 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
+from splitllama.checkpoint_dir import check_tensors, read_split_config, validate_checkpoint_dir  # noqa: F401 (API)
 from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
 from splitllama.sharding import fuse, local_slices, unshard, weight_specs
 
@@ -52,6 +52,11 @@ def _chunks(model_or_chunks) -> list[torch.nn.Module]:
 
 def head_of(chunk: torch.nn.Module) -> wn.Head:
     return "value" if isinstance(chunk, ParallelCustomSplitLLamaForValueRmPad) else "lm"
+
+
+def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
+    """The chunk's weight specs, with its padded vocabulary (embedding and LM head rows)."""
+    return weight_specs(config, chunk.layout, head, chunk.padded_vocab_size)
 
 
 def _tp() -> tuple[int, int]:
@@ -81,71 +86,6 @@ def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None
                 )
 
 
-def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
-    """The split config of a checkpoint directory, or a ValueError that says what is wrong
-    with it (missing directory or config.json, not JSON, not a split checkpoint)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{directory} has no config.json")
-    try:
-        fields = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
-    model_type = fields.get("model_type")
-    if model_type != CustomSplitLlamaConfig.model_type:
-        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
-        raise ValueError(f"{path} has model_type={model_type!r}, expected "
-                         f"{CustomSplitLlamaConfig.model_type!r}{hint}")
-    return CustomSplitLlamaConfig.from_pretrained(directory)
-
-
-def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
-                            fresh_value_head: bool = False) -> CustomSplitLlamaConfig:
-    """Check a split checkpoint without reading any weight: its config, and every
-    tensor's name and shape from the safetensors headers. Returns the config."""
-    config = read_split_config(directory)
-    _check_tensors(SafetensorsReader(directory), config, head, fresh_value_head)
-    return config
-
-
-def _listing(names) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
-    return ", ".join(names[:10]) + more
-
-
-def _check_tensors(reader: SafetensorsReader, config, head: wn.Head, fresh_value_head: bool) -> None:
-    expected = wn.split_checkpoint_shapes(config, head)
-    present = set(reader.names())
-    ignored: set[str] = set()
-    if head == "value" and fresh_value_head:
-        expected.pop(wn.VALUE_HEAD)
-        ignored = {wn.LM_HEAD, wn.VALUE_HEAD}
-    elif head == "value" and wn.VALUE_HEAD not in present and wn.LM_HEAD in present:
-        raise ValueError(
-            f"{reader.directory} is a CausalLM checkpoint ({wn.LM_HEAD}, no {wn.VALUE_HEAD}): "
-            "pass fresh_value_head=True to start a value model (critic) from it with a "
-            "freshly initialised value head"
-        )
-    missing = set(expected) - present
-    unexpected = present - set(expected) - ignored
-    if missing:
-        raise ValueError(f"checkpoint {reader.directory} is missing tensors: {_listing(missing)}")
-    if unexpected:
-        raise ValueError(f"checkpoint {reader.directory} has unexpected tensors: {_listing(unexpected)}")
-    for name, shape in expected.items():
-        found = reader.shape(name)
-        if found != tuple(shape):
-            raise ValueError(
-                f"checkpoint {reader.directory}: tensor {name} has shape {found}, expected {tuple(shape)}"
-            )
-
-
 def _fresh_value_head(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
     # Same seed on every rank: the value head is replicated over TP.
     gen = torch.Generator().manual_seed(seed)
@@ -164,21 +104,21 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     directory = Path(checkpoint_dir)
     _check_config(config, directory)
     reader = SafetensorsReader(directory)
-    _check_tensors(reader, config, head, fresh_value_head)
+    check_tensors(reader, config, head, fresh_value_head)
     tp_rank, tp = _tp()
-    todo = [(chunk, spec) for chunk in chunks for spec in weight_specs(config, chunk.layout, head)]
+    todo = [(chunk, spec) for chunk in chunks for spec in _specs(chunk, config, head)]
     for chunk, spec in tqdm(todo, desc="load", unit="tensor", disable=not (progress and _is_rank0())):
         param = chunk.get_parameter(spec.param)
         if head == "value" and fresh_value_head and spec.names == (wn.VALUE_HEAD,):
             local = _fresh_value_head(config, seed)
         else:
             slices = local_slices(spec, [reader.shape(n) for n in spec.names], tp_rank, tp)
-            local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices)])
+            local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices, strict=True)], tp)
         assert local.shape == param.shape, f"{spec.param}: local {tuple(local.shape)} vs param {tuple(param.shape)}"
         with torch.no_grad():
             param.copy_(local.to(param.dtype))
     for chunk in chunks:
-        declared = {spec.param for spec in weight_specs(config, chunk.layout, head)}
+        declared = {spec.param for spec in _specs(chunk, config, head)}
         actual = {name for name, _ in chunk.named_parameters()}
         assert declared == actual, f"sharding declaration and model differ: {declared ^ actual}"
 
@@ -201,12 +141,12 @@ def iter_stage_tensors(chunks, source: str = "param"):
         raise ValueError(f"source must be 'param' or 'grad', got {source!r}")
     config, head = chunks[0].hf_config, head_of(chunks[0])
     for chunk in chunks:
-        for spec in weight_specs(config, chunk.layout, head):
+        for spec in _specs(chunk, config, head):
             param = chunk.get_parameter(spec.param)
             local = param.detach() if source == "param" else param.grad
             if local is None:
                 local = torch.zeros_like(param)
-            yield from zip(spec.names, unshard(spec, _tp_gather(local.detach())))
+            yield from zip(spec.names, unshard(spec, _tp_gather(local.detach())), strict=True)
 
 
 def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch.Tensor]:

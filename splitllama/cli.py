@@ -7,8 +7,9 @@ library returns reports and this module shows them.
 Errors: bad input (arguments, the checkpoint directory, a layout the config cannot take)
 is found BEFORE any process is launched and printed as one line
 ``splitllama <cmd>: error: ...``, exit code 2 (``--debug`` adds the traceback). A failure
-inside a distributed run is printed once, by rank 0, exit code 1; ``check`` exits 1 when
-production differs from the oracle.
+inside a distributed run is printed once, exit code 1: by rank 0 under torchrun; when the
+command launched the ranks itself, the first failure of any rank (its cause). ``check``
+exits 1 when production differs from the oracle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
 LOG_PROBS_CHOICES = ("fused", "materialise")  # splitllama.heads.LOG_PROBS
+# Set by ``_spawn_ranks`` for the ranks it launches: where a failing rank writes its error.
+RANK_ERRORS_ENV = "SPLITLLAMA_RANK_ERRORS"
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -181,11 +184,8 @@ def _assemble(args) -> int:
 
 # ---- check -------------------------------------------------------------------------------
 def _check_inputs(args):
-    """Everything ``check`` can refuse before launching: (layout, head, dtype, device)."""
-    import torch
-
-    from splitllama.layout import ParallelLayout
-
+    """Everything ``check`` can refuse before launching: (layout, head, dtype, device).
+    The flags are checked first, before torch is imported."""
     if args.sp and args.tp == 1:
         raise UsageError("--sp needs --tp > 1 (sequence parallelism splits tokens over TP ranks)")
     if args.vpp is not None and args.vpp > 1 and args.pp == 1:
@@ -194,6 +194,10 @@ def _check_inputs(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be a positive integer, got {value}")
+    import torch
+
+    from splitllama.layout import ParallelLayout
+
     layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -216,7 +220,7 @@ def _check_inputs(args):
 def _checkpoint_config(path: str, head: str):
     """The split config of checkpoint directory ``path``, after checking its tensors'
     names and shapes (safetensors headers only: no weight is read)."""
-    from splitllama.checkpoints import validate_checkpoint_dir
+    from splitllama.checkpoint_dir import validate_checkpoint_dir
 
     try:
         return validate_checkpoint_dir(path, head)
@@ -226,9 +230,15 @@ def _checkpoint_config(path: str, head: str):
 
 def _spawn_ranks(world: int, argv: list[str]) -> int:
     """Run this command in ``world`` processes (one per rank, this machine). If a rank
-    fails, the others are given a moment to report and then stopped: no hang."""
+    fails, the others are given a moment to report and then stopped: no hang. Failing
+    ranks leave their error in a file instead of printing it; this process prints the
+    FIRST one (the cause: the other ranks fail after it, on the collective it left)."""
+    import tempfile
+
+    errors = tempfile.mkdtemp(prefix="splitllama-errors-")
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **{RANK_ERRORS_ENV: errors})
     procs = [subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     failed_at = None
@@ -240,6 +250,16 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.1)
+    reports = sorted(json.loads(f.read_text()) for f in Path(errors).glob("rank*.json"))
+    if reports:
+        print(reports[0][2], file=sys.stderr, flush=True)
+    elif any(p.returncode not in (0, 1) for p in procs):
+        codes = {r: p.returncode for r, p in enumerate(procs) if p.returncode}
+        print(f"splitllama {argv[0]}: error: rank(s) exited with codes {codes} without a report (killed?)",
+              file=sys.stderr, flush=True)
+    for f in Path(errors).iterdir():
+        f.unlink()
+    os.rmdir(errors)
     return max(p.returncode for p in procs)
 
 
@@ -301,6 +321,10 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # megatron's notice that it falls back to plain torch kernels, once per import per rank
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -311,18 +335,23 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args, argv)
         return _bench(args)
     except UsageError as err:
-        if rank == 0:
-            if args.debug:
-                traceback.print_exc()
-            print(f"splitllama {args.command}: error: {err}", file=sys.stderr, flush=True)
+        _report(args, rank, f"splitllama {args.command}: error: {err}")
         return 2
-    except Exception as err:  # a failure inside the run: rank 0 reports it once
-        if rank == 0:
-            if args.debug:
-                traceback.print_exc()
-            print(f"splitllama {args.command}: error: {type(err).__name__}: {err}"
-                  f"{'' if args.debug else ' (--debug shows the traceback)'}", file=sys.stderr, flush=True)
+    except Exception as err:  # a failure inside the run: reported once
+        _report(args, rank, f"splitllama {args.command}: error: {type(err).__name__}: {err}"
+                            f"{'' if args.debug else ' (--debug shows the traceback)'}")
         return 1
+
+
+def _report(args, rank: int, line: str) -> None:
+    """Print the error once: by rank 0, or, in ranks that ``_spawn_ranks`` launched, into
+    the file from which the launcher prints the first failure of any rank."""
+    text = (traceback.format_exc() if args.debug else "") + line
+    errors = os.environ.get(RANK_ERRORS_ENV)
+    if errors:
+        Path(errors, f"rank{rank}.json").write_text(json.dumps([time.time(), rank, text]))
+    elif rank == 0:
+        print(text, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

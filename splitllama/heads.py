@@ -5,8 +5,9 @@ both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
 ``head(hidden, scores=None, vocab_parallel=False)``:
 
 * ``scores=None``: the head's outputs per token, float32 (float64 for float64 compute):
-  logits ``[S, B, V]`` (``[S, B, V/tp]`` with ``vocab_parallel=True``, what the last
-  pipeline stage hands to vocab-parallel losses) or values ``[S, B]``;
+  logits ``[S, B, V]`` (``[S, B, Vp/tp]`` with ``vocab_parallel=True``, what the last
+  pipeline stage hands to vocab-parallel losses; padded vocabulary columns hold ``-inf``,
+  so a softmax gives them probability 0 and their gradient is 0) or values ``[S, B]``;
 * ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
   entropy of the next-token distribution), the vocabulary kept split over TP. Only the
   LM head has them; the value head refuses with an error that says so. The LM head's
@@ -31,6 +32,7 @@ from splitllama.layers import param_device
 from splitllama.logprobs import (
     fused_log_probs_entropy,
     lm_head_input,
+    valid_vocab_columns,
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
 )
@@ -59,13 +61,19 @@ class TokenScores:
 
 
 class LMHead(tensor_parallel.ColumnParallelLinear):
-    """Vocab-parallel LM head: TP rank r holds vocabulary rows ``[r V/tp, (r+1) V/tp)``.
+    """Vocab-parallel LM head: ``padded_vocab_size`` rows (``layout.padded_vocab_size``), TP
+    rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size`` are padding, excluded
+    from every output (sliced off the full logits, ``-inf`` in vocab-parallel logits, left out
+    of log-sum-exp and entropy), so they never influence a real row or its gradient.
     Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear,
-    or by ``lm_head_input`` before the fused log-probs."""
+    or by ``lm_head_input`` before the fused log-probs. ``log_probs``: ``fused`` (chunked,
+    the logits never materialised) or ``materialise``."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int, log_probs: str = "fused"):
-        super().__init__(hidden_size, vocab_size, config=config, init_method=config.init_method,
-                         bias=False, gather_output=False)
+    def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int,
+                 padded_vocab_size: int | None = None, log_probs: str = "fused"):
+        super().__init__(hidden_size, padded_vocab_size or vocab_size, config=config,
+                         init_method=config.init_method, bias=False, gather_output=False)
+        self.vocab_size = vocab_size
         self.log_probs = check_log_probs(log_probs)
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
@@ -78,16 +86,21 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         if scores is not None:
             return self.token_scores(hidden_SBH, scores)
         logits = self.vocab_parallel_logits(hidden_SBH)
-        if not vocab_parallel:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        if vocab_parallel:
+            valid = valid_vocab_columns(logits.shape[-1], self.vocab_size, logits.device)
+            if valid is not None:
+                logits = torch.where(valid, logits, float("-inf"))
+        else:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
         return logits.to(output_dtype(logits.dtype))
 
     def token_scores(self, hidden_SBH: torch.Tensor, scores: TokenScores) -> torch.Tensor:
         """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked)."""
         if self.log_probs == "materialise":
             logits = self.vocab_parallel_logits(hidden_SBH)
-            log_probs = vocab_parallel_log_probs(logits, scores.labels_SB)
-            entropy = vocab_parallel_entropy(logits) if scores.entropy else torch.zeros_like(log_probs)
+            log_probs = vocab_parallel_log_probs(logits, scores.labels_SB, vocab_size=self.vocab_size)
+            entropy = (vocab_parallel_entropy(logits, vocab_size=self.vocab_size) if scores.entropy
+                       else torch.zeros_like(log_probs))
             return torch.stack([log_probs, entropy], dim=-1)
         # [S(/tp), B, h] -> every token on every TP rank, [S, B, h]; the backward reduces
         # the per-shard partial gradients as the column-parallel linear would
@@ -97,7 +110,8 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         # DDP's main_grad buffers would take it through grad_weight_into instead.
         log_probs, entropy = fused_log_probs_entropy(
             hidden.reshape(seq * batch, width), self.weight, scores.labels_SB.reshape(seq * batch),
-            entropy=scores.entropy, check_labels=False,  # the batch checked them
+            entropy=scores.entropy, vocab_size=self.vocab_size,
+            check_labels=False,  # the batch checked them
         )
         if entropy is None:
             entropy = torch.zeros_like(log_probs)

@@ -101,11 +101,30 @@ class StageLayout:
         return len(self.lower_layers) + len(self.upper_layers)
 
 
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
+    """Rows of the embedding and LM head: ``vocab_size`` rounded up to a multiple of
+    ``divisible_by * tp`` (megatron's ``make_vocab_size_divisible_by``), so any vocabulary
+    splits over any TP. TP rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size``
+    are padding (zero, never looked up, masked out of every output; see ``heads.LMHead``)."""
+    if not isinstance(divisible_by, int) or isinstance(divisible_by, bool) or divisible_by < 1:
+        raise ValueError(f"make_vocab_size_divisible_by must be a positive int, got {divisible_by!r}")
+    multiple = divisible_by * tp
+    padded = -(-vocab_size // multiple) * multiple
+    if padded - vocab_size >= padded // tp:
+        raise ValueError(
+            f"make_vocab_size_divisible_by={divisible_by} at tensor_model_parallel_size={tp} pads "
+            f"vocab_size={vocab_size} to {padded}, leaving the last TP rank no real vocabulary row: "
+            f"use a smaller make_vocab_size_divisible_by"
+        )
+    return padded
+
+
 def validate_tensor_parallel(config: CustomSplitLlamaConfig, tp: int) -> None:
-    """Refuse a TP size that does not divide what megatron shards."""
+    """Refuse a TP size that does not divide what megatron shards (the vocabulary is
+    padded instead: ``padded_vocab_size``)."""
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_model_parallel_size must be a positive int, got {tp!r}")
-    checks = [("vocab_size", config.vocab_size)]
+    checks = []
     for field, sub in (("lower_config", config.lower), ("upper_config", config.upper)):
         checks += [
             (f"{field}.num_attention_heads", sub.num_attention_heads),

@@ -34,18 +34,32 @@ def _global_max(local_max: torch.Tensor) -> torch.Tensor:
     return local_max
 
 
-def _logsumexp(logits_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits in compute dtype, global log-sum-exp over the vocabulary)."""
+def valid_vocab_columns(width: int, vocab_size: int | None, device) -> torch.Tensor | None:
+    """Which of this TP rank's ``width`` vocabulary columns are real (global index below
+    ``vocab_size``): a ``[width]`` bool mask, or None when all are (no padding here)."""
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    if vocab_size is None or start + width <= vocab_size:
+        return None
+    return torch.arange(start, start + width, device=device) < vocab_size
+
+
+def _logsumexp(logits_local: torch.Tensor, vocab_size: int | None = None):
+    """(logits in compute dtype, global log-sum-exp over the real vocabulary, the logits
+    with padded columns at -inf: their exp is exactly 0)."""
     logits = logits_local.to(torch.promote_types(logits_local.dtype, torch.float32))
-    shift = _global_max(logits.max(dim=-1).values)
-    sum_exp = reduce_from_tensor_model_parallel_region((logits - shift[..., None]).exp().sum(dim=-1))
-    return logits, sum_exp.log() + shift
+    valid = valid_vocab_columns(logits.shape[-1], vocab_size, logits.device)
+    real = logits if valid is None else torch.where(valid, logits, float("-inf"))
+    shift = _global_max(real.max(dim=-1).values)
+    sum_exp = reduce_from_tensor_model_parallel_region((real - shift[..., None]).exp().sum(dim=-1))
+    return logits, sum_exp.log() + shift, real
 
 
-def vocab_parallel_log_probs(logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_log_probs(logits_local: torch.Tensor, labels: torch.Tensor,
+                             vocab_size: int | None = None) -> torch.Tensor:
     """``log softmax(logits)[label]`` for logits ``[..., V/tp]`` and labels ``[...]`` (global
-    token ids) -> ``[...]``."""
-    logits, logsumexp = _logsumexp(logits_local)
+    token ids) -> ``[...]``. ``vocab_size``: the real vocabulary when the columns are
+    padded (``layout.padded_vocab_size``): columns at and above it are left out."""
+    logits, logsumexp, _ = _logsumexp(logits_local, vocab_size)
     width = logits.shape[-1]
     local = labels - parallel_state.get_tensor_model_parallel_rank() * width
     mine = (local >= 0) & (local < width)
@@ -61,9 +75,11 @@ class _VocabParallelEntropy(torch.autograd.Function):
     would need an all-reduce that an identity-backward reduction does not do."""
 
     @staticmethod
-    def forward(ctx, logits_local: torch.Tensor) -> torch.Tensor:
-        logits, logsumexp = _logsumexp(logits_local)
-        probs = (logits - logsumexp[..., None]).exp()  # exponent <= 0: no overflow
+    def forward(ctx, logits_local: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+        logits, logsumexp, real = _logsumexp(logits_local, vocab_size)
+        # exponent <= 0: no overflow; exactly 0 at padded columns, so neither the products
+        # with the (finite) logits below nor the gradient involve them
+        probs = (real - logsumexp[..., None]).exp()
         mean_logit = (probs * logits).sum(dim=-1)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(mean_logit, group=parallel_state.get_tensor_model_parallel_group())
@@ -75,12 +91,13 @@ class _VocabParallelEntropy(torch.autograd.Function):
     def backward(ctx, grad_entropy: torch.Tensor) -> torch.Tensor:
         probs, logits, mean_logit = ctx.saved_tensors
         grad = -probs * (logits - mean_logit[..., None]) * grad_entropy[..., None]
-        return grad.to(ctx.input_dtype)
+        return grad.to(ctx.input_dtype), None
 
 
-def vocab_parallel_entropy(logits_local: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the whole vocabulary, ``[..., V/tp] -> [...]``."""
-    return _VocabParallelEntropy.apply(logits_local)
+def vocab_parallel_entropy(logits_local: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the whole vocabulary, ``[..., V/tp] -> [...]``;
+    ``vocab_size`` as in ``vocab_parallel_log_probs``."""
+    return _VocabParallelEntropy.apply(logits_local, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,8 +249,9 @@ def _label_columns(labels: torch.Tensor, first_row: int) -> torch.Tensor:
 class _FusedLogProbsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, entropy, chunk_tokens, vocab_block, group, vocab_start,
-                grad_weight_into):
-        tokens, width = hidden.shape[0], weight.shape[0]
+                grad_weight_into, width):
+        # ``width``: this rank's real rows, a prefix of the shard (padding is at the end)
+        tokens = hidden.shape[0]
         compute = torch.promote_types(weight.dtype, torch.float32)
         chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
         blocks = _blocks(width, vocab_block)
@@ -256,7 +274,7 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
         log_probs = label_logit - lse
         ent = sum_exp.log() - shifted_mean / sum_exp if entropy else None
         ctx.save_for_backward(hidden, weight, labels, lse, ent if entropy else lse.new_empty(0))
-        ctx.options = (entropy, chunk_tokens, vocab_block, vocab_start)
+        ctx.options = (entropy, chunk_tokens, vocab_block, vocab_start, width)
         # kept out of save_for_backward: it is written in place, as megatron keeps main_grad
         ctx.grad_weight_into = grad_weight_into
         return log_probs, ent
@@ -264,16 +282,17 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, labels, lse, ent = ctx.saved_tensors
-        entropy, chunk_tokens, vocab_block, vocab_start = ctx.options
+        entropy, chunk_tokens, vocab_block, vocab_start, width = ctx.options
         use_entropy = entropy and grad_entropy is not None
         if grad_log_probs is None and not use_entropy:
-            return (None,) * 9
+            return (None,) * 10
         g_lp = grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
         g_ent = grad_entropy if use_entropy else g_lp
-        tokens, width = hidden.shape[0], weight.shape[0]
+        tokens = hidden.shape[0]
         chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
         blocks = _blocks(width, vocab_block)
         full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
+        # Padded rows (at and above ``width``) get a zero gradient (or none added).
         # The weight's gradient is accumulated in place over the chunks, into the caller's
         # buffer or into the one returned (in the weight's dtype: each chunk's GEMM sums in
         # float32 and rounds once), so no second weight-sized buffer exists at any time.
@@ -299,14 +318,15 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                 del grad
             if grad_hidden is not None:
                 grad_hidden[a:b] = acc
-        return grad_hidden, None if into is not None else grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, None if into is not None else grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor, *,
                             entropy: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                             vocab_block: int = DEFAULT_VOCAB_BLOCK, tp_group=MEGATRON_TP_GROUP,
                             vocab_start: int | None = None, grad_weight_into: torch.Tensor | None = None,
-                            check_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            vocab_size: int | None = None, check_labels: bool = True,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each label and entropy of each token's next-token distribution, straight
     from the LM head's input, without the ``[T, V/tp]`` logits ever existing at once.
 
@@ -318,7 +338,10 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     forward, reduce-scatter backward).
     ``weight_VH`` ``[V/tp, H]``: this rank's rows of the head weight, global rows
     ``[vocab_start, vocab_start + V/tp)``; ``vocab_start`` defaults to ``rank * V/tp``.
-    ``labels_T`` ``[T]``: global token ids in ``[0, tp * V/tp)``.
+    ``labels_T`` ``[T]``: global token ids in ``[0, vocab_size)``.
+    ``vocab_size``: the real vocabulary when the weight's rows are padded
+    (``layout.padded_vocab_size``; default ``tp * V/tp``, no padding): rows at and above it
+    are left out of every statistic and get no gradient.
     ``tp_group``: the tensor-parallel group (default: megatron's), or None when the weight is
     the whole vocabulary (no collectives, no megatron state needed).
     ``check_labels``: refuse labels outside the vocabulary (one host sync); the model classes
@@ -368,7 +391,11 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     width = weight_VH.shape[0]
     if vocab_start is None:
         vocab_start = rank * width
-    vocab = world * width
+    vocab = world * width if vocab_size is None else vocab_size
+    valid = max(0, min(width, vocab - vocab_start))
+    if not 0 < vocab <= world * width or valid == 0:
+        raise ValueError(f"vocab_size={vocab_size}: expected a vocabulary in [1, {world * width}] that leaves "
+                         f"this rank (rows [{vocab_start}, {vocab_start + width})) at least one real row")
     if check_labels and labels_T.numel():
         low, high = torch.stack([labels_T.min(), labels_T.max()]).tolist()
         if low < 0 or high >= vocab:
@@ -381,7 +408,7 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
                          f"on {grad_weight_into.device}")
     labels = labels_T.to(torch.int64)
     log_probs, ent = _FusedLogProbsEntropy.apply(hidden_TH, weight_VH, labels, entropy, chunk_tokens,
-                                                 vocab_block, tp_group, vocab_start, grad_weight_into)
+                                                 vocab_block, tp_group, vocab_start, grad_weight_into, valid)
     return log_probs, ent
 
 

@@ -30,7 +30,7 @@ from splitllama.attention import PackedAttention, gather_tokens, plan_packed, pl
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.heads import LMHead, TokenScores, ValueHead, check_log_probs
 from splitllama.layers import RECOMPUTE, Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
-from splitllama.layout import ParallelLayout, StageLayout
+from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -159,7 +159,8 @@ class PaddedBatch:
         """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
         out = out_SBX[: self.seq].transpose(0, 1)
         mask = self.attention_mask_BS[:, : self.seq].reshape(*out.shape[:2], *([1] * (out.dim() - 2)))
-        return out * mask.to(out.dtype)
+        # where, not a product: vocab-parallel logits hold -inf at padded vocabulary columns
+        return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
@@ -190,7 +191,7 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
     positions and ``attention.plan_padded``'s mask; output ``[S(/tp under SP), B, hidden]``."""
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 layout: StageLayout, recompute: str = "none"):
+                 layout: StageLayout, recompute: str = "none", padded_vocab_size: int | None = None):
         super().__init__()
         self.layout = layout
         self.sequence_parallel = megatron_config.sequence_parallel
@@ -200,7 +201,8 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
         self.adapter = self.upper = self.rotary_upper = self.norm = None
         if layout.has_embedding:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
-                num_embeddings=config.vocab_size, embedding_dim=config.h_lo,
+                # padded rows are zero and never looked up (ids < vocab_size are validated)
+                num_embeddings=padded_vocab_size or config.vocab_size, embedding_dim=config.h_lo,
                 init_method=self.lower_config.init_method, config=self.lower_config,
                 reduce_scatter_embeddings=self.sequence_parallel,
             )
@@ -286,7 +288,15 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     ``recompute`` (``none | selective | full`` activation recompute; default: the
     ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none) and
     ``log_probs`` (``fused | materialise``: how the LM head computes log-probabilities and
-    entropy, ``heads.LMHead``; default fused)."""
+    entropy, ``heads.LMHead``; default fused) and
+    ``make_vocab_size_divisible_by`` (megatron's name): the embedding and LM head get
+    ``padded_vocab_size`` rows, the vocabulary rounded up to a multiple of this times TP, so
+    any vocabulary (e.g. 128,257 after adding special tokens) runs at any TP. Default 1:
+    padding only where TP does not divide the vocabulary (checkpoints, shapes and results
+    of a divisible vocabulary stay exactly as without padding; megatron's default 128 aligns
+    GEMM shapes for speed at the cost of up to ``128 tp - 1`` extra rows). Padded rows are
+    zero, never looked up, excluded from logits, log-probs, entropy and gradients, and never
+    loaded or saved: checkpoints hold exactly ``vocab_size`` rows."""
 
     trunk_class = ParallelCustomSplitLLamaModel
     packed = False
@@ -295,7 +305,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
                  stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None,
-                 log_probs: str = "fused"):
+                 log_probs: str = "fused", make_vocab_size_divisible_by: int = 1):
         super().__init__()
         config.validate()
         self.hf_config = config
@@ -312,7 +322,9 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             (stage,) = stages
         self.recompute = _recompute_of(megatron_config, recompute)
         self.log_probs = check_log_probs(log_probs)
-        self.model = self.trunk_class(config, megatron_config, stage, self.recompute)
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, self.parallel_layout.tp,
+                                                   make_vocab_size_divisible_by)
+        self.model = self.trunk_class(config, megatron_config, stage, self.recompute, self.padded_vocab_size)
         self.layout = stage
         self.head_config = self.model.upper_config
         self.config = schedule_config(self.model, megatron_config)
@@ -322,7 +334,8 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.log_probs)
+        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
+                              self.log_probs)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)

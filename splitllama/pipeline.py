@@ -8,7 +8,8 @@ chunk owns, so consecutive stages may exchange ``h_lo``- or ``h_hi``-wide tensor
 Every stage gets the same ``(input_ids, attention_mask, position_ids)`` and derives the
 packing from the mask; stages other than the first read hidden states given by
 ``set_input_tensor``. Stages other than the last return hidden states ``[T_pad(/tp), 1, h]``;
-the last returns vocab-parallel fp32 logits ``[B, S, V/tp]`` (CausalLM) or values ``[B, S]``,
+the last returns vocab-parallel fp32 logits ``[B, S, Vp/tp]`` (CausalLM; padded vocabulary
+columns are ``-inf``, see ``heads.LMHead``) or values ``[B, S]``,
 or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and entropy (CausalLM).
 """
 
@@ -39,7 +40,8 @@ class PipelineStageMixin:
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,
                  share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None,
-                 layers_per_stage=None, recompute: str | None = None, log_probs: str = "fused"):
+                 layers_per_stage=None, recompute: str | None = None, log_probs: str = "fused",
+                 make_vocab_size_divisible_by: int = 1):
         if share_embeddings_and_output_weights:
             raise ValueError(
                 "share_embeddings_and_output_weights must be False: the embedding comes from "
@@ -59,7 +61,8 @@ class PipelineStageMixin:
                 f"{'holds' if stage.has_head else 'does not hold'} the head"
             )
         super().__init__(config, megatron_config, stage=stage, layers_per_stage=layers_per_stage,
-                         recompute=recompute, log_probs=log_probs)
+                         recompute=recompute, log_probs=log_probs,
+                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage if vpp else None
 
@@ -84,7 +87,7 @@ def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: Mod
                  **options) -> list[torch.nn.Module]:
     """All model chunks of this pipeline rank (one per virtual stage), as megatron's
     interleaved schedule expects them. ``options``: the model options (``layers_per_stage``,
-    ``recompute``, ``log_probs``)."""
+    ``recompute``, ``log_probs``, ``make_vocab_size_divisible_by``)."""
     vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
     pp = megatron_config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

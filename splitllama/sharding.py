@@ -4,8 +4,13 @@ Each ``WeightSpec`` ties one production parameter (its path in the model) to the
 checkpoint tensor(s) it holds and a layout:
 
 * ``Replicated``   every TP rank holds the whole tensor (norms, the value head);
-* ``Split(dim)``   contiguous 1/tp slices along ``dim`` (0: column-parallel outputs and
-                   the vocab-parallel embedding; 1: row-parallel inputs);
+* ``Split(dim)``   contiguous 1/tp slices along ``dim`` (0: column-parallel outputs;
+                   1: row-parallel inputs);
+* ``VocabSplit``   the embedding and the LM head: ``vocab`` checkpoint rows, ``padded``
+                   model rows (``layout.padded_vocab_size``); rank r holds model rows
+                   ``[r padded/tp, (r+1) padded/tp)``, reads the real ones among them and
+                   zero-fills the rest; gathering drops the padding again, so checkpoints
+                   and gathered gradients have exactly ``vocab`` rows;
 * ``FusedQKV``     megatron's ``linear_qkv``: rows interleaved per query group
                    ``[q heads of group g; k_g; v_g]`` for each g, groups split over TP;
 * ``FusedGateUp``  megatron's ``linear_fc1``: ``[gate; up]``, each half split over TP
@@ -39,6 +44,12 @@ class Split:
 
 
 @dataclass(frozen=True)
+class VocabSplit:
+    vocab: int
+    padded: int
+
+
+@dataclass(frozen=True)
 class FusedQKV:
     heads: int
     groups: int
@@ -50,7 +61,7 @@ class FusedGateUp:
     pass
 
 
-Layout = Replicated | Split | FusedQKV | FusedGateUp
+Layout = Replicated | Split | VocabSplit | FusedQKV | FusedGateUp
 
 
 @dataclass(frozen=True)
@@ -80,11 +91,14 @@ def _layer_specs(param_prefix: str, name_of, sub: LlamaConfig) -> list[WeightSpe
     ]
 
 
-def weight_specs(config: CustomSplitLlamaConfig, layout: StageLayout, head: wn.Head) -> list[WeightSpec]:
-    """Every parameter of one (virtual) pipeline stage, in model order."""
+def weight_specs(config: CustomSplitLlamaConfig, layout: StageLayout, head: wn.Head,
+                 padded_vocab: int | None = None) -> list[WeightSpec]:
+    """Every parameter of one (virtual) pipeline stage, in model order. ``padded_vocab``:
+    the model's embedding/LM-head rows (default: no padding)."""
+    vocab = VocabSplit(config.vocab_size, padded_vocab or config.vocab_size)
     specs: list[WeightSpec] = []
     if layout.has_embedding:
-        specs.append(WeightSpec("model.embed_tokens.weight", (wn.EMBED,), Split(0)))
+        specs.append(WeightSpec("model.embed_tokens.weight", (wn.EMBED,), vocab))
     for k, i in enumerate(layout.lower_layers):
         specs += _layer_specs(f"model.lower.layers.{k}", lambda s, i=i: wn.lower_layer(i, s), config.lower)
     if layout.has_adapter:
@@ -98,7 +112,7 @@ def weight_specs(config: CustomSplitLlamaConfig, layout: StageLayout, head: wn.H
     if layout.has_head:
         specs.append(WeightSpec("model.norm.weight", (wn.FINAL_NORM,), Replicated()))
         if head == "lm":
-            specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), Split(0)))
+            specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), vocab))
         else:
             specs.append(WeightSpec("value_head.weight", (wn.VALUE_HEAD,), Replicated()))
     return specs
@@ -121,6 +135,9 @@ def local_slices(spec: WeightSpec, shapes: list[tuple[int, ...]], tp_rank: int, 
         index = [slice(None)] * len(shape)
         index[layout.dim] = _part(shape[layout.dim], tp_rank, tp, spec.names[0])
         return [tuple(index)]
+    if isinstance(layout, VocabSplit):
+        rows = _part(layout.padded, tp_rank, tp, f"{spec.names[0]} (padded vocabulary)")
+        return [(slice(min(rows.start, layout.vocab), min(rows.stop, layout.vocab)),)]
     if isinstance(layout, FusedQKV):
         # Whole query groups per rank: rank r holds groups [r*g/tp, (r+1)*g/tp).
         group_part = _part(layout.groups, tp_rank, tp, f"{spec.names[1]} query groups")
@@ -134,9 +151,12 @@ def local_slices(spec: WeightSpec, shapes: list[tuple[int, ...]], tp_rank: int, 
     raise AssertionError(f"unknown layout {layout!r}")
 
 
-def fuse(spec: WeightSpec, pieces: list[torch.Tensor]) -> torch.Tensor:
+def fuse(spec: WeightSpec, pieces: list[torch.Tensor], tp: int = 1) -> torch.Tensor:
     """Checkpoint slices (from ``local_slices``) -> the local production tensor."""
     layout = spec.layout
+    if isinstance(layout, VocabSplit):
+        (piece,) = pieces
+        return torch.nn.functional.pad(piece, (0, 0, 0, layout.padded // tp - piece.shape[0]))
     if isinstance(layout, FusedQKV):
         q, k, v = pieces
         d, hidden = layout.head_dim, q.shape[-1]
@@ -171,13 +191,13 @@ def concat_dim(spec: WeightSpec) -> int | None:
         return None
     if isinstance(spec.layout, Split):
         return spec.layout.dim
-    return 0
+    return 0  # VocabSplit, FusedQKV, FusedGateUp
 
 
 def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
     """Full checkpoint tensors -> TP rank ``tp_rank``'s production tensor."""
     slices = local_slices(spec, [tuple(t.shape) for t in full], tp_rank, tp)
-    return fuse(spec, [t[s] for t, s in zip(full, slices)])
+    return fuse(spec, [t[s] for t, s in zip(full, slices)], tp)
 
 
 def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -186,4 +206,8 @@ def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.
     if dim is None:
         return unfuse(spec, locals_by_rank[0])
     per_rank = [unfuse(spec, t) for t in locals_by_rank]
-    return [torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(len(spec.names))]
+    full = [torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(len(spec.names))]
+    if isinstance(spec.layout, VocabSplit):
+        assert full[0].shape[0] == spec.layout.padded, f"{spec.param}: {tuple(full[0].shape)} vs {spec.layout}"
+        return [full[0][: spec.layout.vocab]]
+    return full

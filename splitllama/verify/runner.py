@@ -40,12 +40,15 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
                      dtype: torch.dtype, device: str, recompute: str = "none",
-                     padded: bool = False, log_probs: str = "fused") -> list[torch.nn.Module]:
+                     padded: bool = False, log_probs: str = "fused",
+                     make_vocab_size_divisible_by: int = 1) -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP). ``padded``: the padded
     seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
-    no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``)."""
+    no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``).
+    ``make_vocab_size_divisible_by``: the model option of that name."""
     mc = megatron_config(layout, dtype, device)
-    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs)
+    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs,
+                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
@@ -106,11 +109,6 @@ def run_oracle(model, microbatches: list[Microbatch],
     return observed, grads
 
 
-def _vocab_slice(width: int) -> slice:
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    return slice(rank * width, (rank + 1) * width)
-
-
 def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
@@ -122,11 +120,15 @@ def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
 
 def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
-    ``[B, S, V/tp]``, values ``[B, S]``, or (log-prob, entropy) ``[B, S, 2]``."""
+    ``[B, S, Vp/tp]`` (padded columns ``-inf``, left out of both), values ``[B, S]``, or
+    (log-prob, entropy) ``[B, S, 2]``."""
     probe = masked_probe(mb, output)
-    if mb.labels is None and output.dim() == 3:  # this rank's slice of the vocabulary
-        probe = probe[..., _vocab_slice(output.shape[-1])]
-        return (output * probe).sum(), _gather_vocab(output.detach())
+    if mb.labels is None and output.dim() == 3:  # this rank's slice of the (padded) vocabulary
+        width, vocab = output.shape[-1], probe.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * width
+        real = max(0, min(width, vocab - start))
+        loss = (output[..., :real] * probe[..., start:start + real]).sum()
+        return loss, _gather_vocab(output.detach())[..., :vocab]
     return (output * probe).sum(), output
 
 
@@ -196,13 +198,15 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
                microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
-               trunk: bool = False, log_probs: str = "fused") -> Report:
+               trunk: bool = False, log_probs: str = "fused", make_vocab_size_divisible_by: int = 1) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute``, ``padded`` and ``log_probs`` choose the production model
-    (``build_production``). ``trunk``: compare the trunk's final hidden states
-    (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``, probes ``[B, S, h_hi]``."""
+    rank. ``recompute``, ``padded``, ``log_probs`` and ``make_vocab_size_divisible_by``
+    choose the production model (``build_production``). ``trunk``: compare the trunk's
+    final hidden states (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``,
+    probes ``[B, S, h_hi]``."""
     setup_parallel(layout, device)
-    chunks = build_production(config, layout, head, dtype, device, recompute, padded, log_probs)
+    chunks = build_production(config, layout, head, dtype, device, recompute, padded, log_probs,
+                              make_vocab_size_divisible_by)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None

@@ -71,8 +71,8 @@ def _sp_norm_grads_not_reduced(mp):
 def _qkv_concatenated(mp):
     fuse, unfuse = sharding.fuse, sharding.unfuse
 
-    def plain_fuse(spec, pieces):
-        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces)
+    def plain_fuse(spec, pieces, tp=1):
+        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces, tp)
 
     def plain_unfuse(spec, local):
         if not isinstance(spec.layout, sharding.FusedQKV):
@@ -127,13 +127,13 @@ def _upper_layer_misoffset(mp):
     weight_specs = sharding.weight_specs
     upper = re.compile(r"model\.layers_last\.(\d+)\.")
 
-    def misoffset(config, stage, head):
+    def misoffset(config, stage, head, padded_vocab=None):
         # a stage's upper layers numbered from 0 instead of from its first global index
         start = stage.upper_layers.start
         return [
             sharding.WeightSpec(s.param, tuple(upper.sub(lambda m: f"model.layers_last.{int(m.group(1)) - start}.", n)
                                          for n in s.names), s.layout)
-            for s in weight_specs(config, stage, head)
+            for s in weight_specs(config, stage, head, padded_vocab)
         ]
 
     from splitllama import checkpoints
@@ -157,10 +157,10 @@ def _gate_up_saved_without_stride(mp):
 
 
 def _logsumexp_without_max(mp):
-    def naive(logits_local):
+    def naive(logits_local, vocab_size=None):
         logits = logits_local.to(torch.promote_types(logits_local.dtype, torch.float32))
         total = tensor_parallel.reduce_from_tensor_model_parallel_region(logits.exp().sum(dim=-1))
-        return logits, total.log()
+        return logits, total.log(), logits
 
     mp.setattr(logprobs, "_logsumexp", naive)
 
@@ -209,8 +209,8 @@ def _after_trunk_init(mp, change):
     config)`` after its own constructor."""
     init = model.ParallelCustomSplitLLamaModel.__init__
 
-    def patched(self, config, megatron_config, layout, recompute="none"):
-        init(self, config, megatron_config, layout, recompute)
+    def patched(self, config, megatron_config, layout, *args, **kwargs):
+        init(self, config, megatron_config, layout, *args, **kwargs)
         change(self, config)
 
     mp.setattr(model.ParallelCustomSplitLLamaModel, "__init__", patched)
@@ -296,6 +296,29 @@ def equal_width_config() -> CustomSplitLlamaConfig:
                                         num_key_value_heads=4, intermediate_size=448))
 
 
+def _padded_vocab_not_masked(mp):
+    from splitllama import heads, logprobs
+
+    def everything_valid(width, vocab_size, device):
+        return None
+
+    mp.setattr(logprobs, "valid_vocab_columns", everything_valid)
+    mp.setattr(heads, "valid_vocab_columns", everything_valid)
+
+
+def _padded_vocab_saved(mp):
+    unshard = sharding.unshard
+
+    def keeping_padding(spec, locals_by_rank):
+        if isinstance(spec.layout, sharding.VocabSplit):
+            return [torch.cat(locals_by_rank, 0)]
+        return unshard(spec, locals_by_rank)
+
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "unshard", keeping_padding)
+
+
 PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
@@ -355,5 +378,9 @@ PLANTED = [
                "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),
     PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
+    PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
+               "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab"),
+    PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
+               check="odd_vocab_round_trip"),
 ]
 

@@ -65,10 +65,11 @@ def _run(head, layout, hidden, weight, labels, g_lp, g_ent):
     return lp.detach(), None if ent is None else ent.detach(), grad_h, w_local.grad
 
 
-def materialising(entropy: bool):
+def materialising(entropy: bool, vocab_size: int | None = None):
     def head(hidden_TH, weight_VH, labels):
         logits = hidden_TH @ weight_VH.T
-        return vocab_parallel_log_probs(logits, labels), vocab_parallel_entropy(logits) if entropy else None
+        return (vocab_parallel_log_probs(logits, labels, vocab_size),
+                vocab_parallel_entropy(logits, vocab_size) if entropy else None)
     return head
 
 
@@ -98,7 +99,7 @@ def mismatches(layout, hidden, weight, labels, g_lp, g_ent, *, entropy=True, ref
     """Names of the outputs/gradients where fused and the reference disagree (empty: equal)."""
     got = _run(fused(entropy, **options), layout, hidden, weight, labels, g_lp, g_ent)
     if reference == "materialising":
-        want = _run(materialising(entropy), layout, hidden, weight, labels, g_lp, g_ent)
+        want = _run(materialising(entropy, options.get("vocab_size")), layout, hidden, weight, labels, g_lp, g_ent)
     else:
         want = log_softmax_reference(layout, hidden, weight, labels, g_lp, g_ent, entropy)
     bad = []
@@ -195,6 +196,30 @@ def test_random_shapes_and_upstream_gradients(layout):
                       chunk_tokens=chunk_tokens, vocab_block=vocab_block)
 
     check()
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+@pytest.mark.parametrize("pad", [1, 7, VOCAB // 2 - 1], ids=["pad1", "pad7", "last_rank_one_real_row"])
+def test_padded_vocabulary(layout, pad):
+    """The last ``pad`` rows of the (TP-split) weight are vocabulary padding, holding large
+    values: fused and materialising paths leave them out alike, log-probs and entropy equal
+    log_softmax over the real rows, and the padding rows get a zero gradient."""
+    setup_parallel(layout, DEVICE)
+    vocab = VOCAB - pad
+    hidden, weight, labels, g_lp, g_ent = example(12, seed=pad)  # 12: splits over SP ranks
+    labels = labels % vocab
+    labels[0] = vocab - 1
+    weight[vocab:] *= 50
+    _assert_equal(layout, hidden, weight, labels, g_lp, g_ent, chunk_tokens=4, vocab_block=10, vocab_size=vocab)
+    lp, ent, _, grad_w = _run(fused(True, chunk_tokens=4, vocab_block=10, vocab_size=vocab), layout,
+                              hidden, weight, labels, g_lp, g_ent)
+    log_p = torch.log_softmax(hidden @ weight[:vocab].T, -1).to(DEVICE)
+    want = [log_p.gather(1, labels.to(DEVICE)[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)]
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    padding_rows = grad_w[max(0, vocab - rank * grad_w.shape[0]):]
+    ok = (all(float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())) for a, b in zip((lp, ent), want, strict=True))
+          and bool((padding_rows == 0).all()))
+    assert agree(ok), f"padded vocabulary leaks at {layout}, pad={pad}"
 
 
 def test_rejects_bad_arguments():

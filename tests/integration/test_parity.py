@@ -187,3 +187,67 @@ def test_row_longer_than_4096(layout, checkpoint_factory):
     mask = long_row_mask(4097, batch=1)
     report = run_parity(ckpt, config, layout, "value", DTYPE, DEVICE, [microbatch(mask, "value", 7, "4097")])
     assert_passed(report)
+
+
+ODD_VOCAB = 301  # prime: no TP > 1 divides it, so the embedding and LM head are padded
+
+
+def odd_vocab_config(mlp: bool = False) -> CustomSplitLlamaConfig:
+    config = tiny_split_config(mlp=mlp)
+    config.vocab_size = ODD_VOCAB
+    return config
+
+
+@pytest.mark.parametrize("head", ["lm", "value"])
+@pytest.mark.parametrize("layout", layouts())
+def test_odd_vocabulary(layout, head, checkpoint_factory):
+    """A vocabulary TP does not divide: padded rows change no output and no real gradient
+    (logits, values and the gathered gradients, which hold exactly the real rows)."""
+    ckpt = checkpoint_factory(head, False, config=odd_vocab_config(), name="odd_vocab")
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    assert config.vocab_size == ODD_VOCAB
+    batches = [microbatch(mask, head, seed, name, vocab=ODD_VOCAB)
+               for seed, (name, mask) in enumerate(EDGE_MASKS.items())]
+    batches = batches[: len(batches) // 2 * 2]  # an even count for the interleaved schedule
+    assert_passed(run_parity(ckpt, config, layout, head, DTYPE, DEVICE, batches))
+
+
+def odd_vocab_log_prob_microbatches() -> list[Microbatch]:
+    # four: the interleaved schedule on CPU needs 2 * pp micro-batches
+    return [
+        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["single_token_rows"], "lm", 4, "single_tokens", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["empty_row"], "lm", 2, "empty_row", labels=True, vocab=ODD_VOCAB),
+        microbatch(EDGE_MASKS["odd_token_count"], "lm", 3, "odd_tokens", labels=True, vocab=ODD_VOCAB),
+    ]
+
+
+@pytest.mark.parametrize("layout", layouts())
+def test_odd_vocabulary_log_probs(layout, checkpoint_factory):
+    """Log-probs and entropy with padded vocabulary columns left out of the log-sum-exp."""
+    ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, odd_vocab_log_prob_microbatches()))
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2", "tp2_sp"))
+def test_odd_vocabulary_padded_class(layout, checkpoint_factory):
+    """The padded (seed) class: full logits [B, S, V] gathered, padding sliced off."""
+    ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = [microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", vocab=ODD_VOCAB),
+               microbatch(EDGE_MASKS["left_right_inside"], "lm", 2, "mixed_lp", labels=True, vocab=ODD_VOCAB)]
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=True))
+
+
+@pytest.mark.parametrize("layout", layouts())
+def test_odd_vocabulary_padded_as_megatron_does(layout, checkpoint_factory):
+    """make_vocab_size_divisible_by=128 (megatron's default): 301 rows padded to 128 * tp,
+    so at TP=2 the last rank holds 45 real rows and 211 padding rows. Logits through the
+    vocab-parallel pipeline output (padding at -inf) and log-probs, values and gradients."""
+    ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    batches = [microbatch(EDGE_MASKS["left_right_inside"], "lm", 5, "mixed", vocab=ODD_VOCAB),
+               microbatch(EDGE_MASKS["empty_row"], "lm", 6, "empty_row", vocab=ODD_VOCAB),
+               *odd_vocab_log_prob_microbatches()[:2]]
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, make_vocab_size_divisible_by=128))

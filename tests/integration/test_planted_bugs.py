@@ -20,7 +20,12 @@ from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_fused_logprobs import fused_head_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
-from tests.integration.test_parity import edge_case_microbatches, log_prob_microbatches
+from tests.integration.test_parity import (
+    edge_case_microbatches,
+    log_prob_microbatches,
+    odd_vocab_config,
+    odd_vocab_log_prob_microbatches,
+)
 
 
 def planted_cases():
@@ -85,6 +90,20 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
         assert large_logits_agree(layout), "the check itself must pass without the bug"
         bug.plant(monkeypatch)
         assert not large_logits_agree(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
+    if bug.check == "odd_vocab_round_trip":
+        source = checkpoint_factory("lm", False, config=odd_vocab_config(), name=f"odd_vocab-{DTYPE}", dtype=DTYPE)
+        bug.plant(monkeypatch)
+        assert not agree(not round_trip_mismatches(source, layout, "lm", scratch_dir)), \
+            f"planted bug {bug.name} ({bug.why}) went unnoticed"
+        return
+    if bug.check == "odd_vocab":
+        ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+        bug.plant(monkeypatch)
+        report = run_parity(ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
+                            odd_vocab_log_prob_microbatches())
+        assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
+        dist.barrier()
         return
     config = bug.config() if bug.config else None
     ckpt = checkpoint_factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)

@@ -89,3 +89,31 @@ def test_choices_mirror_the_library():
     bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
                  if a.dest == "only")
     assert all(part in bench.help for part in PARTS)
+
+
+# Loaded by every rank the command launches (PYTHONPATH): rank 1 alone fails inside the run.
+RANK1_FAILS = """
+import os
+import warnings
+if os.environ.get("RANK") == "1":
+    # imported before the command filters megatron's import notice: filter it here too
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    import splitllama.verify.check as check
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("planted failure on rank 1 only")
+
+    check.run_check = failing
+"""
+
+
+def test_a_failure_on_one_rank_is_printed_once_with_its_cause(tmp_path):
+    """Rank 0 then fails too (its peer is gone); the launcher prints the FIRST failure."""
+    (tmp_path / "sitecustomize.py").write_text(RANK1_FAILS)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", SPLITLLAMA_COLLECTIVE_TIMEOUT="30")
+    result = subprocess.run([sys.executable, "-m", "splitllama.cli", "check", "--tp", "2"], capture_output=True,
+                            text=True, timeout=300, cwd=REPO, env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert lines == ["splitllama check: error: RuntimeError: planted failure on rank 1 only "
+                     "(--debug shows the traceback)"], result.stderr

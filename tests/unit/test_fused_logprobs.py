@@ -82,3 +82,42 @@ def test_grad_weight_into_adds_in_place():
         assert "grad_weight_into" in str(error)
     else:
         raise AssertionError("a buffer of the wrong shape was accepted")
+
+
+@given(tokens=st.integers(1, 9), vocab=st.integers(1, 30), pad=st.integers(1, 9), vocab_block=st.integers(1, 12),
+       seed=st.integers(0, 2**31 - 1))
+def test_padded_rows_are_left_out(tokens, vocab, pad, vocab_block, seed):
+    """A weight with ``pad`` padding rows after the real ``vocab`` (the padded vocabulary):
+    results equal the unpadded op's exactly up to summation order, whatever the padding
+    rows hold, and the padding rows get a zero gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    real = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
+    # padding rows with large values: any leak into the softmax would dominate it
+    padded = torch.cat([real, 50 * torch.randn(pad, 6, generator=gen, dtype=torch.float64)]).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    g_lp, g_ent = torch.randn(2, tokens, generator=gen, dtype=torch.float64)
+
+    lp, ent = fused_log_probs_entropy(hidden, padded, labels, vocab_block=vocab_block, tp_group=None,
+                                      vocab_size=vocab)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    got = [lp, ent, hidden.grad, padded.grad[:vocab]]
+    assert torch.equal(padded.grad[vocab:], torch.zeros(pad, 6, dtype=torch.float64))
+    hidden.grad = None
+    weight = real.clone().requires_grad_(True)
+    ref_lp, ref_ent = fused_log_probs_entropy(hidden, weight, labels, vocab_block=vocab_block, tp_group=None)
+    ((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum()).backward()
+    for name, a, b in zip(("log_probs", "entropy", "grad_hidden", "grad_weight"), got,
+                          [ref_lp, ref_ent, hidden.grad, weight.grad], strict=True):
+        assert float((a - b).abs().max()) <= REL * max(1.0, float(b.abs().max())), name
+
+
+def test_vocab_size_must_leave_real_rows():
+    hidden, weight = torch.randn(2, 3), torch.randn(4, 3)
+    for bad in (0, 5):
+        try:
+            fused_log_probs_entropy(hidden, weight, torch.zeros(2, dtype=torch.long), tp_group=None, vocab_size=bad)
+        except ValueError as error:
+            assert "vocab_size" in str(error)
+        else:
+            raise AssertionError(f"vocab_size={bad} was accepted for 4 rows")

@@ -71,7 +71,7 @@ def test_layout_errors_name_the_problem(kwargs, message):
 
 
 @pytest.mark.parametrize("tp,field", [
-    (3, "vocab_size=256"),
+    (3, "lower_config.num_attention_heads=8"),
     (4, "lower_config.num_key_value_heads=2"),
 ])
 def test_tensor_parallel_errors_name_the_field(tp, field):

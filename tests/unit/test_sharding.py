@@ -7,8 +7,8 @@ import torch
 
 from splitllama import weight_names as wn
 from splitllama.config import tiny_split_config
-from splitllama.layout import stage_layouts
-from splitllama.sharding import FusedQKV, Split, WeightSpec, shard, unshard, weight_specs
+from splitllama.layout import padded_vocab_size, stage_layouts
+from splitllama.sharding import FusedQKV, Split, VocabSplit, WeightSpec, shard, unshard, weight_specs
 
 
 def full_tensors(config, head):
@@ -57,3 +57,25 @@ def test_split_refuses_an_indivisible_size():
     spec = WeightSpec("w", ("w",), Split(0))
     with pytest.raises(ValueError, match="cannot be split over tensor_model_parallel_size=2"):
         shard(spec, [torch.zeros(3, 2)], 0, 2)
+
+
+@pytest.mark.parametrize("vocab,tp,multiple", [(301, 2, 1), (301, 2, 128), (257, 4, 1), (256, 2, 1), (10, 3, 2)])
+def test_vocab_split_pads_and_drops_the_padding(vocab, tp, multiple):
+    """Rank r holds padded rows [r Vp/tp, (r+1) Vp/tp): the real ones among them from the
+    checkpoint, zeros after; unshard gives back exactly the real rows."""
+    padded = padded_vocab_size(vocab, tp, multiple)
+    assert padded % (tp * multiple) == 0 and padded - vocab < tp * multiple
+    spec = WeightSpec("lm_head.weight", (wn.LM_HEAD,), VocabSplit(vocab, padded))
+    full = torch.randn(vocab, 3)
+    locals_ = [shard(spec, [full], rank, tp) for rank in range(tp)]
+    assert all(t.shape == (padded // tp, 3) for t in locals_)
+    assert torch.equal(torch.cat(locals_)[:vocab], full) and not torch.cat(locals_)[vocab:].any()
+    (back,) = unshard(spec, locals_)
+    assert torch.equal(back, full)
+
+
+def test_vocab_padding_that_leaves_a_rank_no_real_row_is_refused():
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by=128 .* no real vocabulary row"):
+        padded_vocab_size(100, 2, 128)
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive int"):
+        padded_vocab_size(100, 2, 0)

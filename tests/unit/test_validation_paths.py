@@ -65,7 +65,7 @@ def test_tensor_parallel_error_names_a_field_of_the_upper_stack():
 
 
 def test_parallel_layout_validate_refuses_what_the_config_cannot_take():
-    with pytest.raises(ValueError, match="vocab_size=256 is not divisible by tensor_model_parallel_size=3"):
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"):
         ParallelLayout(tp=3).validate(tiny_split_config())
     with pytest.raises(ValueError, match="do not split evenly over 3 pipeline stages"):
         ParallelLayout(pp=3).validate(tiny_split_config())

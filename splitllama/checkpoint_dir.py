@@ -1,0 +1,83 @@
+"""Checking a split checkpoint directory without loading it: its config and every
+tensor's name and shape from the safetensors headers. Imports neither megatron nor the
+model, so the ``splitllama`` command refuses a bad directory in about a second, before it
+launches any process; ``checkpoints.load_checkpoint`` runs the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from splitllama import weight_names as wn
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.safetensors_io import SafetensorsReader
+
+
+def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
+    """The split config of a checkpoint directory, or a ValueError that says what is wrong
+    with it (missing directory or config.json, not JSON, not a split checkpoint)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} has no config.json")
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
+    model_type = fields.get("model_type")
+    if model_type != CustomSplitLlamaConfig.model_type:
+        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
+        raise ValueError(f"{path} has model_type={model_type!r}, expected "
+                         f"{CustomSplitLlamaConfig.model_type!r}{hint}")
+    try:
+        return CustomSplitLlamaConfig.from_pretrained(directory)
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid split config ({type(err).__name__}: {err})") from None
+
+
+def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
+                            fresh_value_head: bool = False) -> CustomSplitLlamaConfig:
+    """Check a split checkpoint without reading any weight: its config, and every
+    tensor's name and shape from the safetensors headers. Returns the config."""
+    config = read_split_config(directory)
+    check_tensors(SafetensorsReader(directory), config, head, fresh_value_head)
+    return config
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more
+
+
+def check_tensors(reader: SafetensorsReader, config, head: wn.Head, fresh_value_head: bool) -> None:
+    expected = wn.split_checkpoint_shapes(config, head)
+    present = set(reader.names())
+    ignored: set[str] = set()
+    if head == "value" and fresh_value_head:
+        expected.pop(wn.VALUE_HEAD)
+        ignored = {wn.LM_HEAD, wn.VALUE_HEAD}
+    elif head == "value" and wn.VALUE_HEAD not in present and wn.LM_HEAD in present:
+        raise ValueError(
+            f"{reader.directory} is a CausalLM checkpoint ({wn.LM_HEAD}, no {wn.VALUE_HEAD}): "
+            "pass fresh_value_head=True to start a value model (critic) from it with a "
+            "freshly initialised value head"
+        )
+    missing = set(expected) - present
+    unexpected = present - set(expected) - ignored
+    if missing:
+        raise ValueError(f"checkpoint {reader.directory} is missing tensors: {_listing(missing)}")
+    if unexpected:
+        raise ValueError(f"checkpoint {reader.directory} has unexpected tensors: {_listing(unexpected)}")
+    for name, shape in expected.items():
+        found = reader.shape(name)
+        if found != tuple(shape):
+            raise ValueError(
+                f"checkpoint {reader.directory}: tensor {name} has shape {found}, expected {tuple(shape)}"
+            )

@@ -1,0 +1,162 @@
+"""The catalogue of bad inputs: each row runs the real ``splitllama`` command in a fresh
+process and must get ONE line ``splitllama <cmd>: error: ...`` naming the argument or file,
+exit code 2, no traceback, and no process launched (every row fails in the checks that
+run before ``check`` spawns ranks or imports megatron).
+
+The damaged checkpoints are copies of one tiny random split checkpoint: a shard missing
+from its index, a truncated file, overwritten header bytes, a tensor removed, reshaped or
+added. ``assemble`` rows use two tiny Hugging Face Llama checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from splitllama import weight_names as wn
+from splitllama.config import llama_preset, tiny_split_config
+from splitllama.safetensors_io import INDEX_FILE, SINGLE_FILE
+from splitllama.verify.random_checkpoints import random_split_checkpoint
+from tests.unit.hf_llama import random_llama, save_llama
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / SINGLE_FILE)
+
+
+def _rewritten(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
+    shutil.copytree(source, target)
+    tensors = _tensors(source)
+    change(tensors)
+    save_file(tensors, target / SINGLE_FILE, metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="session")
+def bad(tmp_path_factory) -> dict[str, Path]:
+    """Name -> a directory that some row hands to the command."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    good = Path(random_split_checkpoint(tiny_split_config(), str(root / "good"), dtype=torch.float32))
+    assert (good / SINGLE_FILE).is_file()
+    out = {"good": good}
+
+    out["not_json"] = Path(shutil.copytree(good, root / "not_json"))
+    (out["not_json"] / "config.json").write_text("{not json")
+
+    truncated = Path(shutil.copytree(good, root / "truncated"))
+    data = (truncated / SINGLE_FILE).read_bytes()
+    (truncated / SINGLE_FILE).write_bytes(data[: len(data) // 2])
+    out["truncated"] = truncated
+
+    corrupted = Path(shutil.copytree(good, root / "corrupted"))
+    data = bytearray((corrupted / SINGLE_FILE).read_bytes())
+    data[8:40] = b"\xff" * 32  # the JSON header starts after an 8-byte length
+    (corrupted / SINGLE_FILE).write_bytes(bytes(data))
+    out["corrupted"] = corrupted
+
+    missing_shard = Path(shutil.copytree(good, root / "missing_shard"))
+    names = list(_tensors(good))
+    shard = "model-00002-of-00002.safetensors"
+    (missing_shard / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": {
+        n: ("model-00001-of-00002.safetensors" if i % 2 else shard) for i, n in enumerate(names)}}))
+    (missing_shard / SINGLE_FILE).rename(missing_shard / "model-00001-of-00002.safetensors")
+    out["missing_shard"] = missing_shard
+
+    def reshape(t):
+        t[wn.LM_HEAD] = t[wn.LM_HEAD][:-1].clone()
+
+    def add(t):
+        t["model.extra.weight"] = torch.zeros(2)
+
+    out["wrong_shape"] = _rewritten(good, root / "wrong_shape", reshape)
+    out["missing_tensor"] = _rewritten(good, root / "missing_tensor", lambda t: t.pop(wn.FINAL_NORM))
+    out["extra_tensor"] = _rewritten(good, root / "extra_tensor", add)
+
+    out["llama"] = save_llama(random_llama(llama_preset("tiny-llama3.1-8b"), 1, torch.float32), root / "llama")
+    out["llama_70b_shape"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b"), 2, torch.float32),
+                                        root / "llama_70b_shape")
+    out["llama_vocab_300"] = save_llama(
+        random_llama(llama_preset("tiny-llama3.1-70b", vocab_size=300), 3, torch.float32), root / "llama_vocab")
+    out["llama_yarn"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32768}),
+        4, torch.float32), root / "llama_yarn")
+    out["existing_out"] = root / "existing_out"
+    out["existing_out"].mkdir()
+    (out["existing_out"] / "keep.txt").write_text("mine")
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    argv: Callable[[dict], list[str]]
+    message: str  # a substring of the one error line
+    code: int = 2
+
+
+def _assemble(lower: str, upper: str, out: str = "") -> Callable[[dict], list[str]]:
+    def argv(b):
+        return ["assemble", "--lower", str(b[lower]), "--upper", str(b[upper]), "--num-lower", "1",
+                "--num-upper", "1", "--out", str(b[out]) if out else str(b["good"].parent / f"out_{upper}")]
+    return argv
+
+
+CATALOGUE = [
+    Row("missing_directory", lambda b: ["check", "/nonexistent/split"], "/nonexistent/split is not a directory"),
+    Row("plain_llama_to_check", lambda b: ["check", str(b["llama"])],
+        "has model_type='llama', expected 'custom_split_llama': make a split checkpoint with `splitllama assemble`"),
+    Row("config_not_json", lambda b: ["check", str(b["not_json"])], "config.json is not valid JSON"),
+    Row("missing_shard", lambda b: ["check", str(b["missing_shard"])],
+        "names the shard model-00002-of-00002.safetensors, which does not exist"),
+    Row("truncated_safetensors", lambda b: ["check", str(b["truncated"])], "cannot read the safetensors file"),
+    Row("corrupted_safetensors_header", lambda b: ["check", str(b["corrupted"])], "cannot read the safetensors file"),
+    Row("tensor_of_wrong_shape", lambda b: ["check", str(b["wrong_shape"])],
+        "tensor lm_head.weight has shape (255, 128), expected (256, 128)"),
+    Row("missing_tensor", lambda b: ["check", str(b["missing_tensor"])], "is missing tensors: model.norm.weight"),
+    Row("extra_tensor", lambda b: ["check", str(b["extra_tensor"])], "has unexpected tensors: model.extra.weight"),
+    Row("tp_not_dividing_heads", lambda b: ["check", "--tp", "3"],
+        "--tp 3 --pp 1: lower_config.num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"),
+    Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive integer, got 0"),
+    Row("pp_larger_than_layers", lambda b: ["check", "--pp", "8"], "--tp 1 --pp 8: "),
+    Row("vpp_without_pp", lambda b: ["check", "--vpp", "2"], "--vpp 2 needs --pp > 1"),
+    Row("sp_without_tp", lambda b: ["check", "--sp"], "--sp needs --tp > 1"),
+    Row("bf16_on_cpu", lambda b: ["check", "--dtype", "bfloat16", "--device", "cpu"],
+        "--dtype bfloat16 is checked on CUDA only"),
+    Row("unknown_dtype", lambda b: ["check", "--dtype", "float16"],
+        "argument --dtype: invalid choice: 'float16' (choose from 'float32', 'float64', 'bfloat16')"),
+    Row("assemble_different_vocabularies", _assemble("llama", "llama_vocab_300"), "vocab"),
+    Row("assemble_rope_that_cannot_be_combined", _assemble("llama", "llama_yarn"), "rope"),
+    Row("assemble_output_exists", _assemble("llama", "llama_70b_shape", "existing_out"),
+        "exists and is not empty; choose a new or empty directory"),
+]
+
+
+@pytest.mark.parametrize("row", CATALOGUE, ids=[r.name for r in CATALOGUE])
+def test_bad_input_gets_one_line_and_exit_2(row: Row, bad):
+    argv = row.argv(bad)
+    result = subprocess.run([sys.executable, "-m", "splitllama.cli", *argv], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    command = argv[0]
+    assert result.returncode == row.code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"splitllama {command}: error: "), result.stderr
+    assert row.message in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback(bad):
+    result = subprocess.run([sys.executable, "-m", "splitllama.cli", "check", "--debug", str(bad["not_json"])],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "is not valid JSON" in result.stderr.splitlines()[-1]
