@@ -342,6 +342,10 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
 
     def _batch(self, input_ids, attention_mask, position_ids, labels):
         check_input_shapes(input_ids, attention_mask, position_ids, labels)
+        device = next(self.parameters()).device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model on {device}: move the "
+                             "inputs to the model's device")
         prepare = pack_batch if self.packed else pad_batch
         return prepare(input_ids, attention_mask, position_ids, labels, multiple=self.tp_multiple,
                        vocab=self.hf_config.vocab_size, dtype=self.head_config.params_dtype)

@@ -87,7 +87,14 @@ def test_forward_refuses(layout, cls, kwargs, message):
     setup_parallel(layout, DEVICE)
     model = cls(tiny_split_config(), _mc()).to(DEVICE)
     with pytest.raises(ValueError, match=message):
-        model(**kwargs)
+        model(**{name: value.to(DEVICE) for name, value in kwargs.items()})
+
+
+def test_forward_refuses_inputs_on_another_device(layout):
+    setup_parallel(layout, DEVICE)
+    model = ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc()).to(DEVICE)
+    with pytest.raises(ValueError, match="input_ids is on meta but the model on"):
+        model(_ids().to("meta"), MASK.to("meta"))
 
 
 def test_ids_at_padded_positions_are_not_checked(layout):
@@ -96,4 +103,4 @@ def test_ids_at_padded_positions_are_not_checked(layout):
     model = ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc()).to(DEVICE)
     ids, mask = _ids(), MASK.clone()
     ids[0, -1], mask[0, -1] = 10**6, False
-    assert model(ids, mask).shape == (2, 5, 256)
+    assert model(ids.to(DEVICE), mask.to(DEVICE)).shape == (2, 5, 256)
