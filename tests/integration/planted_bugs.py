@@ -34,6 +34,7 @@ class PlantedBug:
     check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
     recompute: str = "none"  # the production model's activation recompute
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
+    log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
 
 
 def _two_projection_adapter(mp):
@@ -306,6 +307,15 @@ def _padded_vocab_not_masked(mp):
     mp.setattr(heads, "valid_vocab_columns", everything_valid)
 
 
+def _fused_head_counts_padded_rows(mp):
+    fused = heads.fused_log_probs_entropy
+
+    def all_rows(*args, vocab_size=None, **kwargs):
+        return fused(*args, **kwargs)  # every row of the padded shard taken as vocabulary
+
+    mp.setattr(heads, "fused_log_probs_entropy", all_rows)
+
+
 def _padded_vocab_saved(mp):
     unshard = sharding.unshard
 
@@ -379,7 +389,10 @@ PLANTED = [
     PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
     PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
-               "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab"),
+               "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab",
+               log_probs="materialise"),
+    PlantedBug("fused_head_counts_padded_rows", "fused head: padded vocabulary rows (vocab 301 at TP=2) "
+               "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
                check="odd_vocab_round_trip"),
 ]

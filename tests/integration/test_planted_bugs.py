@@ -101,7 +101,7 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
         ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
         bug.plant(monkeypatch)
         report = run_parity(ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
-                            odd_vocab_log_prob_microbatches())
+                            odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs)
         assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
         dist.barrier()
         return
@@ -112,6 +112,6 @@ def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory
     # "log_probs": the models' log-prob path (the fused head by default) on labelled batches
     batches = log_prob_microbatches() if bug.check == "log_probs" else edge_case_microbatches(bug.head)
     report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, batches,
-                        recompute=bug.recompute, padded=bug.padded)
+                        recompute=bug.recompute, padded=bug.padded, log_probs=bug.log_probs)
     assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
     dist.barrier()
