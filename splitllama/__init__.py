@@ -14,6 +14,8 @@ Reading path (each file says what is inside):
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner
 5. ``sharding.py``      how every weight is sharded (declared once)
+   ``safetensors_io.py`` the one safetensors reader / sharded writer, size grammar
+   ``checkpoint_dir.py`` checks a checkpoint directory from its config and headers
    ``checkpoints.py``   sharded load / gathered save of split checkpoints
    ``assemble.py``      build a split checkpoint from two Llama checkpoints
    ``registry.py``      the RL trainer's model registry entry
@@ -51,6 +53,7 @@ _LAZY = {
     "ParallelCustomSplitLLamaForValueRmPadPP": "splitllama.pipeline",
     "vocab_parallel_log_probs": "splitllama.logprobs",
     "vocab_parallel_entropy": "splitllama.logprobs",
+    "fused_log_probs_entropy": "splitllama.logprobs",
 }
 
 __all__ = sorted(_LAZY)
