@@ -273,15 +273,21 @@ def _free_port() -> int:
 
 def _check(args, argv: list[str]) -> int:
     layout, head, dtype, device = _check_inputs(args)
+    if device == "cpu":  # megatron's CUDA stream advice (it says so for every SP layer)
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
     if "RANK" not in os.environ and layout.world_size > 1:
         return _spawn_ranks(layout.world_size, argv)
     import datetime
 
     import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
 
     from splitllama.distributed import init_distributed, shutdown
     from splitllama.verify.check import run_check
 
+    hf_logging.disable_progress_bar()  # the oracle's save/load of a small checkpoint: noise here
     init_distributed(device, timeout=datetime.timedelta(seconds=float(os.environ.get(
         "SPLITLLAMA_COLLECTIVE_TIMEOUT", "300"))))
     if dist.get_world_size() != layout.world_size:
@@ -323,8 +329,13 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    # megatron's notice that it falls back to plain torch kernels, once per import per rank
+    # megatron's notices that it falls back to plain torch kernels, once per import per rank,
+    # and that a default it sets itself (cuda_graph_scope) is deprecated
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    # torch's deprecation of collectives megatron-core 0.16 calls (reduce_scatter_tensor, ...)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
