@@ -56,62 +56,61 @@ def large_logits_agree(layout) -> bool:
     return agree(ok)
 
 
+def _parity_agrees(bug, layout, ckpt, scratch_dir) -> bool:
+    # "log_probs": the models' log-prob path (the fused head by default) on labelled batches
+    batches = log_prob_microbatches() if bug.check == "log_probs" else edge_case_microbatches(bug.head)
+    report = run_parity(ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, bug.head, DTYPE, DEVICE,
+                        batches, recompute=bug.recompute, padded=bug.padded, log_probs=bug.log_probs)
+    return report.passed  # already agreed by every rank
+
+
+def _parity_checkpoint(bug, factory) -> str:
+    config = bug.config() if bug.config else None
+    return factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)
+
+
+def _odd_vocab_checkpoint(bug, factory, dtype=None) -> str:
+    if dtype is None:
+        return factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
+    return factory("lm", False, config=odd_vocab_config(), name=f"odd_vocab-{dtype}", dtype=dtype)
+
+
+INPUT_RANGE_CASES = [(case, padded) for case in sorted(BAD_VALUES) for padded in (False, True)]
+
+# check kind -> (its inputs, made before the bug is planted; whether the check passes).
+# Each "passes" is collective: every rank returns the same verdict.
+CHECKS = {
+    "parity": (_parity_checkpoint, _parity_agrees),
+    "log_probs": (_parity_checkpoint, _parity_agrees),
+    "round_trip": (lambda bug, f: f(bug.head, bug.mlp, name=f"round-trip-{DTYPE}", dtype=DTYPE),
+                   lambda bug, layout, ckpt, scratch: agree(not round_trip_mismatches(ckpt, layout, bug.head, scratch))),
+    "odd_vocab_round_trip": (lambda bug, f: _odd_vocab_checkpoint(bug, f, DTYPE),
+                             lambda bug, layout, ckpt, scratch: agree(not round_trip_mismatches(ckpt, layout, "lm",
+                                                                                               scratch))),
+    "odd_vocab": (_odd_vocab_checkpoint, lambda bug, layout, ckpt, scratch: run_parity(
+        ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
+        odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs).passed),
+    "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
+    "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
+    "loader_config": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
+        loader_refuses(ckpt, layout, case) for case in ("lower_eps", "upper_eps"))),
+    "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
+        out_of_range_refused(ckpt, layout, case, padded) for case, padded in INPUT_RANGE_CASES)),
+}
+# Checks that nothing else in the gate runs without a bug: shown here to pass first, so
+# that "fails with the bug" means the bug, not a broken check. The parity and round-trip
+# checks pass in test_parity.py / test_checkpoints.py on the same layouts.
+SHOWN_TO_PASS_HERE = {"fused_head", "large_logits", "loader_config", "input_range"}
+
+
 @pytest.mark.parametrize("bug,layout_name", planted_cases())
 def test_planted_bug_is_caught(bug, layout_name, monkeypatch, checkpoint_factory, scratch_dir):
     layout = LAYOUTS[layout_name]
-    if bug.check == "round_trip":
-        source = checkpoint_factory(bug.head, bug.mlp, name=f"round-trip-{DTYPE}", dtype=DTYPE)
-        bug.plant(monkeypatch)
-        mismatches = round_trip_mismatches(source, layout, bug.head, scratch_dir)
-        assert not agree(not mismatches), f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "fused_head":
-        assert fused_head_agrees(layout), "the check itself must pass without the bug"
-        bug.plant(monkeypatch)
-        assert not fused_head_agrees(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "loader_config":
-        ckpt = checkpoint_factory("lm", False)
-        cases = ("lower_eps", "upper_eps")
-        assert all(loader_refuses(ckpt, layout, case) for case in cases), "the check must pass without the bug"
-        bug.plant(monkeypatch)
-        assert not all(loader_refuses(ckpt, layout, case) for case in cases), \
-            f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "input_range":
-        ckpt = checkpoint_factory("lm", False)
-        checks = [(case, padded) for case in sorted(BAD_VALUES) for padded in (False, True)]
-        assert all(out_of_range_refused(ckpt, layout, c, p) for c, p in checks), "the check must pass without the bug"
-        bug.plant(monkeypatch)
-        assert not any(out_of_range_refused(ckpt, layout, c, p) for c, p in checks), \
-            f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "large_logits":
-        assert large_logits_agree(layout), "the check itself must pass without the bug"
-        bug.plant(monkeypatch)
-        assert not large_logits_agree(layout), f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "odd_vocab_round_trip":
-        source = checkpoint_factory("lm", False, config=odd_vocab_config(), name=f"odd_vocab-{DTYPE}", dtype=DTYPE)
-        bug.plant(monkeypatch)
-        assert not agree(not round_trip_mismatches(source, layout, "lm", scratch_dir)), \
-            f"planted bug {bug.name} ({bug.why}) went unnoticed"
-        return
-    if bug.check == "odd_vocab":
-        ckpt = checkpoint_factory("lm", False, config=odd_vocab_config(), name="odd_vocab")
-        bug.plant(monkeypatch)
-        report = run_parity(ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
-                            odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs)
-        assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
-        dist.barrier()
-        return
-    config = bug.config() if bug.config else None
-    ckpt = checkpoint_factory(bug.head, bug.mlp, config=config, name=bug.name if config else None)
-    split_config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    prepare, passes = CHECKS[bug.check]
+    ckpt = prepare(bug, checkpoint_factory)
+    if bug.check in SHOWN_TO_PASS_HERE:
+        assert passes(bug, layout, ckpt, scratch_dir), "the check itself must pass without the bug"
     bug.plant(monkeypatch)
-    # "log_probs": the models' log-prob path (the fused head by default) on labelled batches
-    batches = log_prob_microbatches() if bug.check == "log_probs" else edge_case_microbatches(bug.head)
-    report = run_parity(ckpt, split_config, layout, bug.head, DTYPE, DEVICE, batches,
-                        recompute=bug.recompute, padded=bug.padded, log_probs=bug.log_probs)
-    assert not report.passed, f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
+    assert not passes(bug, layout, ckpt, scratch_dir), \
+        f"planted bug {bug.name} ({bug.why}) went unnoticed at {layout_name}"
     dist.barrier()
