@@ -264,14 +264,32 @@ def part_backends(config, ceiling, args, gen) -> list[dict]:
     return rows
 
 
+def world_layout() -> ParallelLayout:
+    """The layout the head and recompute parts run at: TP over every process, with SP
+    when there is more than one (what a user of several GPUs of one host runs)."""
+    world = dist.get_world_size()
+    return ParallelLayout(tp=world, sp=world > 1)
+
+
+def busiest(row: dict) -> dict:
+    """``row`` with the peak and activation memory of the busiest GPU: it sets the limit."""
+    if dist.get_world_size() == 1 or "error" in row:
+        return row
+    memory = torch.tensor([row["peak_memory_gib"], row["activation_memory_gib"]], device="cuda")
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    return {**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1])}
+
+
 def part_recompute(config, ceiling, args, gen) -> list[dict]:
     """The packed model with each activation recompute setting, on the same documents."""
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    layout = world_layout()
     rows = []
     for recompute in ("none", "selective", "full"):
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), recompute)
-        rows.append({**measure(f"recompute/{recompute}", actor_step(model, batch), batch, config, ceiling, args),
-                     "part": "recompute", "recompute": recompute})
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, recompute)
+        name = f"recompute/{recompute}" + ("" if layout.tp == 1 else f"/{layout}")
+        row = measure(name, actor_step(model, batch), batch, config, ceiling, args, gpus=layout.tp)
+        rows.append({**busiest(row), "part": "recompute", "recompute": recompute})
         del model
         torch.cuda.empty_cache()
     base = rows[0]
@@ -286,11 +304,13 @@ def part_head(config, ceiling, args, gen) -> list[dict]:
     """Packed actor steps (entropy on) with each log-prob path of the LM head, on the same
     documents; one model at a time, so each path's peak memory is its own."""
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    layout = world_layout()
     rows = []
     for path in LOG_PROBS:
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute, path)
-        rows.append({**measure(f"head/{path}", actor_step(model, batch), batch, config, ceiling, args),
-                     "part": "head", "log_probs": path})
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute, path)
+        row = measure(f"head/{path}" + ("" if layout.tp == 1 else f"/{layout}"), actor_step(model, batch), batch,
+                      config, ceiling, args, gpus=layout.tp)
+        rows.append({**busiest(row), "part": "head", "log_probs": path})
         del model
         torch.cuda.empty_cache()
     return rows
@@ -300,6 +320,9 @@ def part_max_tokens(config, ceiling, args, gen) -> list[dict]:
     """For each log-prob path: packed actor steps (entropy on) at ``--tokens``, twice that,
     ... until out of memory; the largest that fits with its time and peak memory. Every
     size draws its documents from its own seed, so both paths see the same batches."""
+    if dist.get_world_size() > 1:
+        # an out-of-memory on one TP rank would leave the others waiting in a collective
+        return [{"name": "max_tokens", "part": "max_tokens", "error": "runs on one GPU only"}]
     quick = argparse.Namespace(**{**vars(args), "warmup": 1, "repeats": min(args.repeats, 3)})
     rows = []
     for path in LOG_PROBS:
@@ -341,11 +364,7 @@ def part_tp(config, ceiling, args, gen) -> list[dict]:
             model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute)
             row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args,
                           gpus=layout.tp)
-            memory = torch.tensor([row.get("peak_memory_gib", 0.0), row.get("activation_memory_gib", 0.0)],
-                                  device="cuda")
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the busiest GPU sets the limit
-            rows.append({**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1]),
-                         "part": "tp", "family": family, "tp": layout.tp, "sp": layout.sp})
+            rows.append({**busiest(row), "part": "tp", "family": family, "tp": layout.tp, "sp": layout.sp})
             del model
             torch.cuda.empty_cache()
         base = rows[-3]["ms"]
