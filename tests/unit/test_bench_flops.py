@@ -133,6 +133,7 @@ def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
         return {"name": name, "ms": tokens / 1000, "peak_memory_gib": tokens / 1e4, "tokens_per_s": 1e6,
                 "real_tokens": tokens}
 
+    monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
     monkeypatch.setattr(bench, "build", lambda cls, config, layout, recompute, path: built.append(path))
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
