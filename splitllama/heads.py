@@ -77,7 +77,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         self.log_probs = check_log_probs(log_probs)
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
-        """``[S, B, V/tp]`` in the compute dtype."""
+        """``[S, B, Vp/tp]`` in the compute dtype, padded columns included."""
         logits, _ = super().forward(hidden_SBH)
         return logits
 
