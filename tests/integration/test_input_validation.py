@@ -65,14 +65,19 @@ def test_out_of_range_ids_and_labels_are_refused(layout, case, padded, checkpoin
     assert out_of_range_refused(checkpoint_factory("lm", False), layout, case, padded)
 
 
+def loaded_model(checkpoint: str, layout, head: str):
+    """The packed production model at ``layout`` with ``checkpoint``'s weights."""
+    config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
+    setup_parallel(layout, DEVICE)
+    (model,) = build_production(config, layout, head, DTYPE, DEVICE)
+    load_checkpoint(model, checkpoint, progress=False)
+    return model
+
+
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
 def test_out_of_range_ids_at_padded_positions_are_ignored(layout, checkpoint_factory):
     """Only valid positions are checked: padding may hold any id (e.g. -100)."""
-    ckpt = checkpoint_factory("lm", False)
-    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    setup_parallel(layout, DEVICE)
-    (model,) = build_production(config, layout, "lm", DTYPE, DEVICE)
-    load_checkpoint(model, ckpt, progress=False)
+    model = loaded_model(checkpoint_factory("lm", False), layout, "lm")
     ids = torch.tensor([[-100, 5, 6, 7], [1, 2, 3, 300]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     out = model(ids.to(DEVICE), mask.to(DEVICE))
@@ -81,11 +86,7 @@ def test_out_of_range_ids_at_padded_positions_are_ignored(layout, checkpoint_fac
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp"))
 def test_value_model_refuses_log_probs(layout, checkpoint_factory):
-    ckpt = checkpoint_factory("value", False)
-    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    setup_parallel(layout, DEVICE)
-    (model,) = build_production(config, layout, "value", DTYPE, DEVICE)
-    load_checkpoint(model, ckpt, progress=False)
+    model = loaded_model(checkpoint_factory("value", False), layout, "value")
     ids = torch.tensor([[1, 2, 3, 4]], device=DEVICE)
     mask = torch.ones_like(ids, dtype=torch.bool)
     with pytest.raises(ValueError, match="log-probabilities and entropy need an LM head"):
