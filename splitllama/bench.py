@@ -154,7 +154,7 @@ def actor_step(model, batch: Batch, entropy: bool = True):
 def oracle_step(model, batch: Batch):
     def step():
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         log_probs = torch.log_softmax(logits, -1).gather(-1, batch.labels[..., None])[..., 0]
         (log_probs * batch.attention_mask).sum().backward()
     return step
