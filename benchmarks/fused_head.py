@@ -37,6 +37,7 @@ from splitllama.logprobs import (  # noqa: E402
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
 )
+from splitllama.bench import step_times_ms  # noqa: E402
 from splitllama.distributed import init_distributed, setup_parallel  # noqa: E402
 from splitllama.layout import ParallelLayout  # noqa: E402
 
@@ -80,11 +81,6 @@ def reference(hidden, weight32, labels, chunk=4096):
     return torch.cat(lps), torch.cat(ents)
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(head, hidden, weight, labels, g_lp, g_ent, args, device):
     def step():
         lp, ent = head(hidden, weight, labels)
@@ -94,24 +90,18 @@ def measure(head, hidden, weight, labels, g_lp, g_ent, args, device):
     def clear():
         hidden.grad = weight.grad = None
 
-    for _ in range(args.warmup):
-        step()
-        clear()
-    times = []
-    for _ in range(args.repeats):
-        sync(device)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    if device == "cuda":
+        times = step_times_ms(step, args.warmup, args.repeats, between=clear)
+    else:
+        for _ in range(args.warmup):
             step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+            clear()
+        times = []
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             step()
             times.append(1e3 * (time.perf_counter() - t0))
-        clear()
+            clear()
     row = {"ms": statistics.median(times), "ms_all": times}
     if device == "cuda":
         torch.cuda.synchronize()

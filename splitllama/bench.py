@@ -115,9 +115,13 @@ def bench_config(family: str, lower_layers: int, upper_layers: int) -> CustomSpl
 
 
 # ---- timing ------------------------------------------------------------------------------
-def time_ms(step, warmup: int, repeats: int) -> float:
+def step_times_ms(step, warmup: int, repeats: int, between=None) -> list[float]:
+    """CUDA-event time of each of ``repeats`` calls of ``step`` after ``warmup`` untimed
+    ones; ``between`` (untimed) runs after every call."""
     for _ in range(warmup):
         step()
+        if between:
+            between()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -127,7 +131,13 @@ def time_ms(step, warmup: int, repeats: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        if between:
+            between()
+    return times
+
+
+def time_ms(step, warmup: int, repeats: int) -> float:
+    return statistics.median(step_times_ms(step, warmup, repeats))
 
 
 def matmul_ceiling(repeats: int) -> float:
