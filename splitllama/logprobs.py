@@ -240,6 +240,21 @@ def _blocks(width: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, width)) for start in range(0, width, size)]
 
 
+def _tiling(tokens: int, width: int, chunk_tokens: int, vocab_block: int):
+    """The tiles forward and backward both walk: token chunks ``(a, b)``, vocabulary blocks
+    ``(v0, v1)`` of the rank's ``width`` real rows, and whether a tile has the full (first)
+    tile's shape, which decides its compiled variant (static or dynamic shapes)."""
+    chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
+    blocks = _blocks(width, vocab_block)
+    full_rows = chunks[0][1] - chunks[0][0] if chunks else 0
+    full_cols = blocks[0][1] - blocks[0][0]
+
+    def is_full(a: int, b: int, v0: int, v1: int) -> bool:
+        return b - a == full_rows and v1 - v0 == full_cols
+
+    return chunks, blocks, is_full
+
+
 def _label_columns(labels: torch.Tensor, first_row: int) -> torch.Tensor:
     """Column of each label in a tile whose first vocabulary row is ``first_row`` (global
     index); outside ``[0, tile width)`` when the label is elsewhere."""
@@ -253,17 +268,14 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
         # ``width``: this rank's real rows, a prefix of the shard (padding is at the end)
         tokens = hidden.shape[0]
         compute = torch.promote_types(weight.dtype, torch.float32)
-        chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
-        blocks = _blocks(width, vocab_block)
-        full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
+        chunks, blocks, is_full = _tiling(tokens, width, chunk_tokens, vocab_block)
         local = torch.empty(4, tokens, dtype=compute, device=hidden.device)
         for a, b in chunks:
             h = hidden[a:b]
             per_block = []
             for v0, v1 in blocks:
                 logits = _mm_wide(h, weight[v0:v1].t())
-                full = (b - a == full_rows) and (v1 - v0 == full_cols)
-                per_block.append(_ELEMENTWISE(_tile_stats, full, logits,
+                per_block.append(_ELEMENTWISE(_tile_stats, is_full(a, b, v0, v1), logits,
                                               _label_columns(labels[a:b], vocab_start + v0), entropy))
                 del logits
             local[:, a:b] = _merge_stats(torch.stack(per_block))
@@ -288,10 +300,7 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
             return (None,) * 10
         g_lp = grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
         g_ent = grad_entropy if use_entropy else g_lp
-        tokens = hidden.shape[0]
-        chunks = [(a, min(a + chunk_tokens, tokens)) for a in range(0, tokens, chunk_tokens)]
-        blocks = _blocks(width, vocab_block)
-        full_rows, full_cols = chunks[0][1] - chunks[0][0] if chunks else 0, blocks[0][1] - blocks[0][0]
+        chunks, blocks, is_full = _tiling(hidden.shape[0], width, chunk_tokens, vocab_block)
         # Padded rows (at and above ``width``) get a zero gradient (or none added).
         # The weight's gradient is accumulated in place over the chunks, into the caller's
         # buffer or into the one returned (in the weight's dtype: each chunk's GEMM sums in
@@ -305,9 +314,8 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
             for v0, v1 in blocks:
                 w = weight[v0:v1]
                 logits = _mm_wide(h, w.t())
-                full = (b - a == full_rows) and (v1 - v0 == full_cols)
-                grad = _ELEMENTWISE(_tile_grad, full, logits, _label_columns(labels[a:b], vocab_start + v0),
-                                    lse[a:b], ent[a:b] if use_entropy else lse[a:b], g_lp[a:b], g_ent[a:b],
+                grad = _ELEMENTWISE(_tile_grad, is_full(a, b, v0, v1), logits,
+                                    _label_columns(labels[a:b], vocab_start + v0), lse[a:b], ent[a:b] if use_entropy else lse[a:b], g_lp[a:b], g_ent[a:b],
                                     use_entropy, weight.dtype)
                 del logits
                 if grad_hidden is not None:
