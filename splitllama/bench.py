@@ -164,7 +164,7 @@ def actor_step(model, batch: Batch, entropy: bool = True):
 def oracle_step(model, batch: Batch):
     def step():
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         log_probs = torch.log_softmax(logits, -1).gather(-1, batch.labels[..., None])[..., 0]
         (log_probs * batch.attention_mask).sum().backward()
     return step
@@ -203,7 +203,9 @@ def build_oracle(config):
     from oracle import CustomSplitLLamaForCausalLM
 
     with torch.device("cuda"):
-        return CustomSplitLLamaForCausalLM(config).to(torch.bfloat16)
+        oracle = CustomSplitLLamaForCausalLM(config).to(torch.bfloat16)
+    oracle.config.use_cache = False  # a training step: the config's default would fill a KV cache
+    return oracle
 
 
 # ---- parts ---------------------------------------------------------------------------------

@@ -66,22 +66,21 @@ def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: 
     from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
 
     if head == "lm":
-        return CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype).to(device)
-    return CustomSplitLLamaForTokenClassification.from_pretrained(
-        checkpoint_dir, dtype=dtype, num_labels=1
-    ).to(device)
+        oracle = CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
+    else:
+        oracle = CustomSplitLLamaForTokenClassification.from_pretrained(checkpoint_dir, dtype=dtype, num_labels=1)
+    # compared forwards are training-style: the config's default would fill a KV cache
+    oracle.config.use_cache = False
+    return oracle.to(device)
 
 
 # ---- running ------------------------------------------------------------------------------------
 def _oracle_observe(model, mb: Microbatch, trunk: bool = False) -> torch.Tensor:
-    # A training-style forward: no KV cache (the CausalLM's config default would fill one;
-    # the value model never does)
-    no_cache = {"use_cache": False} if hasattr(model, "generate") else {}
     if trunk:  # the HF trunk's final hidden state (after the final norm), [B, S, h_hi]
         return model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                           position_ids=mb.position_ids, use_cache=False).last_hidden_state
+                           position_ids=mb.position_ids).last_hidden_state
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                position_ids=mb.position_ids, **no_cache).logits
+                position_ids=mb.position_ids).logits
     if out.shape[-1] == 1 and mb.probe.dim() == 2:  # value model: [B, S, 1] -> [B, S]
         return out[..., 0]
     if mb.labels is None:
