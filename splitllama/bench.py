@@ -292,18 +292,26 @@ def busiest(row: dict) -> dict:
     return {**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1])}
 
 
-def part_recompute(config, ceiling, args, gen) -> list[dict]:
-    """The packed model with each activation recompute setting, on the same documents."""
+def time_variants(part: str, variants: dict[str, dict], config, ceiling, args, gen) -> list[dict]:
+    """Packed actor steps of each variant (its ``build`` options) on the same documents, at
+    ``world_layout()``; one model at a time, so each variant's peak memory is its own."""
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
     layout = world_layout()
     rows = []
-    for recompute in ("none", "selective", "full"):
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, recompute)
-        name = f"recompute/{recompute}" + ("" if layout.tp == 1 else f"/{layout}")
+    for variant, options in variants.items():
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, **options)
+        name = f"{part}/{variant}" + ("" if layout.tp == 1 else f"/{layout}")
         row = measure(name, actor_step(model, batch), batch, config, ceiling, args, gpus=layout.tp)
-        rows.append({**busiest(row), "part": "recompute", "recompute": recompute})
+        rows.append({**busiest(row), "part": part, **options})
         del model
         torch.cuda.empty_cache()
+    return rows
+
+
+def part_recompute(config, ceiling, args, gen) -> list[dict]:
+    """The packed model with each activation recompute setting, on the same documents."""
+    rows = time_variants("recompute", {r: {"recompute": r} for r in ("none", "selective", "full")},
+                         config, ceiling, args, gen)
     base = rows[0]
     for row in rows:
         if "ms" in row and "ms" in base:
@@ -314,18 +322,9 @@ def part_recompute(config, ceiling, args, gen) -> list[dict]:
 
 def part_head(config, ceiling, args, gen) -> list[dict]:
     """Packed actor steps (entropy on) with each log-prob path of the LM head, on the same
-    documents; one model at a time, so each path's peak memory is its own."""
-    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
-    layout = world_layout()
-    rows = []
-    for path in LOG_PROBS:
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute, path)
-        row = measure(f"head/{path}" + ("" if layout.tp == 1 else f"/{layout}"), actor_step(model, batch), batch,
-                      config, ceiling, args, gpus=layout.tp)
-        rows.append({**busiest(row), "part": "head", "log_probs": path})
-        del model
-        torch.cuda.empty_cache()
-    return rows
+    documents."""
+    return time_variants("head", {path: {"recompute": args.recompute, "log_probs": path} for path in LOG_PROBS},
+                         config, ceiling, args, gen)
 
 
 def part_max_tokens(config, ceiling, args, gen) -> list[dict]:

@@ -144,3 +144,30 @@ def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
     # 8192, 16384, ... ; documents are drawn until the target count, so the real count overshoots a little
     assert 65536 <= fused["largest_tokens"] <= 70000 and fused["out_of_memory_at"] == 131072
     assert 16384 <= materialise["largest_tokens"] <= 20000 and materialise["out_of_memory_at"] == 32768
+
+
+def test_head_and_recompute_parts_time_each_variant_on_one_batch(monkeypatch):
+    from splitllama import bench
+
+    built, batches = [], []
+
+    def fake_measure(name, step, batch, config, ceiling, args, gpus=1):
+        batches.append(batch)
+        return {"name": name, "ms": 100.0 + len(batches), "activation_memory_gib": 10.0 / len(batches),
+                "peak_memory_gib": 20.0, "real_tokens": sum(batch.lengths)}
+
+    monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, **options: built.append(options))
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
+    args = argparse.Namespace(tokens=2048, seed=0, repeats=1, warmup=0, recompute="none")
+    config = bench_config("8b", 1, 1)
+    head = bench.part_head(config, 700.0, args, torch.Generator().manual_seed(0))
+    assert [r["name"] for r in head] == ["head/fused", "head/materialise"]
+    assert built == [{"recompute": "none", "log_probs": "fused"}, {"recompute": "none", "log_probs": "materialise"}]
+    assert batches[0] is batches[1], "both paths must run on the same documents"
+    assert [(f["name"], m["name"]) for f, m in bench.head_pairs(head)] == [("head/fused", "head/materialise")]
+    rows = bench.part_recompute(config, 700.0, args, torch.Generator().manual_seed(0))
+    assert [(r["name"], r["recompute"]) for r in rows] == [
+        ("recompute/none", "none"), ("recompute/selective", "selective"), ("recompute/full", "full")]
+    assert rows[0]["time_vs_none"] == 1.0 and rows[2]["activation_memory_vs_none"] == pytest.approx(3 / 5)
