@@ -25,7 +25,7 @@ from tqdm import tqdm
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
-from splitllama.checkpoint_dir import check_tensors, read_split_config, validate_checkpoint_dir  # noqa: F401 (API)
+from splitllama.checkpoint_dir import check_tensors, read_split_config
 from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
 from splitllama.sharding import fuse, local_slices, unshard, weight_specs
 
