@@ -33,16 +33,24 @@ BAD_VALUES = {
 }
 
 
+def loaded_model(checkpoint: str, layout, head: str, padded: bool = False):
+    """The production model at ``layout`` with ``checkpoint``'s weights: the packed class,
+    or the padded ``ParallelCustomSplitLLamaForCausalLM``."""
+    config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
+    setup_parallel(layout, DEVICE)
+    (model,) = build_production(config, layout, head, DTYPE, DEVICE, padded=padded)
+    load_checkpoint(model, checkpoint, progress=False)
+    return model
+
+
 def out_of_range_refused(ckpt: str, layout, case: str, padded: bool) -> bool:
     """Whether the model at ``layout`` refuses the bad value of ``case`` (at a valid
     position) with a ValueError that names the field and the vocabulary, on every rank."""
     field, value = BAD_VALUES[case]
-    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    setup_parallel(layout, DEVICE)
-    (model,) = build_production(config, layout, "lm", DTYPE, DEVICE, padded=padded)
-    load_checkpoint(model, ckpt, progress=False)
+    model = loaded_model(ckpt, layout, "lm", padded)
+    vocab = model.hf_config.vocab_size
     gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, config.vocab_size, (2, 6), generator=gen)
+    ids = torch.randint(0, vocab, (2, 6), generator=gen)
     labels = ids.roll(-1, 1)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :2] = False
@@ -54,7 +62,7 @@ def out_of_range_refused(ckpt: str, layout, case: str, padded: bool) -> bool:
         else:
             model(*device_args)
     except ValueError as err:
-        return agree(f"{field} at valid positions must lie in [0, vocab_size={config.vocab_size})" in str(err))
+        return agree(f"{field} at valid positions must lie in [0, vocab_size={vocab})" in str(err))
     return agree(False)
 
 
@@ -63,15 +71,6 @@ def out_of_range_refused(ckpt: str, layout, case: str, padded: bool) -> bool:
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2", "tp2_sp"))
 def test_out_of_range_ids_and_labels_are_refused(layout, case, padded, checkpoint_factory):
     assert out_of_range_refused(checkpoint_factory("lm", False), layout, case, padded)
-
-
-def loaded_model(checkpoint: str, layout, head: str):
-    """The packed production model at ``layout`` with ``checkpoint``'s weights."""
-    config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
-    setup_parallel(layout, DEVICE)
-    (model,) = build_production(config, layout, head, DTYPE, DEVICE)
-    load_checkpoint(model, checkpoint, progress=False)
-    return model
 
 
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
