@@ -9,7 +9,8 @@ Reading path (each file says what is inside):
 2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
                         SDPA; flash-attn when forced), planned once per batch
    ``layers.py``        RMSNorm, rotary positions, megatron layer spec and block, the adapter
-3. ``model.py``         the production model classes (padded and packed)
+3. ``batches.py``       input validation; padded and packed batches (pack, pad, restore)
+   ``model.py``         the production model classes (padded and packed)
 4. ``heads.py``         LM head and value head: the one head contract
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner

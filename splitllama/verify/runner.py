@@ -140,7 +140,7 @@ def trunk_hidden(model, mb: Microbatch) -> torch.Tensor:
     ``...ModelRmPad`` (packed) run on the batch object the model itself builds. Under SP
     the trunk's sequence shards are gathered; every rank then holds the same loss, so the
     backward only takes each rank's own shard (``tensor_parallel_output_grad=False``)."""
-    batch = model._batch(mb.input_ids, mb.attention_mask, mb.position_ids, None)
+    batch = model.prepare_batch(mb.input_ids, mb.attention_mask, mb.position_ids)
     hidden = batch.hidden(model.model)
     if model.parallel_layout.sp:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)

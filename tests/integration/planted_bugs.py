@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from megatron.core import tensor_parallel
 
-from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
+from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 
 
@@ -102,12 +102,12 @@ def _value_head_gathered_twice(mp):
 
 
 def _position_ids_ignored(mp):
-    pack = model.pack_batch
+    pack = batches.pack_batch
 
     def ignoring(input_ids, attention_mask, position_ids, labels, **kwargs):
         return pack(input_ids, attention_mask, None, labels, **kwargs)
 
-    mp.setattr(model, "pack_batch", ignoring)
+    mp.setattr(batches, "pack_batch", ignoring)
 
 
 def _stage_boundary_drops_adapter(mp):
@@ -201,8 +201,8 @@ def _padded_attention_ignores_padding(mp):
         causal = torch.ones(seq, seq, dtype=torch.bool, device=mask_BS.device).tril()
         return causal[None, None].expand(mask_BS.shape[0], 1, seq, seq)
 
-    # model.py imported the name
-    mp.setattr(model, "plan_padded", causal_only)
+    # batches.py imported the name
+    mp.setattr(batches, "plan_padded", causal_only)
 
 
 def _after_trunk_init(mp, change):
@@ -265,7 +265,7 @@ def _loader_skips_eps(mp):
 
 
 def _input_range_check_removed(mp):
-    mp.setattr(model, "_check_range", lambda name, low, high, vocab: None)
+    mp.setattr(batches, "_check_range", lambda name, low, high, vocab: None)
 
 
 def _fused_head_input_grad_not_reduced(mp):
