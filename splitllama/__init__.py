@@ -4,6 +4,8 @@ layers) for Megatron-core, with tensor, sequence and pipeline parallelism and pa
 Reading path (each file says what is inside):
 
 1. ``config.py``        the split config, its validation, named shape presets
+   ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding, pipeline
+                        split; one frozen object every entry point takes
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
    ``layout.py``        ParallelLayout, TP requirements, the pipeline stage layout function
 2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CustomSplitLlamaConfig": "splitllama.config",
     "ParallelLayout": "splitllama.layout",
+    "ModelOptions": "splitllama.options",
     "use_cpu": "splitllama.cpu_support",
     "load_checkpoint": "splitllama.checkpoints",
     "save_checkpoint": "splitllama.checkpoints",

@@ -23,8 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
-RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
-LOG_PROBS_CHOICES = ("fused", "materialise")  # splitllama.heads.LOG_PROBS
+from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
+
 # Set by ``_spawn_ranks`` for the ranks it launches: where a failing rank writes its error.
 RANK_ERRORS_ENV = "SPLITLLAMA_RANK_ERRORS"
 EPILOG = """\
@@ -294,7 +294,7 @@ def _check(args, argv: list[str]) -> int:
         raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
-                       recompute=args.recompute, log_probs=args.log_probs)
+                       options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs))
     if dist.get_rank() == 0:
         emit(report.table())
         if args.json:

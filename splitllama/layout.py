@@ -106,8 +106,6 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     ``divisible_by * tp`` (megatron's ``make_vocab_size_divisible_by``), so any vocabulary
     splits over any TP. TP rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size``
     are padding (zero, never looked up, masked out of every output; see ``heads.LMHead``)."""
-    if not isinstance(divisible_by, int) or isinstance(divisible_by, bool) or divisible_by < 1:
-        raise ValueError(f"make_vocab_size_divisible_by must be a positive int, got {divisible_by!r}")
     multiple = divisible_by * tp
     padded = -(-vocab_size // multiple) * multiple
     if padded - vocab_size >= padded // tp:

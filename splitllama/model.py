@@ -27,9 +27,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from splitllama.attention import PackedAttention
 from splitllama.batches import PackedBatch, PaddedBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.heads import LMHead, TokenScores, ValueHead, check_log_probs
-from splitllama.layers import RECOMPUTE, Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
+from splitllama.heads import LMHead, TokenScores, ValueHead
+from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
 from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size
+from splitllama.options import ModelOptions, model_options
 
 
 # ---- trunks ----------------------------------------------------------------------------
@@ -119,32 +120,14 @@ def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: Model
     return config
 
 
-def _recompute_of(megatron_config, recompute: str | None) -> str:
-    """The recompute choice: the argument, else the caller's megatron TransformerConfig's."""
-    if recompute is None:
-        recompute = getattr(megatron_config, "recompute_granularity", None) or "none"
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute={recompute!r} is not one of {sorted(RECOMPUTE)}")
-    return recompute
-
-
 class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     """Padded TP(+SP) causal LM: ``forward(input_ids, attention_mask, position_ids=None)``
     -> fp32 logits ``[B, S, V]`` (zeros at padded positions).
 
-    Options: ``layers_per_stage`` (pipeline split, see ``layout.ParallelLayout``),
-    ``recompute`` (``none | selective | full`` activation recompute; default: the
-    ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none) and
-    ``log_probs`` (``fused | materialise``: how the LM head computes log-probabilities and
-    entropy, ``heads.LMHead``; default fused) and
-    ``make_vocab_size_divisible_by`` (megatron's name): the embedding and LM head get
-    ``padded_vocab_size`` rows, the vocabulary rounded up to a multiple of this times TP, so
-    any vocabulary (e.g. 128,257 after adding special tokens) runs at any TP. Default 1:
-    padding only where TP does not divide the vocabulary (checkpoints, shapes and results
-    of a divisible vocabulary stay exactly as without padding; megatron's default 128 aligns
-    GEMM shapes for speed at the cost of up to ``128 tp - 1`` extra rows). Padded rows are
-    zero, never looked up, excluded from logits, log-probs, entropy and gradients, and never
-    loaded or saved: checkpoints hold exactly ``vocab_size`` rows."""
+    ``options``: a ``ModelOptions`` (activation recompute, the LM head's log-prob path,
+    vocabulary padding, the pipeline split), validated when it was made; default
+    ``ModelOptions()``. ``stage``: the pipeline stage this object holds (the pipeline
+    classes pass it; default the whole model)."""
 
     trunk_class = ParallelCustomSplitLLamaModel
     packed = False
@@ -152,13 +135,13 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     vocab_parallel_output = False
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
-                 stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None,
-                 log_probs: str = "fused", make_vocab_size_divisible_by: int = 1):
+                 stage: StageLayout | None = None, options: ModelOptions | None = None):
         super().__init__()
         config.validate()
         self.hf_config = config
         self.megatron_config = megatron_config
-        self.parallel_layout = ParallelLayout.from_megatron(megatron_config, layers_per_stage)
+        self.options = model_options(options).resolve(megatron_config)
+        self.parallel_layout = ParallelLayout.from_megatron(megatron_config, self.options.layers_per_stage)
         stages = self.parallel_layout.validate(config)
         if stage is None:
             if self.parallel_layout.pp != 1:
@@ -168,11 +151,9 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
                     "classes (ModelRegistry.load_model_cls)"
                 )
             (stage,) = stages
-        self.recompute = _recompute_of(megatron_config, recompute)
-        self.log_probs = check_log_probs(log_probs)
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, self.parallel_layout.tp,
-                                                   make_vocab_size_divisible_by)
-        self.model = self.trunk_class(config, megatron_config, stage, self.recompute, self.padded_vocab_size)
+                                                   self.options.make_vocab_size_divisible_by)
+        self.model = self.trunk_class(config, megatron_config, stage, self.options.recompute, self.padded_vocab_size)
         self.layout = stage
         self.head_config = self.model.upper_config
         self.config = schedule_config(self.model, megatron_config)
@@ -183,7 +164,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
-                              self.log_probs)
+                              self.options.log_probs)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)

@@ -10,6 +10,7 @@ by all-reduce, so a failure fails every rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -22,6 +23,7 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
 from splitllama.layout import ParallelLayout
+from splitllama.options import ModelOptions, model_options
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLM,
     ParallelCustomSplitLLamaForCausalLMRmPad,
@@ -39,26 +41,27 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
-                     dtype: torch.dtype, device: str, recompute: str = "none",
-                     padded: bool = False, log_probs: str = "fused",
-                     make_vocab_size_divisible_by: int = 1) -> list[torch.nn.Module]:
-    """The production model chunks of this rank (one unless VPP). ``padded``: the padded
-    seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
-    no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``).
-    ``make_vocab_size_divisible_by``: the model option of that name."""
+                     dtype: torch.dtype, device: str, options: ModelOptions | None = None,
+                     padded: bool = False) -> list[torch.nn.Module]:
+    """The production model chunks of this rank (one unless VPP), built with ``options``
+    and the pipeline split of ``layout``. ``padded``: the padded class
+    ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP, no
+    pipeline, LM head)."""
     mc = megatron_config(layout, dtype, device)
-    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs,
-                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    options = model_options(options)
+    if options.layers_per_stage is not None:
+        raise ValueError("options.layers_per_stage must be None here: the layout's layers_per_stage is used")
+    options = dataclasses.replace(options, layers_per_stage=layout.layers_per_stage)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
-        chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, **options)]
+        chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, options=options)]
     elif layout.pp == 1:
         cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
-        chunks = [cls(config, mc, **options)]
+        chunks = [cls(config, mc, options=options)]
     else:
         cls = ParallelCustomSplitLLamaForCausalLMRmPadPP if head == "lm" else ParallelCustomSplitLLamaForValueRmPadPP
-        chunks = build_chunks(cls, config, mc, **options)
+        chunks = build_chunks(cls, config, mc, options)
     return [chunk.to(device) for chunk in chunks]
 
 
@@ -199,16 +202,15 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
-               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
-               trunk: bool = False, log_probs: str = "fused", make_vocab_size_divisible_by: int = 1) -> Report:
+               microbatches: list[Microbatch], options: ModelOptions | None = None, padded: bool = False,
+               trunk: bool = False) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute``, ``padded``, ``log_probs`` and ``make_vocab_size_divisible_by``
-    choose the production model (``build_production``). ``trunk``: compare the trunk's
+    rank. ``options`` and ``padded`` choose the production model (``build_production``).
+    ``trunk``: compare the trunk's
     final hidden states (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``,
     probes ``[B, S, h_hi]``."""
     setup_parallel(layout, device)
-    chunks = build_production(config, layout, head, dtype, device, recompute, padded, log_probs,
-                              make_vocab_size_divisible_by)
+    chunks = build_production(config, layout, head, dtype, device, options, padded)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None

@@ -20,6 +20,7 @@ from megatron.core import tensor_parallel
 
 from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.options import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,8 @@ class PlantedBug:
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
     check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
-    recompute: str = "none"  # the production model's activation recompute
+    options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
-    log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
 
 
 def _two_projection_adapter(mp):
@@ -333,7 +333,7 @@ PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
     PlantedBug("recompute_detaches_input", "full activation recompute drops the gradient of its input",
-               ("tp1", "tp2_sp"), _recompute_detaches_input, recompute="full"),
+               ("tp1", "tp2_sp"), _recompute_detaches_input, options=ModelOptions(recompute="full")),
     PlantedBug("two_projection_adapter", "defect 1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
     # megatron's MLP defaults to GELU; near 0 GELU and ReLU differ by a few percent, where
@@ -390,7 +390,7 @@ PLANTED = [
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
     PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
                "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab",
-               log_probs="materialise"),
+               options=ModelOptions(log_probs="materialise")),
     PlantedBug("fused_head_counts_padded_rows", "fused head: padded vocabulary rows (vocab 301 at TP=2) "
                "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
