@@ -7,7 +7,9 @@ Reading path (each file says what is inside):
    ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding, pipeline
                         split; one frozen object every entry point takes
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
-   ``layout.py``        ParallelLayout, TP requirements, the pipeline stage layout function
+   ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
+   ``layout.py``        ParallelLayout, TP requirements, vocabulary padding, the pipeline
+                        stage layout function
 2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
                         SDPA; flash-attn when forced), planned once per batch
    ``layers.py``        RMSNorm, rotary positions, megatron layer spec and block, the adapter

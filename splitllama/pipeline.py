@@ -25,11 +25,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled, cpu_schedule_context
 from splitllama.layout import stage_layout
-from splitllama.options import ModelOptions, model_options
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
 )
+from splitllama.options import ModelOptions, model_options
 
 
 class PipelineStageMixin:

@@ -18,17 +18,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import gather_full_state, load_checkpoint
+from splitllama.checkpoints import gather_full_state, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
-from splitllama.layout import ParallelLayout
-from splitllama.options import ModelOptions, model_options
+from splitllama.layout import ParallelLayout, real_vocab_rows
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLM,
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
 )
+from splitllama.options import ModelOptions, model_options
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
     ParallelCustomSplitLLamaForValueRmPadPP,
@@ -114,15 +114,6 @@ def run_oracle(model, microbatches: list[Microbatch],
     return observed, grads
 
 
-def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
-
-
 def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
     ``[B, S, Vp/tp]`` (padded columns ``-inf``, left out of both), values ``[B, S]``, or
@@ -130,10 +121,9 @@ def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, tor
     probe = masked_probe(mb, output)
     if mb.labels is None and output.dim() == 3:  # this rank's slice of the (padded) vocabulary
         width, vocab = output.shape[-1], probe.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * width
-        real = max(0, min(width, vocab - start))
-        loss = (output[..., :real] * probe[..., start:start + real]).sum()
-        return loss, _gather_vocab(output.detach())[..., :vocab]
+        real = real_vocab_rows(parallel_state.get_tensor_model_parallel_rank() * width, width, vocab)
+        loss = (output[..., :len(real)] * probe[..., real.start:real.stop]).sum()
+        return loss, torch.cat(tp_all_gather(output.detach()), dim=-1)[..., :vocab]
     return (output * probe).sum(), output
 
 
