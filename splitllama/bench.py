@@ -27,7 +27,7 @@ Times are CUDA-event medians after warm-up, on fresh random inputs.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -52,6 +52,34 @@ REAL_VOCAB = 128256
 ENTROPY_COEF = 1e-3
 # max_tokens stops doubling here even if memory is left (16M tokens: far past one GPU).
 MAX_TOKENS_LIMIT = 1 << 24
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every part runs with: the stacks' depth (``lower_layers`` 8B-shaped and
+    ``upper_layers`` 70B-shaped layers), real ``tokens`` per batch, ``repeats`` timed
+    after ``warmup`` untimed steps (median reported), the random ``seed``, and the timed
+    model's activation ``recompute`` (the ``recompute`` part times every choice)."""
+
+    lower_layers: int = 2
+    upper_layers: int = 2
+    tokens: int = 16384
+    repeats: int = 10
+    warmup: int = 3
+    seed: int = 0
+    recompute: str = "none"
+
+    def __post_init__(self) -> None:
+        for field in ("lower_layers", "upper_layers", "tokens", "repeats"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        self.options()  # validates recompute
+
+    def options(self, **changes) -> ModelOptions:
+        """The timed model's options (``changes``: a part's variant)."""
+        return ModelOptions(**{"recompute": self.recompute, **changes})
 
 
 # ---- workload ----------------------------------------------------------------------------
@@ -170,14 +198,14 @@ def oracle_step(model, batch: Batch):
     return step
 
 
-def measure(name: str, step, batch: Batch, config, ceiling: float, args, gpus: int = 1) -> dict:
+def measure(name: str, step, batch: Batch, config, ceiling: float, settings, gpus: int = 1) -> dict:
     """Time ``step``; TFLOP/s and the fraction of the ceiling are per GPU (``gpus`` share
     the step). Activation memory is the peak minus what stays resident after a step
     (parameters and their gradients)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        ms = time_ms(step, args.warmup, args.repeats)
+        ms = time_ms(step, settings.warmup, settings.repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"name": name, "error": "out of memory", "real_tokens": sum(batch.lengths)}
@@ -208,7 +236,7 @@ def build_oracle(config):
 
 
 # ---- parts ---------------------------------------------------------------------------------
-def fitting(name: str, step_of, lengths: list[int], config, ceiling, args, gen) -> tuple[list[dict], Batch]:
+def fitting(name: str, step_of, lengths: list[int], config, ceiling, settings, gen) -> tuple[list[dict], Batch]:
     """Time a padded model on the RL documents; padded runs hold [rows, S] activations
     (the oracle's eager attention [rows, heads, S, S]), so when the batch does not fit,
     halve the documents. Returns the rows (out-of-memory attempts included) and the batch
@@ -216,40 +244,40 @@ def fitting(name: str, step_of, lengths: list[int], config, ceiling, args, gen) 
     rows = []
     while True:
         batch = make_batch(lengths, config.vocab_size, gen, "cuda")
-        rows.append({**measure(f"rl/{name}[{len(lengths)} docs]", step_of(batch), batch, config, ceiling, args),
+        rows.append({**measure(f"rl/{name}[{len(lengths)} docs]", step_of(batch), batch, config, ceiling, settings),
                      "part": "packing"})
         if "error" not in rows[-1] or len(lengths) == 1:
             return rows, batch
         lengths = lengths[: len(lengths) // 2]
 
 
-def part_packing(config, ceiling, args, gen) -> list[dict]:
+def part_packing(config, ceiling, settings, gen) -> list[dict]:
     """Packed production vs padded production and vs the padded oracle, each pair timed on
     the same documents; p = 0 (equal lengths) is the control."""
     rows = []
     layout = ParallelLayout()
-    lengths = rl_lengths(args.tokens, gen)
-    options = ModelOptions(recompute=args.recompute)
+    lengths = rl_lengths(settings.tokens, gen)
+    options = settings.options()
     packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, options)
     padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout, options)
 
     def packed_on(batch):
         return {**measure(f"rl/packed[{len(batch.lengths)} docs]", actor_step(packed, batch), batch, config,
-                          ceiling, args), "part": "packing"}
+                          ceiling, settings), "part": "packing"}
 
-    even = make_batch([args.tokens // 8] * 8, config.vocab_size, gen, "cuda")
+    even = make_batch([settings.tokens // 8] * 8, config.vocab_size, gen, "cuda")
     for name, model in (("packed", packed), ("padded", padded)):
-        rows.append({**measure(f"p0/{name}", actor_step(model, even), even, config, ceiling, args),
+        rows.append({**measure(f"p0/{name}", actor_step(model, even), even, config, ceiling, settings),
                      "part": "packing"})
     rows.append(packed_on(make_batch(lengths, config.vocab_size, gen, "cuda")))
-    timed, batch = fitting("padded", functools.partial(actor_step, padded), lengths, config, ceiling, args, gen)
+    timed, batch = fitting("padded", functools.partial(actor_step, padded), lengths, config, ceiling, settings, gen)
     rows += timed
     if batch.lengths != lengths:
         rows.append(packed_on(batch))
     padded = None  # frees its memory before the oracle is built
     torch.cuda.empty_cache()
     oracle = build_oracle(config)
-    timed, batch = fitting("oracle", functools.partial(oracle_step, oracle), lengths, config, ceiling, args, gen)
+    timed, batch = fitting("oracle", functools.partial(oracle_step, oracle), lengths, config, ceiling, settings, gen)
     rows += timed
     oracle = None
     torch.cuda.empty_cache()
@@ -258,16 +286,16 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
     return rows
 
 
-def part_backends(config, ceiling, args, gen) -> list[dict]:
+def part_backends(config, ceiling, settings, gen) -> list[dict]:
     model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
-                  ModelOptions(recompute=args.recompute))
-    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+                  settings.options())
+    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
     rows = []
     previous = os.environ.get(BACKEND_ENV)
     try:
         for backend in available_backends(torch.device("cuda"), torch.bfloat16):
             os.environ[BACKEND_ENV] = backend
-            rows.append({**measure(f"backend/{backend}", actor_step(model, batch), batch, config, ceiling, args),
+            rows.append({**measure(f"backend/{backend}", actor_step(model, batch), batch, config, ceiling, settings),
                          "part": "backends"})
     finally:
         if previous is None:
@@ -293,26 +321,26 @@ def busiest(row: dict) -> dict:
     return {**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1])}
 
 
-def time_variants(part: str, variants: dict[str, ModelOptions], config, ceiling, args, gen) -> list[dict]:
+def time_variants(part: str, variants: dict[str, ModelOptions], config, ceiling, settings, gen) -> list[dict]:
     """Packed actor steps of each variant (its model options) on the same documents, at
     ``world_layout()``; one model at a time, so each variant's peak memory is its own."""
-    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
     layout = world_layout()
     rows = []
     for variant, options in variants.items():
         model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, options)
         name = f"{part}/{variant}" + ("" if layout.tp == 1 else f"/{layout}")
-        row = measure(name, actor_step(model, batch), batch, config, ceiling, args, gpus=layout.tp)
+        row = measure(name, actor_step(model, batch), batch, config, ceiling, settings, gpus=layout.tp)
         rows.append({**busiest(row), "part": part, "recompute": options.recompute, "log_probs": options.log_probs})
         del model
         torch.cuda.empty_cache()
     return rows
 
 
-def part_recompute(config, ceiling, args, gen) -> list[dict]:
+def part_recompute(config, ceiling, settings, gen) -> list[dict]:
     """The packed model with each activation recompute setting, on the same documents."""
     rows = time_variants("recompute", {r: ModelOptions(recompute=r) for r in RECOMPUTE_CHOICES},
-                         config, ceiling, args, gen)
+                         config, ceiling, settings, gen)
     base = rows[0]
     for row in rows:
         if "ms" in row and "ms" in base:
@@ -321,29 +349,29 @@ def part_recompute(config, ceiling, args, gen) -> list[dict]:
     return rows
 
 
-def part_head(config, ceiling, args, gen) -> list[dict]:
+def part_head(config, ceiling, settings, gen) -> list[dict]:
     """Packed actor steps (entropy on) with each log-prob path of the LM head, on the same
     documents."""
-    return time_variants("head", {path: ModelOptions(recompute=args.recompute, log_probs=path)
+    return time_variants("head", {path: settings.options(log_probs=path)
                                   for path in LOG_PROBS_CHOICES},
-                         config, ceiling, args, gen)
+                         config, ceiling, settings, gen)
 
 
-def part_max_tokens(config, ceiling, args, gen) -> list[dict]:
+def part_max_tokens(config, ceiling, settings, gen) -> list[dict]:
     """For each log-prob path: packed actor steps (entropy on) at ``--tokens``, twice that,
     ... until out of memory; the largest that fits with its time and peak memory. Every
     size draws its documents from its own seed, so both paths see the same batches."""
     if dist.get_world_size() > 1:
         # an out-of-memory on one TP rank would leave the others waiting in a collective
         return [{"name": "max_tokens", "part": "max_tokens", "error": "runs on one GPU only"}]
-    quick = argparse.Namespace(**{**vars(args), "warmup": 1, "repeats": min(args.repeats, 3)})
+    quick = dataclasses.replace(settings, warmup=1, repeats=min(settings.repeats, 3))
     rows = []
     for path in LOG_PROBS_CHOICES:
         model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
-                      ModelOptions(recompute=args.recompute, log_probs=path))
-        largest, out_of_memory_at, tokens = None, None, args.tokens
+                      settings.options(log_probs=path))
+        largest, out_of_memory_at, tokens = None, None, settings.tokens
         while tokens <= MAX_TOKENS_LIMIT:
-            sized = torch.Generator().manual_seed(args.seed + tokens)
+            sized = torch.Generator().manual_seed(settings.seed + tokens)
             batch = make_batch(rl_lengths(tokens, sized), config.vocab_size, sized, "cuda")
             row = measure(f"max_tokens/{path}[{tokens}]", actor_step(model, batch), batch, config, ceiling, quick)
             del batch
@@ -368,16 +396,16 @@ def max_tokens_row(path: str, largest: dict | None, out_of_memory_at: int | None
     return row
 
 
-def part_tp(config, ceiling, args, gen) -> list[dict]:
+def part_tp(config, ceiling, settings, gen) -> list[dict]:
     world = dist.get_world_size()
     rows = []
     for family in ("8b", "70b"):
-        config = bench_config(family, args.lower_layers, args.upper_layers)
-        batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+        config = bench_config(family, settings.lower_layers, settings.upper_layers)
+        batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
         for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
             model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout,
-                          ModelOptions(recompute=args.recompute))
-            row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args,
+                          settings.options())
+            row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, settings,
                           gpus=layout.tp)
             rows.append({**busiest(row), "part": "tp", "family": family, "tp": layout.tp, "sp": layout.sp})
             del model
@@ -401,15 +429,15 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in _KINDS if any(k in lowered for k in keys)), "other")
 
 
-def part_profile(config, ceiling, args, gen) -> list[dict]:
+def part_profile(config, ceiling, settings, gen) -> list[dict]:
     """One packed actor step under the torch profiler: GPU time by kernel kind and the
     top kernels (names as the profiler reports them)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
-    batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
+    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
     step = actor_step(model, batch)
-    for _ in range(args.warmup):
+    for _ in range(settings.warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -537,23 +565,23 @@ PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "tp": part
                   "profile": part_profile}
 
 
-def run_bench(args, parts: tuple[str, ...]) -> dict | None:
+def run_bench(settings: BenchSettings, parts: tuple[str, ...]) -> dict | None:
     """Every part of ``parts``; the figures (rank 0) or None (other ranks)."""
     init_distributed("cuda")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []
-    config = bench_config("mixed", args.lower_layers, args.upper_layers)
+    config = bench_config("mixed", settings.lower_layers, settings.upper_layers)
     rank0 = dist.get_rank() == 0
-    ceiling = matmul_ceiling(args.repeats)
+    ceiling = matmul_ceiling(settings.repeats)
     for part in tqdm(parts, desc="bench", disable=not rank0):
         if part == "tp" and dist.get_world_size() < 2:
             rows.append({"name": "tp", "error": "needs torchrun --nproc-per-node 2", "part": "tp"})
         elif part != "ceiling":
-            rows += PART_FUNCTIONS[part](config, ceiling, args, gen)
+            rows += PART_FUNCTIONS[part](config, ceiling, settings, gen)
     result = None
     if rank0:
         result = {"device": torch.cuda.get_device_name(), "world_size": dist.get_world_size(),
                   "torch": torch.__version__, "ceiling_tflops": ceiling, "rows": rows,
-                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}
+                  "settings": {**dataclasses.asdict(settings), "parts": list(parts)}}
     shutdown()
     return result

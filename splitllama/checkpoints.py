@@ -5,10 +5,10 @@ checking the checkpoint's config and every tensor's name and shape: a missing,
 unexpected or mis-shaped tensor is an error that names it, and no parameter is ever left
 with its initial values. ``save_checkpoint``: gathers TP shards and writes one file set
 per pipeline stage, then rank 0 names the shards and writes the index and a
-self-contained config; load -> save is bitwise identical. ``gather_full_state`` gathers
-parameters or gradients to every rank under the checkpoint names (tests, small models).
+self-contained config; load -> save is bitwise identical. ``iter_stage_tensors`` yields
+this pipeline rank's full tensors (parameters or gradients) under the checkpoint names.
 
-All three read ``sharding.weight_specs``, the one declaration of every weight's layout.
+All of them read ``sharding.weight_specs``, the one declaration of every weight's layout.
 """
 
 from __future__ import annotations
@@ -148,18 +148,6 @@ def iter_stage_tensors(chunks, source: str = "param"):
             if local is None:
                 local = torch.zeros_like(param)
             yield from zip(spec.names, unshard(spec, tp_all_gather(local.detach())), strict=True)
-
-
-def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch.Tensor]:
-    """Every tensor of the model under its checkpoint name, on EVERY rank (CPU copies).
-    Meant for tests and small models: the whole model is materialised per rank."""
-    chunks = _chunks(model_or_chunks)
-    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return mine
-    parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
-    return {k: v for part in parts for k, v in part.items()}
 
 
 # ---- saving ----------------------------------------------------------------------------------

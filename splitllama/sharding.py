@@ -195,12 +195,6 @@ def concat_dim(spec: WeightSpec) -> int | None:
     return 0  # VocabSplit, FusedQKV, FusedGateUp
 
 
-def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
-    """Full checkpoint tensors -> TP rank ``tp_rank``'s production tensor."""
-    slices = local_slices(spec, [tuple(t.shape) for t in full], tp_rank, tp)
-    return fuse(spec, [t[s] for t, s in zip(full, slices)], tp)
-
-
 def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every TP rank's production tensor (rank order) -> the full checkpoint tensors."""
     dim = concat_dim(spec)

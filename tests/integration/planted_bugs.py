@@ -19,7 +19,8 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 
 
@@ -365,7 +366,7 @@ PLANTED = [
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
-    # The tiny model's stacks differ in every non-shape setting (config.TINY_*_SETTINGS), so
+    # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
     # reading one from the wrong place moves the outputs.
     PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",
                ("tp1", "pp2_cut_lower"), _lower_rope_theta_from_upper),

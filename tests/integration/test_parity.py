@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.runner import run_parity
