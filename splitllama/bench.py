@@ -56,13 +56,13 @@ MAX_TOKENS_LIMIT = 1 << 24
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What every part runs with: the stacks' depth (``lower_layers`` 8B-shaped and
-    ``upper_layers`` 70B-shaped layers), real ``tokens`` per batch, ``repeats`` timed
+    """What every part runs with: the stacks' depth (``num_lower`` 8B-shaped and
+    ``num_upper`` 70B-shaped layers), real ``tokens`` per batch, ``repeats`` timed
     after ``warmup`` untimed steps (median reported), the random ``seed``, and the timed
     model's activation ``recompute`` (the ``recompute`` part times every choice)."""
 
-    lower_layers: int = 2
-    upper_layers: int = 2
+    num_lower: int = 2
+    num_upper: int = 2
     tokens: int = 16384
     repeats: int = 10
     warmup: int = 3
@@ -70,7 +70,7 @@ class BenchSettings:
     recompute: str = "none"
 
     def __post_init__(self) -> None:
-        for field in ("lower_layers", "upper_layers", "tokens", "repeats"):
+        for field in ("num_lower", "num_upper", "tokens", "repeats"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -130,15 +130,15 @@ def useful_flops(config: CustomSplitLlamaConfig, lengths: list[int]) -> float:
     return per_token * tokens
 
 
-def bench_config(family: str, lower_layers: int, upper_layers: int) -> CustomSplitLlamaConfig:
+def bench_config(family: str, num_lower: int, num_upper: int) -> CustomSplitLlamaConfig:
     """Real shapes: ``mixed`` = 8B lower + 70B upper (the product); ``8b`` / ``70b`` = both
     stacks of one shape (for TP scaling per layer shape)."""
     lower = {"mixed": "llama3.1-8b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
     upper = {"mixed": "llama3.1-70b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
     return CustomSplitLlamaConfig.from_llama_configs(
-        llama_preset(lower, num_hidden_layers=lower_layers),
-        llama_preset(upper, num_hidden_layers=upper_layers),
-        lower_layers, upper_layers,
+        llama_preset(lower, num_hidden_layers=num_lower),
+        llama_preset(upper, num_hidden_layers=num_upper),
+        num_lower, num_upper,
     )
 
 
@@ -400,7 +400,7 @@ def part_tp(config, ceiling, settings, gen) -> list[dict]:
     world = dist.get_world_size()
     rows = []
     for family in ("8b", "70b"):
-        config = bench_config(family, settings.lower_layers, settings.upper_layers)
+        config = bench_config(family, settings.num_lower, settings.num_upper)
         batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
         for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
             model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout,
@@ -570,7 +570,7 @@ def run_bench(settings: BenchSettings, parts: tuple[str, ...]) -> dict | None:
     init_distributed("cuda")
     gen = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []
-    config = bench_config("mixed", settings.lower_layers, settings.upper_layers)
+    config = bench_config("mixed", settings.num_lower, settings.num_upper)
     rank0 = dist.get_rank() == 0
     ceiling = matmul_ceiling(settings.repeats)
     for part in tqdm(parts, desc="bench", disable=not rank0):

@@ -8,7 +8,7 @@ per pipeline stage, then rank 0 names the shards and writes the index and a
 self-contained config; load -> save is bitwise identical. ``iter_stage_tensors`` yields
 this pipeline rank's full tensors (parameters or gradients) under the checkpoint names.
 
-All of them read ``sharding.weight_specs``, the one declaration of every weight's layout.
+All of them read ``sharding.weight_specs``, the one declaration of how every weight is sharded.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
 def _chunks(model_or_chunks) -> list[torch.nn.Module]:
     chunks = list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
     for chunk in chunks:
-        if not hasattr(chunk, "layout") or not hasattr(chunk, "hf_config"):
+        if not hasattr(chunk, "stage") or not hasattr(chunk, "hf_config"):
             raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
     return chunks
 
@@ -56,7 +56,7 @@ def head_of(chunk: torch.nn.Module) -> wn.Head:
 
 def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
     """The chunk's weight specs, with its padded vocabulary (embedding and LM head rows)."""
-    return weight_specs(config, chunk.layout, head, chunk.padded_vocab_size)
+    return weight_specs(config, chunk.stage, head, chunk.padded_vocab_size)
 
 
 def _tp() -> tuple[int, int]:

@@ -305,7 +305,7 @@ def _bench(args) -> int:
     if unknown:
         raise UsageError(f"--only {sorted(unknown)}: allowed parts are {list(PARTS)}")
     try:
-        settings = BenchSettings(lower_layers=args.lower_layers, upper_layers=args.upper_layers, tokens=args.tokens,
+        settings = BenchSettings(num_lower=args.lower_layers, num_upper=args.upper_layers, tokens=args.tokens,
                                  repeats=args.repeats, warmup=args.warmup, seed=args.seed, recompute=args.recompute)
     except ValueError as err:
         raise UsageError(str(err)) from err
