@@ -23,13 +23,15 @@ the entropy of each next-token distribution (vocabulary kept split over TP), bac
 loss of both. Useful FLOPs count real tokens only (Megatron's formula with causal
 attention halved, docs/verification.md), so padded runs are credited with the same work.
 Times are CUDA-event medians after warm-up, on fresh random inputs.
+
+The workload, the actor step and the FLOP model are ``bench_workload``'s; the table and
+plot are ``bench_report``'s. This module holds the settings, timing, the parts and the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -39,17 +41,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from splitllama.attention import BACKEND_ENV, available_backends
-from splitllama.config import CustomSplitLlamaConfig, llama_preset
+from splitllama.bench_workload import Batch, actor_step, bench_config, make_batch, oracle_step, rl_lengths, useful_flops
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.distributed import init_distributed, megatron_config, setup_parallel, shutdown
 from splitllama.layout import ParallelLayout
 from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
 
 PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "head", "max_tokens", "profile")
-REAL_VOCAB = 128256
-# The actor loss weighs entropy as RL trainers' entropy bonus does; any non-zero weight
-# makes the backward go through the entropy.
-ENTROPY_COEF = 1e-3
 # max_tokens stops doubling here even if memory is left (16M tokens: far past one GPU).
 MAX_TOKENS_LIMIT = 1 << 24
 
@@ -80,66 +78,6 @@ class BenchSettings:
     def options(self, **changes) -> ModelOptions:
         """The timed model's options (``changes``: a part's variant)."""
         return ModelOptions(**{"recompute": self.recompute, **changes})
-
-
-# ---- workload ----------------------------------------------------------------------------
-def rl_lengths(tokens: int, gen: torch.Generator, median: int = 512, sigma: float = 0.9,
-               max_len: int = 4096) -> list[int]:
-    """Document lengths of RL rollouts (prompt + response): log-normal around ``median``,
-    clipped to [16, max_len], drawn until ``tokens`` real tokens."""
-    lengths: list[int] = []
-    while sum(lengths) < tokens:
-        draw = math.exp(math.log(median) + sigma * float(torch.randn(1, generator=gen)))
-        lengths.append(int(min(max(draw, 16), max_len)))
-    return lengths
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    lengths: list[int]
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1.0 - sum(self.lengths) / self.attention_mask.numel()
-
-
-def make_batch(lengths: list[int], vocab: int, gen: torch.Generator, device: str) -> Batch:
-    """One document per row (as rollouts are), right-padded to the longest."""
-    seq = max(lengths)
-    mask = torch.zeros(len(lengths), seq, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = True
-    ids = torch.randint(0, vocab, mask.shape, generator=gen)
-    return Batch(ids.to(device), mask.to(device), ids.roll(-1, 1).to(device), lengths)
-
-
-def useful_flops(config: CustomSplitLlamaConfig, lengths: list[int]) -> float:
-    """Forward + backward FLOPs of the real tokens (Megatron's count, causal halved)."""
-    tokens = sum(lengths)
-    s_bar = sum(n * n for n in lengths) / tokens
-    per_token = 0.0
-    for sub, count in ((config.lower, config.num_lower), (config.upper, config.num_upper)):
-        h, d, nh, nkv = sub.hidden_size, sub.head_dim, sub.num_attention_heads, sub.num_key_value_heads
-        params = h * (nh + 2 * nkv) * d + nh * d * h + 3 * h * sub.intermediate_size
-        per_token += count * (6 * params + 6 * nh * d * s_bar)
-    per_token += 6 * config.h_lo * config.h_hi + (6 * config.h_hi ** 2 if config.mlp else 0)
-    per_token += 6 * config.h_hi * config.vocab_size
-    return per_token * tokens
-
-
-def bench_config(family: str, num_lower: int, num_upper: int) -> CustomSplitLlamaConfig:
-    """Real shapes: ``mixed`` = 8B lower + 70B upper (the product); ``8b`` / ``70b`` = both
-    stacks of one shape (for TP scaling per layer shape)."""
-    lower = {"mixed": "llama3.1-8b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
-    upper = {"mixed": "llama3.1-70b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}[family]
-    return CustomSplitLlamaConfig.from_llama_configs(
-        llama_preset(lower, num_hidden_layers=num_lower),
-        llama_preset(upper, num_hidden_layers=num_upper),
-        num_lower, num_upper,
-    )
 
 
 # ---- timing ------------------------------------------------------------------------------
@@ -174,28 +112,6 @@ def matmul_ceiling(repeats: int) -> float:
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b, warmup=5, repeats=max(repeats, 20))
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
-
-
-def actor_step(model, batch: Batch, entropy: bool = True):
-    """Forward, next-token log-probs and entropy, backward: what an RL actor's update does."""
-    def step():
-        model.zero_grad(set_to_none=True)
-        log_probs, ent = model.log_probs_and_entropy(batch.input_ids, batch.attention_mask, batch.labels,
-                                                     entropy=entropy)
-        loss = (log_probs * batch.attention_mask).sum()
-        if ent is not None:
-            loss = loss + ENTROPY_COEF * (ent * batch.attention_mask).sum()
-        loss.backward()
-    return step
-
-
-def oracle_step(model, batch: Batch):
-    def step():
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        log_probs = torch.log_softmax(logits, -1).gather(-1, batch.labels[..., None])[..., 0]
-        (log_probs * batch.attention_mask).sum().backward()
-    return step
 
 
 def measure(name: str, step, batch: Batch, config, ceiling: float, settings, gpus: int = 1) -> dict:
@@ -456,108 +372,6 @@ def part_profile(config, ceiling, settings, gen) -> list[dict]:
         "share_by_kind": {k: v / total for k, v in sorted(by_kind.items())},
         "top_kernels": [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in top],
     }]
-
-
-# ---- report ---------------------------------------------------------------------------------
-def summary(rows: list[dict], ceiling: float) -> str:
-    lines = [f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s (TFLOP/s below are per GPU)"]
-    lines.append(f"{'run':<28} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of ceil':>7} {'peak GiB':>8} "
-                 f"{'act GiB':>7} {'p':>5}  extra")
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['name']:<28} {r['error']}")
-            continue
-        if r.get("part") == "max_tokens":
-            continue  # reported below the table
-        if r.get("part") == "profile":
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in r["share_by_kind"].items())
-            lines.append(f"{r['name']:<28} GPU time {r['gpu_ms']:.1f} ms: {shares}")
-            lines += [f"    {k['ms']:8.2f} ms x{k['calls']:<4} {k['kernel']}" for k in r["top_kernels"]]
-            continue
-        extra = f"eff {r['per_gpu_efficiency']:.2f}" if "per_gpu_efficiency" in r else ""
-        if "time_vs_none" in r:
-            extra = f"time {r['time_vs_none']:.2f}x, activations {r['activation_memory_vs_none']:.2f}x of none"
-        lines.append(
-            f"{r['name']:<28} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['useful_tflops']:8.1f} "
-            f"{r['fraction_of_ceiling']:7.2f} {r['peak_memory_gib']:8.1f} {r['activation_memory_gib']:7.1f} "
-            f"{r['padding_fraction']:5.2f}  {extra}"
-        )
-    for packed, padded in speedup_pairs(rows):
-        p = padded["padding_fraction"]
-        target = 0.85 / (1 - p) if p > 0 else 0.97
-        lines.append(f"speedup {packed['name']} vs {padded['name']} (p={p:.2f}): "
-                     f"{padded['ms'] / packed['ms']:.2f} (target >= {target:.2f})")
-    for fused, materialised in head_pairs(rows):
-        lines.append(f"fused vs materialising step time at {fused['real_tokens']} tokens (entropy on): "
-                     f"{fused['ms'] / materialised['ms']:.2f}x (target <= 0.95), peak memory "
-                     f"{fused['peak_memory_gib'] / materialised['peak_memory_gib']:.2f}x")
-    for r in rows:
-        if r.get("part") == "max_tokens":
-            lines.append(max_tokens_line(r))
-    by_name = {r["name"]: r for r in rows if "ms" in r}
-    for on in (r for r in by_name.values() if r.get("sp")):
-        off = by_name.get(on["name"].replace("_sp", ""))
-        if off:
-            lines.append(f"SP on/off at TP={on['tp']}, {on['family']}: time {on['ms'] / off['ms']:.2f} "
-                         "(target <= 1.02), "
-                         f"activation memory {on['activation_memory_gib'] / off['activation_memory_gib']:.2f} "
-                         "(target <= 0.80)")
-    return "\n".join(lines)
-
-
-def max_tokens_line(r: dict) -> str:
-    end = (f"out of memory at {r['out_of_memory_at']}" if r["out_of_memory_at"] is not None
-           else f"stopped at the {MAX_TOKENS_LIMIT}-token limit")
-    if r["largest_tokens"] is None:
-        return f"max tokens {r['log_probs']}: none fits ({end})"
-    return (f"max tokens {r['log_probs']}: {r['largest_tokens']} real tokens, {r['ms']:.1f} ms, "
-            f"{r['peak_memory_gib']:.1f} GiB peak ({end})")
-
-
-def head_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(fused, materialise) rows of the ``head`` part timed on the same documents."""
-    timed = [r for r in rows if r.get("part") == "head" and "ms" in r]
-    pairs = []
-    for fused in (r for r in timed if r["log_probs"] == "fused"):
-        other = next((r for r in timed if r["log_probs"] == "materialise"
-                      and r["real_tokens"] == fused["real_tokens"]), None)
-        if other:
-            pairs.append((fused, other))
-    return pairs
-
-
-def speedup_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(packed, padded) rows timed on the same documents: ``X/packed[...]`` with
-    ``X/padded[...]`` or ``X/oracle[...]``, ``p0/packed`` with ``p0/padded``."""
-    timed = {r["name"]: r for r in rows if "ms" in r and r.get("part") == "packing"}
-    pairs = []
-    for name, row in timed.items():
-        prefix, _, rest = name.partition("/")
-        for kind in ("padded", "oracle"):
-            if rest.startswith(kind):
-                packed = timed.get(f"{prefix}/packed{rest[len(kind):]}")
-                if packed:
-                    pairs.append((packed, row))
-    return pairs
-
-
-def plot(rows: list[dict], ceiling: float, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    good = [r for r in rows if "useful_tflops" in r]
-    if not good:
-        return
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(good) + 1.5))
-    ax.barh([r["name"] for r in good], [r["useful_tflops"] for r in good], color="tab:blue")
-    ax.axvline(ceiling, color="tab:red", linestyle="--", label=f"matmul ceiling {ceiling:.0f}")
-    ax.set_xlabel("useful TFLOP/s (real tokens only)")
-    ax.invert_yaxis()
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "tp": part_tp,

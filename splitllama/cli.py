@@ -298,7 +298,8 @@ def _bench(args) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
-    from splitllama.bench import PARTS, BenchSettings, plot, run_bench, summary
+    from splitllama.bench import PARTS, BenchSettings, run_bench
+    from splitllama.bench_report import plot, summary
 
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
     unknown = set(parts) - set(PARTS)

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from splitllama.options import ModelOptions
-from splitllama.bench import (
-    BenchSettings,
-    ENTROPY_COEF, MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, actor_step, bench_config, head_pairs, kernel_kind,
-    make_batch, max_tokens_row, rl_lengths, speedup_pairs, summary, useful_flops,
-)
+from splitllama.bench import MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, BenchSettings, kernel_kind, max_tokens_row
+from splitllama.bench_report import head_pairs, speedup_pairs, summary
+from splitllama.bench_workload import ENTROPY_COEF, actor_step, bench_config, make_batch, rl_lengths, useful_flops
 
 
 def test_flops_per_token_match_the_published_figures():
@@ -166,7 +164,7 @@ def test_head_and_recompute_parts_time_each_variant_on_one_batch(monkeypatch):
     assert built == [ModelOptions(recompute="none", log_probs="fused"),
                      ModelOptions(recompute="none", log_probs="materialise")]
     assert batches[0] is batches[1], "both paths must run on the same documents"
-    assert [(f["name"], m["name"]) for f, m in bench.head_pairs(head)] == [("head/fused", "head/materialise")]
+    assert [(f["name"], m["name"]) for f, m in head_pairs(head)] == [("head/fused", "head/materialise")]
     rows = bench.part_recompute(config, 700.0, settings, torch.Generator().manual_seed(0))
     assert [(r["name"], r["recompute"]) for r in rows] == [
         ("recompute/none", "none"), ("recompute/selective", "selective"), ("recompute/full", "full")]
