@@ -6,7 +6,7 @@ A split model is: embedding (lower) -> ``num_layers_8`` lower Llama layers -> ad
 
 Two on-disk forms are accepted:
 
-* seed-compatible: ``path8b`` / ``path70b`` name directories holding the lower / upper
+* by path: ``path8b`` / ``path70b`` name directories holding the lower / upper
   Llama ``config.json``; they are read ONCE, when the config is loaded;
 * self-contained: ``lower_config`` / ``upper_config`` embed both Llama configs. This is
   what this project writes, so that no model constructor ever touches the file system.
