@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.jit import jit_fuser
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -94,7 +95,9 @@ def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_lay
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
+        # megatron's fused SwiGLU (a compiled kernel each way; keeps only the fc1 output
+        # for backward, not silu(gate) and the product as well)
+        bias_activation_fusion=True,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -126,10 +129,17 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        h = x.to(compute)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+@jit_fuser
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One kernel each way on GPU (megatron's ``jit_fuser`` is ``torch.compile``) instead
+    of seven element-wise passes over ``[tokens, hidden]``; the casts stay explicit, so
+    rounding is Llama's: normalise in >= float32, round to the input dtype, then scale."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def layer_spec() -> ModuleSpec:

@@ -196,6 +196,17 @@ def _recompute_detaches_input(mp):
     mp.setattr(tp, "checkpoint", detached)
 
 
+def _fused_swiglu_gate_derivative_dropped(mp):
+    from megatron.core.fusions import fused_bias_swiglu
+
+    def without_gate_derivative(g, y):
+        # d silu(a)/da taken as sigmoid(a): right forward, wrong gate gradient
+        gate, up = torch.chunk(y, 2, -1)
+        return torch.cat((g * torch.sigmoid(gate) * up, g * torch.nn.functional.silu(gate)), -1)
+
+    mp.setattr(fused_bias_swiglu, "swiglu_back", without_gate_derivative)
+
+
 def _padded_attention_ignores_padding(mp):
     def causal_only(mask_BS):
         seq = mask_BS.shape[1]
@@ -364,6 +375,9 @@ PLANTED = [
     PlantedBug("fused_blocks_merged_without_rescale", "fused head: vocab blocks' sum-exp merged without "
                "rescaling to the common max", ("tp1", "tp2"), _fused_blocks_merged_without_rescale, check="fused_head"),
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
+    # forward unchanged: only the gradients below each MLP can show it
+    PlantedBug("fused_swiglu_gate_derivative_dropped", "megatron's fused SwiGLU backward without the "
+               "gate's derivative", ("tp1", "tp2_sp"), _fused_swiglu_gate_derivative_dropped),
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
     # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
