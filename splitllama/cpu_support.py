@@ -16,7 +16,9 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   direction: gloo matches a batch of isend/irecv between two ranks in posting order, and
   megatron posts ``[send_prev, recv_prev, send_next, recv_next]``; with two pipeline
   ranks (prev == next) and interleaving, both directions are in flight at once and the
-  activation would land in the gradient's buffer. Tags keep the two streams apart.
+  activation would land in the gradient's buffer. Tags keep the two streams apart;
+* ``cuda_means_cpu()`` is the device part of that context alone, for megatron's
+  distributed checkpointing (``dist_checkpoint.save``/``load`` enter it).
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
 config (``cpu_megatron_config`` sets it).
@@ -58,14 +60,36 @@ def cpu_enabled() -> bool:
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU."""
+    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU, and makes
+    ``tensor.cuda()`` return the (CPU) tensor itself."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_means_cpu():
+    """Inside: "cuda" devices mean the CPU and ``torch.cuda.synchronize`` is a no-op; a no-op
+    context unless ``use_cpu()`` ran. For megatron code that allocates on "cuda" or waits for
+    the GPU: its pipeline schedules, and its distributed checkpointing (``dist_checkpointing``
+    save/load, whose writers synchronise and whose fully parallel load exchanges "cuda"
+    buffers)."""
+    if not _state["enabled"]:
+        yield
+        return
+    synchronize = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    try:
+        with _CudaMeansCpu():
+            yield
+    finally:
+        torch.cuda.synchronize = synchronize
 
 
 class _Peer(int):
@@ -109,14 +133,11 @@ def cpu_schedule_context():
         self.prev_rank = _Peer(self.prev_rank, "prev")
         self.next_rank = _Peer(self.next_rank, "next")
 
-    synchronize = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda *args, **kwargs: None
     communicator.__init__ = init_with_named_peers
     dist.P2POp = _tagged_p2p_op
     try:
-        with _CudaMeansCpu():
+        with cuda_means_cpu():
             yield
     finally:
-        torch.cuda.synchronize = synchronize
         communicator.__init__ = original_init
         dist.P2POp = _P2POp

@@ -26,6 +26,7 @@ from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from splitllama import dist_checkpoint
 from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.heads import LMHead, TokenScores, ValueHead, check_log_probs
@@ -362,6 +363,13 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         labels_SB = batch.labels_T1 if self.packed else batch.labels_SB
         scores = None if labels is None else TokenScores(labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron dist-checkpointing description of this chunk's weights: split-checkpoint
+        names with global layer indices, each rank's block from ``sharding.py``
+        (``dist_checkpoint.sharded_state_dict``), so a checkpoint saved at one TP x PP x VPP
+        layout loads at another."""
+        return dist_checkpoint.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):
