@@ -10,6 +10,9 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
 * activation recompute saves and restores the CUDA RNG state around each recomputed
   region; on CPU there is none, so that part is a no-op (megatron still restores the CPU
   RNG state itself);
+* megatron's distributed optimizer over torch's Adam (no Transformer Engine or apex
+  here) gets its states from a dummy step before a checkpoint is loaded into it, and a
+  step count of its own per parameter after loading;
 * ``cpu_schedule_context()`` wraps a pipeline schedule call: megatron's schedules
   allocate with ``device="cuda"`` and call ``torch.cuda.synchronize``; inside the context
   "cuda" means "cpu" and synchronize is a no-op. It also tags pipeline p2p messages by
@@ -52,7 +55,56 @@ def use_cpu() -> None:
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
     tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    _distributed_optimizer_over_torch_adam()
     _state["enabled"] = True
+
+
+def _distributed_optimizer_over_torch_adam() -> None:
+    """Without Transformer Engine or apex, megatron's distributed optimizer wraps torch's
+    Adam, whose state (and its step count, which ``state_dict`` reads) exists only after a
+    first step; building the sharded state dict to load a checkpoint into a fresh
+    optimizer then fails. Before that, take megatron's own dummy step (zero gradients),
+    whose states the loaded ones replace."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    sharded_state_dict = cls.sharded_state_dict
+
+    def with_states(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    cls.sharded_state_dict = with_states
+
+    # Loading gives every parameter's Adam state ONE shared step tensor, which torch's Adam
+    # then increments in place once per parameter: after the next step it counts
+    # parameters, not steps. Each state gets its own copy.
+    load_state_dict = cls.load_state_dict
+
+    def with_own_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+    cls.load_state_dict = with_own_steps
+
+    # The model-space formats (fully_reshardable) restore each state tensor a parameter's
+    # Adam state holds; torch's Adam also holds its step there, which those formats keep
+    # in the parameter groups (restored by load_state_dict): it stays as loaded.
+    set_states = cls._set_main_param_and_optimizer_states
+
+    def keeping_step(self, model_param, tensors):
+        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            if "step" in self.optimizer.state[main_param]:
+                tensors = {**tensors, "step": self.optimizer.state[main_param]["step"]}
+        return set_states(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = keeping_step
 
 
 def cpu_enabled() -> bool:
@@ -60,13 +112,18 @@ def cpu_enabled() -> bool:
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU, and makes
-    ``tensor.cuda()`` return the (CPU) tensor itself."""
+    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU, makes
+    ``tensor.cuda()`` return the (CPU) tensor itself, and ``tensor.type()`` name a CPU
+    tensor's type as its CUDA type (megatron's distributed optimizer accepts parameters
+    of type ``torch.cuda.FloatTensor`` and the half types only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)

@@ -73,9 +73,9 @@ def _regular(spec: WeightSpec) -> bool:
 
 
 def _blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]], tp_rank: int, tp: int,
-            replica_id: tuple[int, int, int]) -> list[ShardedTensor]:
+            replica_id: tuple[int, int, int], key_prefix: str = "") -> list[ShardedTensor]:
     """``local`` (the rank's production tensor, or an optimizer state of its shape) as this
-    rank's block of each checkpoint tensor of ``spec``."""
+    rank's block of each checkpoint tensor of ``spec``, keyed ``key_prefix + name``."""
     out = []
     for name, shape, piece, index in zip(spec.names, shapes, unfuse(spec, local),
                                          local_slices(spec, shapes, tp_rank, tp), strict=True):
@@ -84,7 +84,7 @@ def _blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]]
         if tuple(piece.shape) != local_shape:  # the real rows lead a padded vocabulary shard
             piece = piece[tuple(slice(0, n) for n in local_shape)]
         fragments = tuple(size // n for size, n in zip(shape, local_shape)) if _regular(spec) else None
-        out.append(ShardedTensor(name, piece, piece.dtype, local_shape, tuple(shape),
+        out.append(ShardedTensor(key_prefix + name, piece, piece.dtype, local_shape, tuple(shape),
                                  _global_offset(index, len(shape)), fragments, replica_id))
     return out
 
@@ -103,7 +103,9 @@ def _sharded_weight(spec: WeightSpec, param: torch.Tensor, shapes: list[tuple[in
     def build(key, tensor, replica, flattened_range):
         if flattened_range is not None:
             raise ValueError(f"{spec.param}: flattened (distributed-optimizer) ranges are not supported")
-        return _blocks(spec, tensor, shapes, tp_rank, tp, replica)
+        # an optimizer's copy of the factory carries its state's prefix in the key
+        # ("optimizer.state.exp_avg." + the first name), and each of its blocks too
+        return _blocks(spec, tensor, shapes, tp_rank, tp, replica, key.removesuffix(spec.names[0]))
 
     def merge(loaded: list[torch.Tensor]) -> torch.Tensor:
         return fuse(spec, loaded, tp)

@@ -64,6 +64,8 @@ class PipelineStageMixin:
                          recompute=recompute, log_probs=log_probs,
                          make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         self.pre_process, self.post_process = pre_process, post_process
+        # megatron's finalize_model_grads reads it on the first and last stage
+        self.share_embeddings_and_output_weights = False
         self.vp_stage = vp_stage if vpp else None
 
     def set_input_tensor(self, input_tensor) -> None:
