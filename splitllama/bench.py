@@ -42,8 +42,8 @@ from splitllama.attention import BACKEND_ENV, available_backends
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.distributed import init_distributed, megatron_config, setup_parallel, shutdown
-from splitllama.heads import LOG_PROBS
 from splitllama.layout import ParallelLayout
+from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
 
 PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "head", "max_tokens", "profile")
 REAL_VOCAB = 128256
@@ -192,10 +192,9 @@ def measure(name: str, step, batch: Batch, config, ceiling: float, args, gpus: i
 
 
 # ---- models ------------------------------------------------------------------------------
-def build(cls, config, layout: ParallelLayout, recompute: str = "none", log_probs: str = "fused"):
+def build(cls, config, layout: ParallelLayout, options: ModelOptions | None = None):
     setup_parallel(layout, "cuda")
-    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True), recompute=recompute,
-                log_probs=log_probs)
+    model = cls(config, megatron_config(layout, torch.bfloat16, "cuda", initialize=True), options=options)
     return model.cuda()
 
 
@@ -230,8 +229,9 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
     rows = []
     layout = ParallelLayout()
     lengths = rl_lengths(args.tokens, gen)
-    packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute)
-    padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout, args.recompute)
+    options = ModelOptions(recompute=args.recompute)
+    packed = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, options)
+    padded = build(ParallelCustomSplitLLamaForCausalLM, config, layout, options)
 
     def packed_on(batch):
         return {**measure(f"rl/packed[{len(batch.lengths)} docs]", actor_step(packed, batch), batch, config,
@@ -259,7 +259,8 @@ def part_packing(config, ceiling, args, gen) -> list[dict]:
 
 
 def part_backends(config, ceiling, args, gen) -> list[dict]:
-    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute)
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
+                  ModelOptions(recompute=args.recompute))
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
     rows = []
     previous = os.environ.get(BACKEND_ENV)
@@ -292,17 +293,17 @@ def busiest(row: dict) -> dict:
     return {**row, "peak_memory_gib": float(memory[0]), "activation_memory_gib": float(memory[1])}
 
 
-def time_variants(part: str, variants: dict[str, dict], config, ceiling, args, gen) -> list[dict]:
-    """Packed actor steps of each variant (its ``build`` options) on the same documents, at
+def time_variants(part: str, variants: dict[str, ModelOptions], config, ceiling, args, gen) -> list[dict]:
+    """Packed actor steps of each variant (its model options) on the same documents, at
     ``world_layout()``; one model at a time, so each variant's peak memory is its own."""
     batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
     layout = world_layout()
     rows = []
     for variant, options in variants.items():
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, **options)
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, options)
         name = f"{part}/{variant}" + ("" if layout.tp == 1 else f"/{layout}")
         row = measure(name, actor_step(model, batch), batch, config, ceiling, args, gpus=layout.tp)
-        rows.append({**busiest(row), "part": part, **options})
+        rows.append({**busiest(row), "part": part, "recompute": options.recompute, "log_probs": options.log_probs})
         del model
         torch.cuda.empty_cache()
     return rows
@@ -310,7 +311,7 @@ def time_variants(part: str, variants: dict[str, dict], config, ceiling, args, g
 
 def part_recompute(config, ceiling, args, gen) -> list[dict]:
     """The packed model with each activation recompute setting, on the same documents."""
-    rows = time_variants("recompute", {r: {"recompute": r} for r in ("none", "selective", "full")},
+    rows = time_variants("recompute", {r: ModelOptions(recompute=r) for r in RECOMPUTE_CHOICES},
                          config, ceiling, args, gen)
     base = rows[0]
     for row in rows:
@@ -323,7 +324,8 @@ def part_recompute(config, ceiling, args, gen) -> list[dict]:
 def part_head(config, ceiling, args, gen) -> list[dict]:
     """Packed actor steps (entropy on) with each log-prob path of the LM head, on the same
     documents."""
-    return time_variants("head", {path: {"recompute": args.recompute, "log_probs": path} for path in LOG_PROBS},
+    return time_variants("head", {path: ModelOptions(recompute=args.recompute, log_probs=path)
+                                  for path in LOG_PROBS_CHOICES},
                          config, ceiling, args, gen)
 
 
@@ -336,8 +338,9 @@ def part_max_tokens(config, ceiling, args, gen) -> list[dict]:
         return [{"name": "max_tokens", "part": "max_tokens", "error": "runs on one GPU only"}]
     quick = argparse.Namespace(**{**vars(args), "warmup": 1, "repeats": min(args.repeats, 3)})
     rows = []
-    for path in LOG_PROBS:
-        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), args.recompute, path)
+    for path in LOG_PROBS_CHOICES:
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
+                      ModelOptions(recompute=args.recompute, log_probs=path))
         largest, out_of_memory_at, tokens = None, None, args.tokens
         while tokens <= MAX_TOKENS_LIMIT:
             sized = torch.Generator().manual_seed(args.seed + tokens)
@@ -372,7 +375,8 @@ def part_tp(config, ceiling, args, gen) -> list[dict]:
         config = bench_config(family, args.lower_layers, args.upper_layers)
         batch = make_batch(rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
         for layout in (ParallelLayout(), ParallelLayout(tp=world), ParallelLayout(tp=world, sp=True)):
-            model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout, args.recompute)
+            model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, layout,
+                          ModelOptions(recompute=args.recompute))
             row = measure(f"tp/{family}/{layout}", actor_step(model, batch), batch, config, ceiling, args,
                           gpus=layout.tp)
             rows.append({**busiest(row), "part": "tp", "family": family, "tp": layout.tp, "sp": layout.sp})

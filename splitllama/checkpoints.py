@@ -124,7 +124,8 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
 
 
 # ---- gathering -------------------------------------------------------------------------------
-def _tp_gather(local: torch.Tensor) -> list[torch.Tensor]:
+def tp_all_gather(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every TP rank's ``local`` (collective over TP), in rank order."""
     rank, tp = _tp()
     if tp == 1:
         return [local]
@@ -146,7 +147,7 @@ def iter_stage_tensors(chunks, source: str = "param"):
             local = param.detach() if source == "param" else param.grad
             if local is None:
                 local = torch.zeros_like(param)
-            yield from zip(spec.names, unshard(spec, _tp_gather(local.detach())), strict=True)
+            yield from zip(spec.names, unshard(spec, tp_all_gather(local.detach())), strict=True)
 
 
 def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from transformers import LlamaConfig
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.layout import StageLayout
+from splitllama.layout import StageLayout, real_vocab_rows
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def local_slices(spec: WeightSpec, shapes: list[tuple[int, ...]], tp_rank: int, 
         return [tuple(index)]
     if isinstance(layout, VocabSplit):
         rows = _part(layout.padded, tp_rank, tp, f"{spec.names[0]} (padded vocabulary)")
-        return [(slice(min(rows.start, layout.vocab), min(rows.stop, layout.vocab)),)]
+        real = real_vocab_rows(rows.start, rows.stop - rows.start, layout.vocab)
+        return [(slice(real.start, real.stop),)]
     if isinstance(layout, FusedQKV):
         # Whole query groups per rank: rank r holds groups [r*g/tp, (r+1)*g/tp).
         group_part = _part(layout.groups, tp_rank, tp, f"{spec.names[1]} query groups")

@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 from megatron.core import tensor_parallel
 
-from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
+from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.options import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,8 @@ class PlantedBug:
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
     check: str = "parity"  # or a kind of test_planted_bugs.CHECKS
-    recompute: str = "none"  # the production model's activation recompute
+    options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
-    log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
 
 
 def _two_projection_adapter(mp):
@@ -102,12 +102,12 @@ def _value_head_gathered_twice(mp):
 
 
 def _position_ids_ignored(mp):
-    pack = model.pack_batch
+    pack = batches.pack_batch
 
     def ignoring(input_ids, attention_mask, position_ids, labels, **kwargs):
         return pack(input_ids, attention_mask, None, labels, **kwargs)
 
-    mp.setattr(model, "pack_batch", ignoring)
+    mp.setattr(batches, "pack_batch", ignoring)
 
 
 def _stage_boundary_drops_adapter(mp):
@@ -201,8 +201,8 @@ def _padded_attention_ignores_padding(mp):
         causal = torch.ones(seq, seq, dtype=torch.bool, device=mask_BS.device).tril()
         return causal[None, None].expand(mask_BS.shape[0], 1, seq, seq)
 
-    # model.py imported the name
-    mp.setattr(model, "plan_padded", causal_only)
+    # batches.py imported the name
+    mp.setattr(batches, "plan_padded", causal_only)
 
 
 def _after_trunk_init(mp, change):
@@ -265,7 +265,7 @@ def _loader_skips_eps(mp):
 
 
 def _input_range_check_removed(mp):
-    mp.setattr(model, "_check_range", lambda name, low, high, vocab: None)
+    mp.setattr(batches, "_check_range", lambda name, low, high, vocab: None)
 
 
 def _fused_head_input_grad_not_reduced(mp):
@@ -368,7 +368,7 @@ PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
     PlantedBug("recompute_detaches_input", "full activation recompute drops the gradient of its input",
-               ("tp1", "tp2_sp"), _recompute_detaches_input, recompute="full"),
+               ("tp1", "tp2_sp"), _recompute_detaches_input, options=ModelOptions(recompute="full")),
     PlantedBug("two_projection_adapter", "defect 1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
     # megatron's MLP defaults to GELU; near 0 GELU and ReLU differ by a few percent, where
@@ -425,7 +425,7 @@ PLANTED = [
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
     PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
                "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab",
-               log_probs="materialise"),
+               options=ModelOptions(log_probs="materialise")),
     PlantedBug("fused_head_counts_padded_rows", "fused head: padded vocabulary rows (vocab 301 at TP=2) "
                "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,

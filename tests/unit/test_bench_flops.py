@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 
+from splitllama.options import ModelOptions
 from splitllama.bench import (
     ENTROPY_COEF, MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, actor_step, bench_config, head_pairs, kernel_kind,
     make_batch, max_tokens_row, rl_lengths, speedup_pairs, summary, useful_flops,
@@ -134,7 +135,7 @@ def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
                 "real_tokens": tokens}
 
     monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(bench, "build", lambda cls, config, layout, recompute, path: built.append(path))
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, options: built.append(options.log_probs))
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
     args = argparse.Namespace(tokens=8192, seed=0, repeats=10, warmup=3, recompute="none")
@@ -157,14 +158,15 @@ def test_head_and_recompute_parts_time_each_variant_on_one_batch(monkeypatch):
                 "peak_memory_gib": 20.0, "real_tokens": sum(batch.lengths)}
 
     monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(bench, "build", lambda cls, config, layout, **options: built.append(options))
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, options: built.append(options))
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
     args = argparse.Namespace(tokens=2048, seed=0, repeats=1, warmup=0, recompute="none")
     config = bench_config("8b", 1, 1)
     head = bench.part_head(config, 700.0, args, torch.Generator().manual_seed(0))
     assert [r["name"] for r in head] == ["head/fused", "head/materialise"]
-    assert built == [{"recompute": "none", "log_probs": "fused"}, {"recompute": "none", "log_probs": "materialise"}]
+    assert built == [ModelOptions(recompute="none", log_probs="fused"),
+                     ModelOptions(recompute="none", log_probs="materialise")]
     assert batches[0] is batches[1], "both paths must run on the same documents"
     assert [(f["name"], m["name"]) for f, m in bench.head_pairs(head)] == [("head/fused", "head/materialise")]
     rows = bench.part_recompute(config, 700.0, args, torch.Generator().manual_seed(0))

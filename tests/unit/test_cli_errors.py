@@ -127,7 +127,7 @@ CATALOGUE = [
     Row("extra_tensor", lambda b: ["check", str(b["extra_tensor"])], "has unexpected tensors: model.extra.weight"),
     Row("tp_not_dividing_heads", lambda b: ["check", "--tp", "3"],
         "--tp 3 --pp 1: lower_config.num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"),
-    Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive integer, got 0"),
+    Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive int, got 0"),
     Row("pp_larger_than_layers", lambda b: ["check", "--pp", "8"], "--tp 1 --pp 8: "),
     Row("vpp_without_pp", lambda b: ["check", "--vpp", "2"], "--vpp 2 needs --pp > 1"),
     Row("sp_without_tp", lambda b: ["check", "--sp"], "--sp needs --tp > 1"),

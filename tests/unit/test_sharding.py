@@ -77,5 +77,3 @@ def test_vocab_split_pads_and_drops_the_padding(vocab, tp, multiple):
 def test_vocab_padding_that_leaves_a_rank_no_real_row_is_refused():
     with pytest.raises(ValueError, match="make_vocab_size_divisible_by=128 .* no real vocabulary row"):
         padded_vocab_size(100, 2, 128)
-    with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive int"):
-        padded_vocab_size(100, 2, 0)

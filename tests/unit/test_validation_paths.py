@@ -73,7 +73,7 @@ def test_parallel_layout_validate_refuses_what_the_config_cannot_take():
 
 
 def test_stage_layouts_refuses_a_bad_virtual_size():
-    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size must be a positive int, got -1"):
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size must be None or a positive int, got -1"):
         stage_layouts(tiny_split_config(), pp=2, vpp=-1)
 
 
