@@ -53,7 +53,7 @@ from splitllama.sharding import (
 EXTRA_STATE = "_extra_state"
 
 
-def chunk_head(chunk: torch.nn.Module) -> wn.Head:
+def _head_kind(chunk: torch.nn.Module) -> wn.Head:
     """The head kind a chunk's weight names use. Only the stage holding the head reads it,
     and that stage holds ``value_head`` or ``lm_head``."""
     return "value" if hasattr(chunk, "value_head") else "lm"
@@ -128,7 +128,7 @@ def sharded_state_dict(chunk: torch.nn.Module, prefix: str = "", sharded_offsets
     dp_rank = torch.distributed.get_rank(group)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    head = chunk_head(chunk)
+    head = _head_kind(chunk)
     shapes = wn.split_checkpoint_shapes(chunk.hf_config, head)
     out: dict = {}
     weight_key: dict[str, str] = {}
