@@ -28,10 +28,12 @@ Reading path (each file says what is inside):
    ``registry.py``      the RL trainer's model registry entry
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
-of weights replicated over the SP region; ``bench.py`` times the model on GPUs; ``cli.py``
+of weights replicated over the SP region; ``bench.py`` times the model on GPUs (its
+workload and FLOP model in ``bench_workload.py``, its report in ``bench_report.py``); ``cli.py``
 is the ``splitllama`` command (the only module that prints). ``verify/`` is the
-verification machinery behind ``splitllama check`` and the tests; the product never
-imports it.
+verification machinery behind ``splitllama check`` and the tests (the built-in tiny model
+included); no product module imports it at module level: only ``cli.py``'s ``check``
+command does, inside that command's function, so importing the package never loads it.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """

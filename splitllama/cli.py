@@ -204,7 +204,7 @@ def _check_inputs(args):
         raise UsageError("--dtype bfloat16 is checked on CUDA only (the error-ratio rule needs GPU "
                          "kernels); on CPU use float64 or float32")
     head = "value" if args.value else "lm"
-    from splitllama.config import tiny_split_config
+    from splitllama.verify.tiny import tiny_split_config
 
     config = _checkpoint_config(args.checkpoint, head) if args.checkpoint else tiny_split_config(mlp=args.mlp)
     try:
@@ -298,13 +298,19 @@ def _bench(args) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
-    from splitllama.bench import PARTS, plot, run_bench, summary
+    from splitllama.bench import PARTS, BenchSettings, run_bench
+    from splitllama.bench_report import plot, summary
 
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise UsageError(f"--only {sorted(unknown)}: allowed parts are {list(PARTS)}")
-    result = run_bench(args, parts)
+    try:
+        settings = BenchSettings(num_lower=args.lower_layers, num_upper=args.upper_layers, tokens=args.tokens,
+                                 repeats=args.repeats, warmup=args.warmup, seed=args.seed, recompute=args.recompute)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    result = run_bench(settings, parts)
     if result is not None:  # rank 0
         emit(f"{result['device']} x{result['world_size']}, torch {result['torch']}")
         emit(summary(result["rows"], result["ceiling_tflops"]))

@@ -24,7 +24,7 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   distributed checkpointing (``dist_checkpoint.save``/``load`` enter it).
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
-config (``cpu_megatron_config`` sets it).
+config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
 """
 
 from __future__ import annotations

@@ -58,10 +58,6 @@ class ParallelLayout:
     def world_size(self) -> int:
         return self.tp * self.pp
 
-    @property
-    def stages(self) -> int:
-        return self.pp * (self.vpp or 1)
-
     def validate(self, config: CustomSplitLlamaConfig) -> list[StageLayout]:
         """Refuse a layout the config cannot take (naming the field); its stages."""
         validate_tensor_parallel(config, self.tp)
@@ -88,10 +84,6 @@ class StageLayout:
     has_head: bool  # final norm + LM/value head
     input_hidden: int | None  # width of the tensor received from the previous stage
     output_hidden: int  # width of the tensor this stage emits (before the head)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.lower_layers) + len(self.upper_layers)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
@@ -199,8 +191,3 @@ def stage_layout(
     if not 0 <= pp_rank < pp or not 0 <= chunk < vpp:
         raise ValueError(f"pp_rank={pp_rank}, chunk={chunk} outside pp={pp}, vpp={vpp}")
     return stage_layouts(config, pp, vpp, layers_per_stage)[chunk * pp + pp_rank]
-
-
-def whole_model(config: CustomSplitLlamaConfig) -> StageLayout:
-    """The one stage of a model without pipeline parallelism."""
-    return stage_layouts(config, pp=1, vpp=1)[0]

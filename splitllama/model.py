@@ -37,34 +37,34 @@ from splitllama.options import ModelOptions, model_options
 # ---- trunks ----------------------------------------------------------------------------
 class ParallelCustomSplitLLamaModel(torch.nn.Module):
     """Trunk: embedding -> lower layers -> adapter -> upper layers -> final norm, or the
-    part of it that ``layout`` places on this pipeline stage. Input ``[B, S]`` ids and
+    part of it that ``stage`` (a ``layout.StageLayout``) holds. Input ``[B, S]`` ids and
     positions and ``attention.plan_padded``'s mask; output ``[S(/tp under SP), B, hidden]``."""
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 layout: StageLayout, recompute: str = "none", padded_vocab_size: int | None = None):
+                 stage: StageLayout, recompute: str = "none", padded_vocab_size: int | None = None):
         super().__init__()
-        self.layout = layout
+        self.stage = stage
         self.sequence_parallel = megatron_config.sequence_parallel
         self.lower_config = stack_config(config.lower, megatron_config, config.num_lower, recompute)
         self.upper_config = stack_config(config.upper, megatron_config, config.num_upper, recompute)
         self.embed_tokens = self.lower = self.rotary_lower = None
         self.adapter = self.upper = self.rotary_upper = self.norm = None
-        if layout.has_embedding:
+        if stage.has_embedding:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
                 # padded rows are zero and never looked up (ids < vocab_size are validated)
                 num_embeddings=padded_vocab_size or config.vocab_size, embedding_dim=config.h_lo,
                 init_method=self.lower_config.init_method, config=self.lower_config,
                 reduce_scatter_embeddings=self.sequence_parallel,
             )
-        if len(layout.lower_layers):
-            self.lower = decoder_stack(self.lower_config, len(layout.lower_layers))
+        if len(stage.lower_layers):
+            self.lower = decoder_stack(self.lower_config, len(stage.lower_layers))
             self.rotary_lower = RotaryPositions(config.lower, self.lower_config)
-        if layout.has_adapter:
+        if stage.has_adapter:
             self.adapter = Adapter(self.upper_config, config.h_lo, config.h_hi, config.mlp)
-        if len(layout.upper_layers):
-            self.upper = decoder_stack(self.upper_config, len(layout.upper_layers))
+        if len(stage.upper_layers):
+            self.upper = decoder_stack(self.upper_config, len(stage.upper_layers))
             self.rotary_upper = RotaryPositions(config.upper, self.upper_config)
-        if layout.has_head:
+        if stage.has_head:
             self.norm = RMSNorm(self.upper_config, config.h_hi, eps=config.rms_norm_eps)
         self.input_tensor = None
 
@@ -128,7 +128,13 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     ``options``: a ``ModelOptions`` (activation recompute, the LM head's log-prob path,
     vocabulary padding, the pipeline split), validated when it was made; default
     ``ModelOptions()``. ``stage``: the pipeline stage this object holds (the pipeline
-    classes pass it; default the whole model)."""
+    classes pass it; default the whole model).
+
+    Configs it carries: ``hf_config`` (the split architecture, what checkpoints hold),
+    ``megatron_config`` (the caller's parallel settings), ``config`` (megatron's schedule
+    config, under the name megatron's pipeline schedules read; ``schedule_config``); each
+    stack's megatron config is its trunk's (``model.lower_config`` / ``model.upper_config``:
+    the head follows the upper stack and uses its config)."""
 
     trunk_class = ParallelCustomSplitLLamaModel
     packed = False
@@ -155,8 +161,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, self.parallel_layout.tp,
                                                    self.options.make_vocab_size_divisible_by)
         self.model = self.trunk_class(config, megatron_config, stage, self.options.recompute, self.padded_vocab_size)
-        self.layout = stage
-        self.head_config = self.model.upper_config
+        self.stage = stage
         self.config = schedule_config(self.model, megatron_config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask
         self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
@@ -164,7 +169,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
+        self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
                               self.options.log_probs)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
@@ -177,7 +182,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         ``[B, S, ...]``."""
         return prepare_batch(input_ids, attention_mask, position_ids, labels, packed=self.packed,
                              multiple=self.tp_multiple, vocab=self.hf_config.vocab_size,
-                             dtype=self.head_config.params_dtype, device=next(self.parameters()).device)
+                             dtype=self.model.upper_config.params_dtype, device=next(self.parameters()).device)
 
     def forward(self, input_ids, attention_mask, position_ids=None, *, labels=None, entropy: bool = True):
         """Outputs ``[B, S, ...]`` (zeros at padding): logits, or values for a value model;
@@ -186,7 +191,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         stage without the head returns its hidden states for the next stage."""
         batch = self.prepare_batch(input_ids, attention_mask, position_ids, labels)
         hidden = batch.hidden(self.model)
-        if not self.layout.has_head:
+        if not self.stage.has_head:
             return hidden
         scores = None if labels is None else TokenScores(batch.labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
@@ -204,7 +209,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         shifted by the caller) and the entropy of the next-token distribution (None when
         ``entropy=False``), ``[B, S]`` float32 with zeros at padding. The vocabulary stays
         split over TP: this is what an RL actor needs, without the ``[B, S, V]`` logits."""
-        if not self.layout.has_head:
+        if not self.stage.has_head:
             raise ValueError("log_probs_and_entropy runs on the pipeline stage that holds the head")
         if labels is None:
             raise ValueError("labels must be a [batch, seq] tensor of token ids, got None")
@@ -224,7 +229,7 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     """Packed critic: fp32 values ``[B, S]``. Only the head differs from the causal LM."""
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.value_head = ValueHead(self.head_config, config.h_hi)
+        self.value_head = ValueHead(self.model.upper_config, config.h_hi)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.value_head(hidden_SBH, scores)

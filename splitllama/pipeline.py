@@ -94,8 +94,8 @@ def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: Mod
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for chunk in range(vpp):
-        layout = stage_layout(config, pp, vpp, pp_rank, chunk, options.layers_per_stage)
-        chunks.append(cls(config, megatron_config, layout.has_embedding, layout.has_head, vp_stage=chunk,
+        stage = stage_layout(config, pp, vpp, pp_rank, chunk, options.layers_per_stage)
+        chunks.append(cls(config, megatron_config, stage.has_embedding, stage.has_head, vp_stage=chunk,
                           options=options))
     return chunks
 

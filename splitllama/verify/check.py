@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
 from splitllama.options import ModelOptions
 from splitllama.verify.batches import check_microbatches

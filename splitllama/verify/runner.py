@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import gather_full_state, load_checkpoint, tp_all_gather
+from splitllama.checkpoints import iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
@@ -168,6 +168,18 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
         observed = _run_pipelined(chunks, moved)
     allreduce_sequence_parallel_grads(chunks)
     return observed, gather_full_state(chunks, "grad")
+
+
+def gather_full_state(chunks: list[torch.nn.Module], source: str = "param") -> dict[str, torch.Tensor]:
+    """Every tensor of the model (this rank's ``chunks`` and the other pipeline ranks')
+    under its checkpoint name, on EVERY rank (CPU copies): parameters or gradients
+    (``source``). For small models: the whole model is materialised per rank."""
+    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return mine
+    parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]:

@@ -19,7 +19,8 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 
 
@@ -73,12 +74,12 @@ def _qkv_concatenated(mp):
     fuse, unfuse = sharding.fuse, sharding.unfuse
 
     def plain_fuse(spec, pieces, tp=1):
-        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces, tp)
+        return torch.cat(pieces, 0) if isinstance(spec.sharding, sharding.FusedQKV) else fuse(spec, pieces, tp)
 
     def plain_unfuse(spec, local):
-        if not isinstance(spec.layout, sharding.FusedQKV):
+        if not isinstance(spec.sharding, sharding.FusedQKV):
             return unfuse(spec, local)
-        q_rows = local.shape[0] * spec.layout.heads // (spec.layout.heads + 2 * spec.layout.groups)
+        q_rows = local.shape[0] * spec.sharding.heads // (spec.sharding.heads + 2 * spec.sharding.groups)
         kv_rows = (local.shape[0] - q_rows) // 2
         return list(local.split([q_rows, kv_rows, kv_rows], 0))
 
@@ -133,7 +134,7 @@ def _upper_layer_misoffset(mp):
         start = stage.upper_layers.start
         return [
             sharding.WeightSpec(s.param, tuple(upper.sub(lambda m: f"model.layers_last.{int(m.group(1)) - start}.", n)
-                                         for n in s.names), s.layout)
+                                         for n in s.names), s.sharding)
             for s in weight_specs(config, stage, head, padded_vocab)
         ]
 
@@ -147,7 +148,7 @@ def _gate_up_saved_without_stride(mp):
 
     def plain(spec, locals_by_rank):
         # ranks' [gate_r; up_r] joined as if [gate; up] were split plainly over TP
-        if isinstance(spec.layout, sharding.FusedGateUp):
+        if isinstance(spec.sharding, sharding.FusedGateUp):
             return list(torch.cat(locals_by_rank, 0).chunk(2, 0))
         return unshard(spec, locals_by_rank)
 
@@ -320,7 +321,7 @@ def _padded_vocab_saved(mp):
     unshard = sharding.unshard
 
     def keeping_padding(spec, locals_by_rank):
-        if isinstance(spec.layout, sharding.VocabSplit):
+        if isinstance(spec.sharding, sharding.VocabSplit):
             return [torch.cat(locals_by_rank, 0)]
         return unshard(spec, locals_by_rank)
 
@@ -400,7 +401,7 @@ PLANTED = [
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
-    # The tiny model's stacks differ in every non-shape setting (config.TINY_*_SETTINGS), so
+    # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
     # reading one from the wrong place moves the outputs.
     PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",
                ("tp1", "pp2_cut_lower"), _lower_rope_theta_from_upper),

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from splitllama.checkpoints import load_checkpoint
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.layout import ParallelLayout
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad

@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.runner import run_parity
@@ -67,7 +69,7 @@ def test_edge_cases(layout, head, mlp, checkpoint_factory):
     assert_passed(run_parity(ckpt, config, layout, head, DTYPE, DEVICE, edge_case_microbatches(head)))
 
 
-# The seed classes without pipeline stages (the PP classes are the pp* layouts above).
+# The registry's classes without pipeline stages (the PP classes are the pp* layouts above).
 NO_PP_LAYOUTS = ("tp1", "tp2", "tp2_sp")
 
 

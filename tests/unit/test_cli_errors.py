@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splitllama import weight_names as wn
-from splitllama.config import llama_preset, tiny_split_config
+from splitllama.config import llama_preset
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.safetensors_io import INDEX_FILE, SINGLE_FILE
 from splitllama.verify.random_checkpoints import random_split_checkpoint
 from tests.unit.hf_llama import random_llama, save_llama

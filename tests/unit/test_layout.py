@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, validate_tensor_parallel
 
 

@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from splitllama import weight_names as wn
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import padded_vocab_size, stage_layouts
-from splitllama.sharding import FusedQKV, Split, VocabSplit, WeightSpec, shard, unshard, weight_specs
+from splitllama.sharding import FusedQKV, Split, VocabSplit, WeightSpec, fuse, local_slices, unshard, weight_specs
+
+
+def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    """Full checkpoint tensors -> TP rank ``tp_rank``'s production tensor, as the loader
+    makes it (``local_slices`` then ``fuse``) from tensors in memory."""
+    slices = local_slices(spec, [tuple(t.shape) for t in full], tp_rank, tp)
+    return fuse(spec, [t[s] for t, s in zip(full, slices, strict=True)], tp)
 
 
 def full_tensors(config, head):
