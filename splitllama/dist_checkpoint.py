@@ -69,7 +69,7 @@ def _global_offset(index: tuple[slice, ...], ndim: int) -> tuple[int, ...]:
 def _regular(spec: WeightSpec) -> bool:
     """Whether every TP rank holds an equal block of each checkpoint tensor: all layouts but
     a padded vocabulary, whose last rank holds fewer real rows."""
-    return not (isinstance(spec.layout, VocabSplit) and spec.layout.padded != spec.layout.vocab)
+    return not (isinstance(spec.sharding, VocabSplit) and spec.sharding.padded != spec.sharding.vocab)
 
 
 def _blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]], tp_rank: int, tp: int,
@@ -91,10 +91,10 @@ def _blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]]
 
 def _sharded_weight(spec: WeightSpec, param: torch.Tensor, shapes: list[tuple[int, ...]],
                     tp_rank: int, tp: int, dp_rank: int):
-    replicated = isinstance(spec.layout, Replicated)
+    replicated = isinstance(spec.sharding, Replicated)
     # one main replica of each block: TP rank 0 for replicated weights, DP rank 0 always
     replica_id = (0, tp_rank if replicated else 0, dp_rank)
-    if isinstance(spec.layout, (Replicated, Split)):
+    if isinstance(spec.sharding, (Replicated, Split)):
         # the parameter itself (optimizers map their states to it by identity)
         (block,) = _blocks(spec, param, shapes, tp_rank, tp, replica_id)
         assert block.data is param, f"{spec.param}: a replicated or split block is the parameter itself"
@@ -132,7 +132,7 @@ def sharded_state_dict(chunk: torch.nn.Module, prefix: str = "", sharded_offsets
     shapes = wn.split_checkpoint_shapes(chunk.hf_config, head)
     out: dict = {}
     weight_key: dict[str, str] = {}
-    for spec in weight_specs(chunk.hf_config, chunk.layout, head, chunk.padded_vocab_size):
+    for spec in weight_specs(chunk.hf_config, chunk.stage, head, chunk.padded_vocab_size):
         out[prefix + spec.param] = _sharded_weight(spec, chunk.get_parameter(spec.param),
                                                    [shapes[n] for n in spec.names], tp_rank, tp, dp_rank)
         weight_key[spec.param.removesuffix(".weight")] = spec.names[0]

@@ -358,7 +358,7 @@ def _dist_layer_offset_dropped(mp):
         start = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
         return [
             sharding.WeightSpec(s.param, tuple(layer.sub(lambda m: f"model.{m.group(1)}.{int(m.group(2)) - start[m.group(1)]}.",
-                                                         n) for n in s.names), s.layout)
+                                                         n) for n in s.names), s.sharding)
             for s in weight_specs(config, stage, head, padded_vocab)
         ]
 

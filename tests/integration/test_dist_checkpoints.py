@@ -19,11 +19,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from splitllama import dist_checkpoint
 from splitllama import weight_names as wn
-from splitllama.checkpoints import gather_full_state, load_checkpoint
+from splitllama.checkpoints import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import setup_parallel
-from splitllama.verify.runner import build_production
+from splitllama.verify.runner import build_production, gather_full_state
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS, layout_name, layouts
 from tests.integration.test_checkpoints import read_all
