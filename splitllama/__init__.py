@@ -22,6 +22,8 @@ Reading path (each file says what is inside):
    ``safetensors_io.py`` the one safetensors reader / sharded writer, size grammar
    ``checkpoint_dir.py`` checks a checkpoint directory from its config and headers
    ``checkpoints.py``   sharded load / gathered save of split checkpoints
+   ``dist_checkpoint.py`` megatron distributed checkpoints (the models' sharded_state_dict),
+                        saved at one layout, loaded at another
    ``assemble.py``      build a split checkpoint from two Llama checkpoints
    ``registry.py``      the RL trainer's model registry entry
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;

@@ -13,13 +13,18 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
 * activation recompute saves and restores the CUDA RNG state around each recomputed
   region; on CPU there is none, so that part is a no-op (megatron still restores the CPU
   RNG state itself);
+* megatron's distributed optimizer over torch's Adam (no Transformer Engine or apex
+  here) gets its states from a dummy step before a checkpoint is loaded into it, and a
+  step count of its own per parameter after loading;
 * ``cpu_schedule_context()`` wraps a pipeline schedule call: megatron's schedules
   allocate with ``device="cuda"`` and call ``torch.cuda.synchronize``; inside the context
   "cuda" means "cpu" and synchronize is a no-op. It also tags pipeline p2p messages by
   direction: gloo matches a batch of isend/irecv between two ranks in posting order, and
   megatron posts ``[send_prev, recv_prev, send_next, recv_next]``; with two pipeline
   ranks (prev == next) and interleaving, both directions are in flight at once and the
-  activation would land in the gradient's buffer. Tags keep the two streams apart.
+  activation would land in the gradient's buffer. Tags keep the two streams apart;
+* ``cuda_means_cpu()`` is the device part of that context alone, for megatron's
+  distributed checkpointing (``dist_checkpoint.save``/``load`` enter it).
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
 config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
@@ -54,7 +59,56 @@ def use_cpu() -> None:
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
     tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    _distributed_optimizer_over_torch_adam()
     _state["enabled"] = True
+
+
+def _distributed_optimizer_over_torch_adam() -> None:
+    """Without Transformer Engine or apex, megatron's distributed optimizer wraps torch's
+    Adam, whose state (and its step count, which ``state_dict`` reads) exists only after a
+    first step; building the sharded state dict to load a checkpoint into a fresh
+    optimizer then fails. Before that, take megatron's own dummy step (zero gradients),
+    whose states the loaded ones replace."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    sharded_state_dict = cls.sharded_state_dict
+
+    def with_states(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    cls.sharded_state_dict = with_states
+
+    # Loading gives every parameter's Adam state ONE shared step tensor, which torch's Adam
+    # then increments in place once per parameter: after the next step it counts
+    # parameters, not steps. Each state gets its own copy.
+    load_state_dict = cls.load_state_dict
+
+    def with_own_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+    cls.load_state_dict = with_own_steps
+
+    # The model-space formats (fully_reshardable) restore each state tensor a parameter's
+    # Adam state holds; torch's Adam also holds its step there, which those formats keep
+    # in the parameter groups (restored by load_state_dict): it stays as loaded.
+    set_states = cls._set_main_param_and_optimizer_states
+
+    def keeping_step(self, model_param, tensors):
+        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            if "step" in self.optimizer.state[main_param]:
+                tensors = {**tensors, "step": self.optimizer.state[main_param]["step"]}
+        return set_states(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = keeping_step
 
 
 def cpu_enabled() -> bool:
@@ -62,14 +116,41 @@ def cpu_enabled() -> bool:
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU."""
+    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU, makes
+    ``tensor.cuda()`` return the (CPU) tensor itself, and ``tensor.type()`` name a CPU
+    tensor's type as its CUDA type (megatron's distributed optimizer accepts parameters
+    of type ``torch.cuda.FloatTensor`` and the half types only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_means_cpu():
+    """Inside: "cuda" devices mean the CPU and ``torch.cuda.synchronize`` is a no-op; a no-op
+    context unless ``use_cpu()`` ran. For megatron code that allocates on "cuda" or waits for
+    the GPU: its pipeline schedules, and its distributed checkpointing (``dist_checkpointing``
+    save/load, whose writers synchronise and whose fully parallel load exchanges "cuda"
+    buffers)."""
+    if not _state["enabled"]:
+        yield
+        return
+    synchronize = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    try:
+        with _CudaMeansCpu():
+            yield
+    finally:
+        torch.cuda.synchronize = synchronize
 
 
 class _Peer(int):
@@ -113,14 +194,11 @@ def cpu_schedule_context():
         self.prev_rank = _Peer(self.prev_rank, "prev")
         self.next_rank = _Peer(self.next_rank, "next")
 
-    synchronize = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda *args, **kwargs: None
     communicator.__init__ = init_with_named_peers
     dist.P2POp = _tagged_p2p_op
     try:
-        with _CudaMeansCpu():
+        with cuda_means_cpu():
             yield
     finally:
-        torch.cuda.synchronize = synchronize
         communicator.__init__ = original_init
         dist.P2POp = _P2POp

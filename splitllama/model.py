@@ -24,6 +24,7 @@ from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from splitllama import dist_checkpoint
 from splitllama.attention import PackedAttention
 from splitllama.batches import PackedBatch, PaddedBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
@@ -194,6 +195,13 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             return hidden
         scores = None if labels is None else TokenScores(batch.labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron dist-checkpointing description of this chunk's weights: split-checkpoint
+        names with global layer indices, each rank's block from ``sharding.py``
+        (``dist_checkpoint.sharded_state_dict``), so a checkpoint saved at one TP x PP x VPP
+        layout loads at another."""
+        return dist_checkpoint.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):

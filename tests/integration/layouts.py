@@ -43,3 +43,8 @@ def layouts(*names: str, world: int | None = None):
         return [pytest.param(None, id=f"none-at-world-{world}",
                              marks=pytest.mark.skip(reason=f"no layout of {chosen} runs on {world} process(es)"))]
     return params
+
+
+def layout_name(layout: ParallelLayout) -> str:
+    """The table's name of ``layout``."""
+    return next(name for name, candidate in LAYOUTS.items() if candidate == layout)

@@ -33,7 +33,7 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
+    check: str = "parity"  # or a kind of test_planted_bugs.CHECKS
     options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
 
@@ -341,6 +341,41 @@ def _padded_vocab_saved(mp):
     mp.setattr(checkpoints, "unshard", keeping_padding)
 
 
+def _tp_weight_declared_replicated(mp):
+    from megatron.core.transformer.utils import make_sharded_tensor_for_checkpoint
+
+    from splitllama import dist_checkpoint
+
+    sharded_weight = dist_checkpoint._sharded_weight
+
+    def replicated(spec, param, *args):
+        if spec.param.endswith("linear_proj.weight"):
+            # megatron's default for a module without a sharded_state_dict of its own: the
+            # local block declared as the whole tensor, replicated over TP
+            return make_sharded_tensor_for_checkpoint(param, spec.names[0])
+        return sharded_weight(spec, param, *args)
+
+    mp.setattr(dist_checkpoint, "_sharded_weight", replicated)
+
+
+def _dist_layer_offset_dropped(mp):
+    from splitllama import dist_checkpoint
+
+    weight_specs = sharding.weight_specs
+    layer = re.compile(r"model\.(layers_first|layers_last)\.(\d+)\.")
+
+    def stage_local(config, stage, head, padded_vocab=None):
+        # every stage numbers its layers from 0, as the modules' own paths do
+        start = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
+        return [
+            sharding.WeightSpec(s.param, tuple(layer.sub(lambda m: f"model.{m.group(1)}.{int(m.group(2)) - start[m.group(1)]}.",
+                                                         n) for n in s.names), s.sharding)
+            for s in weight_specs(config, stage, head, padded_vocab)
+        ]
+
+    mp.setattr(dist_checkpoint, "weight_specs", stage_local)
+
+
 PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
@@ -410,5 +445,16 @@ PLANTED = [
                "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
                check="odd_vocab_round_trip"),
+    # distributed checkpoints: the round trip loads at TP=2 + SP first, where the replicated
+    # declaration loads TP rank 0's block on both ranks (at another TP it fails on shapes)
+    PlantedBug("dist_tp_weight_declared_replicated", "distributed checkpoint declares a row-parallel "
+               "weight replicated over TP", ("tp2",), _tp_weight_declared_replicated, check="dist_round_trip"),
+    PlantedBug("dist_tp_weight_declared_replicated_shapes", "distributed checkpoint declares a row-parallel "
+               "weight replicated over TP (declaration check)", ("tp2_sp_pp2",), _tp_weight_declared_replicated,
+               check="dist_declaration"),
+    # the declaration check, not the round trip: megatron's save validates on global rank 0
+    # alone, and the other ranks would wait for it
+    PlantedBug("dist_layer_offset_dropped", "distributed checkpoint keys number each pipeline stage's layers "
+               "from 0", ("pp2_vpp2", "tp2_sp_pp2"), _dist_layer_offset_dropped, check="dist_declaration"),
 ]
 

@@ -18,6 +18,7 @@ from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
+from tests.integration.test_dist_checkpoints import declaration_problems, dist_round_trip_mismatches, reshard_loads
 from tests.integration.test_fused_logprobs import fused_head_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
 from tests.integration.test_parity import (
@@ -90,6 +91,11 @@ CHECKS = {
     "odd_vocab": (_odd_vocab_checkpoint, lambda bug, layout, ckpt, scratch: run_parity(
         ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
         odd_vocab_log_prob_microbatches(), bug.options).passed),
+    "dist_round_trip": (lambda bug, f: f(bug.head, bug.mlp, name=f"round-trip-{DTYPE}", dtype=DTYPE),
+                        lambda bug, layout, ckpt, scratch: not dist_round_trip_mismatches(
+                            ckpt, layout, reshard_loads(layout), bug.head, scratch)),
+    "dist_declaration": (lambda bug, f: f(bug.head, bug.mlp),
+                         lambda bug, layout, ckpt, scratch: not declaration_problems(ckpt, layout, bug.head)),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
     "loader_config": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(

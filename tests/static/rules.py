@@ -83,6 +83,7 @@ PRODUCT_MAY_CALL_COLLECTIVES = {
                               "sum-exp reductions over TP are written with their backward",
     "splitllama/bench.py": "synchronises ranks around timed regions",
     "splitllama/distributed.py": "sets up and tears down process groups; agrees on a verdict",
+    "splitllama/dist_checkpoint.py": "creates a distributed checkpoint's directory on rank 0 before all ranks write",
 }
 COLLECTIVES = frozenset(
     "all_reduce all_gather all_gather_into_tensor all_gather_object broadcast broadcast_object_list reduce "
