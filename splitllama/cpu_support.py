@@ -18,6 +18,11 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   ranks (prev == next) and interleaving, both directions are in flight at once and the
   activation would land in the gradient's buffer. Tags keep the two streams apart.
 
+``cpu_optimizer_context()`` wraps building and stepping megatron's optimizers: they
+allocate on "cuda" and pick a parameter's handling by its type string
+("torch.cuda.FloatTensor"); inside the context "cuda" means "cpu" and CPU tensors
+report CUDA type strings.
+
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
 config (``cpu_megatron_config`` sets it).
 """
@@ -58,14 +63,20 @@ def cpu_enabled() -> bool:
 
 
 class _CudaMeansCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU."""
+    """Rewrites ``device="cuda"`` arguments of tensor factories to the CPU, and answers
+    ``tensor.type()`` with the CUDA type string."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and not out.startswith("torch.cuda."):
+            # megatron's optimizers pick a parameter's handling by its type string
+            # ("torch.cuda.FloatTensor", ...)
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
 
 
 class _Peer(int):
@@ -120,3 +131,13 @@ def cpu_schedule_context():
         torch.cuda.synchronize = synchronize
         communicator.__init__ = original_init
         dist.P2POp = _P2POp
+
+
+@contextlib.contextmanager
+def cpu_optimizer_context():
+    """Context for building and stepping a megatron optimizer; a no-op unless ``use_cpu()`` ran."""
+    if not _state["enabled"]:
+        yield
+        return
+    with _CudaMeansCpu():
+        yield

@@ -41,11 +41,13 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
                      dtype: torch.dtype, device: str, recompute: str = "none",
                      padded: bool = False, log_probs: str = "fused",
-                     make_vocab_size_divisible_by: int = 1) -> list[torch.nn.Module]:
+                     make_vocab_size_divisible_by: int = 1, stages: bool = False) -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP). ``padded``: the padded
     seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
     no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``).
-    ``make_vocab_size_divisible_by``: the model option of that name."""
+    ``make_vocab_size_divisible_by``: the model option of that name. ``stages``: the
+    registry's pipeline-stage classes even without pipeline parallelism (what a trainer
+    builds and megatron's schedules drive, ``set_input_tensor`` included)."""
     mc = megatron_config(layout, dtype, device)
     options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs,
                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
@@ -53,7 +55,7 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
         chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, **options)]
-    elif layout.pp == 1:
+    elif layout.pp == 1 and not stages:
         cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
         chunks = [cls(config, mc, **options)]
     else:
