@@ -31,7 +31,8 @@ class PlantedBug:
     head: str = "lm"
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
-    check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
+    check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config",
+    # "input_range", "main_grad", "training"
     recompute: str = "none"  # the production model's activation recompute
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
     log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
@@ -290,6 +291,62 @@ def _fused_head_vocab_start_zero(mp):
     mp.setattr(heads, "fused_log_probs_entropy", every_rank_first)
 
 
+def _fused_head_not_given_main_grad(mp):
+    # the head's weight gradient returned in bf16 and added by DDP's hook: every
+    # micro-batch's float32 sum rounded to 16 bits once more
+    fused = heads.fused_log_probs_entropy
+
+    def returning(*args, grad_weight_into=None, **kwargs):
+        return fused(*args, **kwargs)
+
+    mp.setattr(heads, "fused_log_probs_entropy", returning)
+
+
+def _fused_head_weight_grad_written(mp):
+    backward = logprobs._FusedLogProbsEntropy.backward
+
+    def writing(ctx, *grads):
+        if ctx.grad_weight_into is not None:
+            ctx.grad_weight_into.zero_()  # earlier micro-batches' gradient overwritten
+        return backward(ctx, *grads)
+
+    mp.setattr(logprobs._FusedLogProbsEntropy, "backward", staticmethod(writing))
+
+
+def _value_head_unmarked(mp):
+    init = heads.ValueHead.__init__
+
+    def unmarked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.weight.sequence_parallel = False
+
+    mp.setattr(heads.ValueHead, "__init__", unmarked)
+
+
+def _microbatch_gradient_dropped(mp):
+    from megatron.core.distributed import DistributedDataParallel
+
+    forward = DistributedDataParallel.forward
+    seen: dict[int, int] = {}
+
+    def zeroing(self, *args, **kwargs):
+        # the gradient buffers cleared inside the accumulation loop: the first
+        # micro-batch's gradient is lost
+        if torch.is_grad_enabled():
+            seen[id(self)] = seen.get(id(self), 0) + 1
+            if seen[id(self)] == 2:
+                self.zero_grad_buffer()
+        return forward(self, *args, **kwargs)
+
+    mp.setattr(DistributedDataParallel, "forward", zeroing)
+
+
+def _tensor_parallel_weights_unmarked(mp):
+    # as megatron leaves them when it does not initialise the weights: its gradient norm
+    # then takes TP-split weights for replicas and counts only rank 0's shards
+    mp.setattr(model, "mark_tensor_parallel", lambda module, specs: None)
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -395,5 +452,19 @@ PLANTED = [
                "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,
                check="odd_vocab_round_trip"),
+    # the training step (megatron DDP, finalize_model_grads, Adam) and the fused head under DDP
+    PlantedBug("fused_head_not_given_main_grad", "fused head under DDP: bf16 weight gradient per micro-batch "
+               "added to main_grad by DDP's hook", ("tp1", "tp2_sp"), _fused_head_not_given_main_grad,
+               check="main_grad"),
+    PlantedBug("fused_head_weight_grad_written", "fused head: weight gradient written into main_grad instead "
+               "of added", ("tp1", "tp2_sp"), _fused_head_weight_grad_written, check="training"),
+    PlantedBug("value_head_unmarked_in_training", "sequence-parallel value head weight left unmarked: "
+               "finalize_model_grads does not all-reduce it", ("tp2_sp",), _value_head_unmarked, head="value",
+               check="training"),
+    PlantedBug("microbatch_gradient_dropped", "gradient buffers cleared inside the accumulation loop: one "
+               "micro-batch's gradient lost", ("tp1", "tp2_sp"), _microbatch_gradient_dropped, check="training"),
+    PlantedBug("tensor_parallel_weights_unmarked", "TP-split weights not marked tensor_model_parallel: the "
+               "clipping norm counts rank 0's shards only", ("tp2",), _tensor_parallel_weights_unmarked,
+               check="training"),
 ]
 

@@ -18,8 +18,9 @@ from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
-from tests.integration.test_fused_logprobs import fused_head_agrees
+from tests.integration.test_fused_logprobs import fused_head_agrees, fused_head_main_grad_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
+from tests.integration.test_training_step import training_step_passes
 from tests.integration.test_parity import (
     edge_case_microbatches,
     log_prob_microbatches,
@@ -92,6 +93,9 @@ CHECKS = {
         odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs).passed),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
+    "main_grad": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_main_grad_agrees(layout)),
+    "training": (_parity_checkpoint, lambda bug, layout, ckpt, scratch: training_step_passes(
+        ckpt, layout, bug.head, distributed_optimizer=False).passed),
     "loader_config": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
         loader_refuses(ckpt, layout, case) for case in ("lower_eps", "upper_eps"))),
     "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
