@@ -19,7 +19,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig, rope_parameters, tiny_split_config
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class PlantedBug:
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
     check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config",
-    # "input_range", "main_grad", "training"
+    # "input_range", "main_grad", "training", "rope_parity", "rope_transformers"
     recompute: str = "none"  # the production model's activation recompute
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
     log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
@@ -347,6 +347,32 @@ def _tensor_parallel_weights_unmarked(mp):
     mp.setattr(model, "mark_tensor_parallel", lambda module, specs: None)
 
 
+def _rope_band_factors_swapped(stack: str):
+    """llama3 rope's low and high frequency factors swapped in production's rotary of one
+    stack (``stack``: "lower", "upper" or "both"; told apart by the rope-bands test
+    configuration's rope theta); the oracle and transformers keep them."""
+    from tests.integration.test_rope_bands import LOWER_ROPE, UPPER_ROPE
+
+    thetas = {"lower": {LOWER_ROPE["rope_theta"]}, "upper": {UPPER_ROPE["rope_theta"]},
+              "both": {LOWER_ROPE["rope_theta"], UPPER_ROPE["rope_theta"]}}[stack]
+
+    def plant(mp):
+        original = layers.ROPE_INIT_FUNCTIONS["llama3"]
+
+        def swapped(config, device=None, *args, **kwargs):
+            rope = rope_parameters(config)
+            if rope.get("rope_theta") in thetas:
+                config = copy.deepcopy(config)
+                config.rope_parameters = {**rope, "low_freq_factor": rope["high_freq_factor"],
+                                          "high_freq_factor": rope["low_freq_factor"]}
+            return original(config, device, *args, **kwargs)
+
+        # layers' own reference to the table: the oracle's (transformers') is untouched
+        mp.setattr(layers, "ROPE_INIT_FUNCTIONS", {**layers.ROPE_INIT_FUNCTIONS, "llama3": swapped})
+
+    return plant
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -466,5 +492,13 @@ PLANTED = [
     PlantedBug("tensor_parallel_weights_unmarked", "TP-split weights not marked tensor_model_parallel: the "
                "clipping norm counts rank 0's shards only", ("tp2",), _tensor_parallel_weights_unmarked,
                check="training"),
+    # llama3 rope with a frequency in each band of each stack (test_rope_bands): the
+    # smoothing band is where swapped factors differ
+    PlantedBug("rope_band_factors_swapped_lower", "lower stack's llama3 low/high frequency factors swapped",
+               ("tp1",), _rope_band_factors_swapped("lower"), check="rope_parity"),
+    PlantedBug("rope_band_factors_swapped_upper", "upper stack's llama3 low/high frequency factors swapped",
+               ("tp1",), _rope_band_factors_swapped("upper"), check="rope_parity"),
+    PlantedBug("rope_band_factors_swapped", "llama3 low/high frequency factors swapped (against "
+               "transformers' rope)", ("tp1",), _rope_band_factors_swapped("both"), check="rope_transformers"),
 ]
 

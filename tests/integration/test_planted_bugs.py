@@ -20,6 +20,7 @@ from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_fused_logprobs import fused_head_agrees, fused_head_main_grad_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
+from tests.integration.test_rope_bands import rope_bands_checkpoint, rope_bands_parity, rope_matches_transformers
 from tests.integration.test_training_step import training_step_passes
 from tests.integration.test_parity import (
     edge_case_microbatches,
@@ -93,6 +94,10 @@ CHECKS = {
         odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs).passed),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
+    "rope_parity": (lambda bug, f: rope_bands_checkpoint(f),
+                    lambda bug, layout, ckpt, scratch: rope_bands_parity(ckpt, layout).passed),
+    "rope_transformers": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: all(
+        rope_matches_transformers(stack) for stack in ("lower", "upper"))),
     "main_grad": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_main_grad_agrees(layout)),
     "training": (_parity_checkpoint, lambda bug, layout, ckpt, scratch: training_step_passes(
         ckpt, layout, bug.head, distributed_optimizer=False).passed),
