@@ -397,7 +397,8 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     (``[T]`` each). Forward holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
     512 MiB at the defaults) and its statistics; backward holds the returned gradients
     (``[T, H]`` like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in
-    the weight's dtype, or none with ``grad_weight_into``), one float32 logits tile, its gradient in the weight's dtype and a
+    the weight's dtype; with ``grad_weight_into`` none, or under megatron DDP an uninitialised
+    weight-shaped placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in the weight's dtype and a
     float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden gradient: about 1 GiB
     above inputs, outputs and gradients at the defaults and H = 8192, whatever T is.
     """
