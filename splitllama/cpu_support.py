@@ -24,7 +24,7 @@ allocate on "cuda" and pick a parameter's handling by its type string
 report CUDA type strings.
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
-config (``cpu_megatron_config`` sets it).
+config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
 """
 
 from __future__ import annotations

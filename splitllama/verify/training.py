@@ -30,7 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import gather_full_state, load_checkpoint
+from splitllama.checkpoints import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_optimizer_context
 from splitllama.distributed import agree, setup_parallel
@@ -38,7 +38,14 @@ from splitllama.layout import ParallelLayout
 from splitllama.pipeline import run_pipeline
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.rules import Report, Row, _row, bf16_allowed_error, compare
-from splitllama.verify.runner import _oracle_observe, _stage_loss, build_production, load_oracle, run_oracle
+from splitllama.verify.runner import (
+    _oracle_observe,
+    _stage_loss,
+    build_production,
+    gather_full_state,
+    load_oracle,
+    run_oracle,
+)
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,7 @@ def fused_head_main_grad_error(layout) -> float:
     checks that ``weight.grad`` stays empty (nothing for DDP's hook to add a second time)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from splitllama.config import tiny_split_config
+    from splitllama.verify.tiny import tiny_split_config
     from splitllama.distributed import megatron_config
     from splitllama.heads import LMHead, TokenScores
     from splitllama.layers import stack_config

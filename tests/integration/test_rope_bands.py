@@ -20,7 +20,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from splitllama.config import CustomSplitLlamaConfig, rope_parameters, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig, rope_parameters
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.distributed import megatron_config
 from splitllama.layers import RotaryPositions, stack_config
 from splitllama.layout import ParallelLayout
