@@ -137,14 +137,15 @@ def tp_all_gather(local: torch.Tensor) -> list[torch.Tensor]:
 def iter_stage_tensors(chunks, source: str = "param"):
     """Yield ``(checkpoint name, full tensor)`` for what this pipeline rank owns, on every
     TP rank (collective over TP: all TP ranks must iterate together). ``source`` is
-    "param" or "grad" (a missing gradient reads as zeros)."""
-    if source not in ("param", "grad"):
-        raise ValueError(f"source must be 'param' or 'grad', got {source!r}")
+    "param", "grad" or "main_grad" (megatron DDP's gradient buffer; a missing gradient
+    reads as zeros)."""
+    if source not in ("param", "grad", "main_grad"):
+        raise ValueError(f"source must be 'param', 'grad' or 'main_grad', got {source!r}")
     config, head = chunks[0].hf_config, head_of(chunks[0])
     for chunk in chunks:
         for spec in _specs(chunk, config, head):
             param = chunk.get_parameter(spec.param)
-            local = param.detach() if source == "param" else param.grad
+            local = param.detach() if source == "param" else getattr(param, source, None)
             if local is None:
                 local = torch.zeros_like(param)
             yield from zip(spec.names, unshard(spec, tp_all_gather(local.detach())), strict=True)

@@ -24,7 +24,9 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   ranks (prev == next) and interleaving, both directions are in flight at once and the
   activation would land in the gradient's buffer. Tags keep the two streams apart;
 * ``cuda_means_cpu()`` is the device part of that context alone, for megatron's
-  distributed checkpointing (``dist_checkpoint.save``/``load`` enter it).
+  distributed checkpointing (``dist_checkpoint.save``/``load`` enter it) and for building
+  and stepping megatron's optimizers (they allocate on "cuda" and pick a parameter's
+  handling by its type string, "torch.cuda.FloatTensor").
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
 config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
@@ -202,3 +204,4 @@ def cpu_schedule_context():
     finally:
         communicator.__init__ = original_init
         dist.P2POp = _P2POp
+

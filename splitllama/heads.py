@@ -69,6 +69,12 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, Vp/tp]`` in the compute dtype, padded columns included."""
+        if torch.is_grad_enabled() and getattr(self.weight, "grad_added_to_main_grad", False):
+            raise ValueError(
+                "the LM head's logits are asked for after a fused log-prob backward in the same "
+                "iteration: megatron DDP now skips this weight's .grad (grad_added_to_main_grad), "
+                "so their gradient would be lost. Compute the logits micro-batches first, or all "
+                "log-probs through one path (log_probs option)")
         logits, _ = super().forward(hidden_SBH)
         return logits
 
@@ -97,12 +103,15 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         # the per-shard partial gradients as the column-parallel linear would
         hidden = lm_head_input(hidden_SBH, self.sequence_parallel)
         seq, batch, width = hidden.shape
-        # The weight's gradient is returned (into weight.grad, the weight's dtype); megatron
-        # DDP's main_grad buffers would take it through grad_weight_into instead.
+        # Under megatron's DistributedDataParallel the weight has a ``main_grad`` buffer
+        # (float32 with grad_reduce_in_fp32): the op adds its float32 product sums straight
+        # into it, so a 16-bit weight's gradient is never rounded to 16 bits per micro-batch.
+        # Unwrapped, the gradient is returned into weight.grad (the weight's dtype).
         log_probs, entropy = fused_log_probs_entropy(
             hidden.reshape(seq * batch, width), self.weight, scores.labels_SB.reshape(seq * batch),
             entropy=scores.entropy, vocab_size=self.vocab_size,
             check_labels=False,  # the batch checked them
+            grad_weight_into=getattr(self.weight, "main_grad", None),
         )
         if entropy is None:
             entropy = torch.zeros_like(log_probs)

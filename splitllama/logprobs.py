@@ -265,6 +265,21 @@ def _label_columns(labels: torch.Tensor, first_row: int) -> torch.Tensor:
     return labels - first_row
 
 
+def _added_to_main_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's gradient to return once it was added into ``grad_weight_into``.
+
+    Megatron's DistributedDataParallel gives each parameter a ``grad_added_to_main_grad``
+    flag and a backward hook that adds ``.grad`` into ``main_grad`` unless the flag is set.
+    Its own layers with gradient-accumulation fusion set the flag and return an
+    uninitialised placeholder, which the hook discards: no double counting, and the hook
+    runs on the thread of the other parameters' hooks (its overlapped bucket all-reduce
+    relies on that). Without that flag (no DDP) nothing is returned."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight)
+
+
 class _FusedLogProbsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, entropy, chunk_tokens, vocab_block, group, vocab_start,
@@ -293,6 +308,8 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
         ctx.options = (entropy, chunk_tokens, vocab_block, vocab_start, width)
         # kept out of save_for_backward: it is written in place, as megatron keeps main_grad
         ctx.grad_weight_into = grad_weight_into
+        # the parameter object itself, for megatron DDP's flag (see backward)
+        ctx.weight = weight if grad_weight_into is not None else None
         return log_probs, ent
 
     @staticmethod
@@ -330,7 +347,9 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                 del grad
             if grad_hidden is not None:
                 grad_hidden[a:b] = acc
-        return grad_hidden, None if into is not None else grad_weight, None, None, None, None, None, None, None, None
+        if into is not None:
+            grad_weight = _added_to_main_grad(ctx.weight) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, labels_T: torch.Tensor, *,
@@ -360,7 +379,10 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     pass False, having checked them in their one sync per batch.
     ``grad_weight_into``: a buffer of the weight's shape, float32 or the weight's dtype (e.g.
     megatron's ``weight.main_grad``), to which backward ADDS the weight's gradient in place
-    (float32 sums of 16-bit products); the op then returns no gradient for the weight.
+    (float32 sums of 16-bit products); the op then returns no gradient for the weight, or,
+    for a parameter wrapped by megatron's DistributedDataParallel, sets its
+    ``grad_added_to_main_grad`` and returns a placeholder DDP's hook discards (as megatron's
+    own layers do with gradient-accumulation fusion).
 
     Returns ``(log_probs [T], entropy [T] or None)`` in float32 (float64 for float64 inputs),
     replicated over TP. Upstream gradients may be anything per token; they must be the same
@@ -379,7 +401,8 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     (``[T]`` each). Forward holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
     512 MiB at the defaults) and its statistics; backward holds the returned gradients
     (``[T, H]`` like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in
-    the weight's dtype, or none with ``grad_weight_into``), one float32 logits tile, its gradient in the weight's dtype and a
+    the weight's dtype; with ``grad_weight_into`` none, or under megatron DDP an uninitialised
+    weight-shaped placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in the weight's dtype and a
     float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden gradient: about 1 GiB
     above inputs, outputs and gradients at the defaults and H = 8192, whatever T is.
     """

@@ -32,6 +32,7 @@ from splitllama.heads import LMHead, TokenScores, ValueHead
 from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
 from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size
 from splitllama.options import ModelOptions, model_options
+from splitllama.sharding import mark_tensor_parallel, weight_specs
 
 
 # ---- trunks ----------------------------------------------------------------------------
@@ -167,6 +168,10 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
         if stage.has_head:
             self._init_head(config)
+        # megatron's layers mark their TP-split weights only when they initialise them;
+        # its gradient norm (clipping) and distributed optimizer read the marks
+        head = "value" if hasattr(self, "value_head") else "lm"
+        mark_tensor_parallel(self, weight_specs(config, stage, head, self.padded_vocab_size))
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,

@@ -37,6 +37,9 @@ class PipelineStageMixin:
     finds the stage's layout, then runs the model class's own constructor for it."""
 
     vocab_parallel_output = True
+    # megatron's attribute, read by finalize_model_grads across pipeline stages: the
+    # embedding (lower checkpoint) and the LM head (upper checkpoint) are never tied
+    share_embeddings_and_output_weights = False
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,

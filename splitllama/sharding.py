@@ -206,3 +206,26 @@ def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.
         assert full[0].shape[0] == spec.sharding.padded, f"{spec.param}: {tuple(full[0].shape)} vs {spec.sharding}"
         return [full[0][: spec.sharding.vocab]]
     return full
+
+
+def tensor_parallel_attributes(spec: WeightSpec) -> tuple[bool, int, int]:
+    """Megatron's marks of the parameter: (split over TP, partition dim, partition stride)."""
+    sharding = spec.sharding
+    if isinstance(sharding, Replicated):
+        return False, 0, 1
+    if isinstance(sharding, Split):
+        return True, sharding.dim, 1
+    if isinstance(sharding, FusedGateUp):
+        return True, 0, 2
+    return True, 0, 1  # VocabSplit, FusedQKV: whole rows per rank
+
+
+def mark_tensor_parallel(model: torch.nn.Module, specs: list[WeightSpec]) -> None:
+    """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``
+    on every parameter from its declaration. Megatron's layers set them only when they
+    initialise their weights (``perform_initialization``), and its gradient norm (for
+    clipping), distributed optimizer and checkpointing read them: an unmarked split weight
+    counts as a replica and only TP rank 0's shard enters the norm."""
+    for spec in specs:
+        param = model.get_parameter(spec.param)
+        param.tensor_model_parallel, param.partition_dim, param.partition_stride = tensor_parallel_attributes(spec)

@@ -42,11 +42,13 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
                      dtype: torch.dtype, device: str, options: ModelOptions | None = None,
-                     padded: bool = False) -> list[torch.nn.Module]:
+                     padded: bool = False, stages: bool = False) -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP), built with ``options``
     and the pipeline split of ``layout``. ``padded``: the padded class
     ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP, no
-    pipeline, LM head)."""
+    pipeline, LM head). ``stages``: the registry's pipeline-stage classes even without
+    pipeline parallelism (what a trainer builds and megatron's schedules drive,
+    ``set_input_tensor`` included)."""
     mc = megatron_config(layout, dtype, device)
     options = model_options(options)
     if options.layers_per_stage is not None:
@@ -56,7 +58,7 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
         chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, options=options)]
-    elif layout.pp == 1:
+    elif layout.pp == 1 and not stages:
         cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
         chunks = [cls(config, mc, options=options)]
     else:
@@ -173,8 +175,10 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
 def gather_full_state(chunks: list[torch.nn.Module], source: str = "param") -> dict[str, torch.Tensor]:
     """Every tensor of the model (this rank's ``chunks`` and the other pipeline ranks')
     under its checkpoint name, on EVERY rank (CPU copies): parameters or gradients
-    (``source``). For small models: the whole model is materialised per rank."""
-    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
+    (``source``: "param", "grad" or "main_grad"). For small models: the whole model is
+    materialised per rank. Copies even on CPU, where ``.cpu()`` would alias the live
+    tensors (an optimizer step or clipping would change them afterwards)."""
+    mine = {name: t.detach().to("cpu", copy=True) for name, t in iter_stage_tensors(chunks, source)}
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return mine
     parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()

@@ -19,7 +19,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig
+from splitllama.config import CustomSplitLlamaConfig, rope_parameters
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 
@@ -302,6 +302,88 @@ def _fused_head_vocab_start_zero(mp):
     mp.setattr(heads, "fused_log_probs_entropy", every_rank_first)
 
 
+def _fused_head_not_given_main_grad(mp):
+    # the head's weight gradient returned in bf16 and added by DDP's hook: every
+    # micro-batch's float32 sum rounded to 16 bits once more
+    fused = heads.fused_log_probs_entropy
+
+    def returning(*args, grad_weight_into=None, **kwargs):
+        return fused(*args, **kwargs)
+
+    mp.setattr(heads, "fused_log_probs_entropy", returning)
+
+
+def _fused_head_weight_grad_written(mp):
+    backward = logprobs._FusedLogProbsEntropy.backward
+
+    def writing(ctx, *grads):
+        if ctx.grad_weight_into is not None:
+            ctx.grad_weight_into.zero_()  # earlier micro-batches' gradient overwritten
+        return backward(ctx, *grads)
+
+    mp.setattr(logprobs._FusedLogProbsEntropy, "backward", staticmethod(writing))
+
+
+def _value_head_unmarked(mp):
+    init = heads.ValueHead.__init__
+
+    def unmarked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.weight.sequence_parallel = False
+
+    mp.setattr(heads.ValueHead, "__init__", unmarked)
+
+
+def _microbatch_gradient_dropped(mp):
+    from megatron.core.distributed import DistributedDataParallel
+
+    forward = DistributedDataParallel.forward
+    seen: dict[int, int] = {}
+
+    def zeroing(self, *args, **kwargs):
+        # the gradient buffers cleared inside the accumulation loop: the first
+        # micro-batch's gradient is lost
+        if torch.is_grad_enabled():
+            seen[id(self)] = seen.get(id(self), 0) + 1
+            if seen[id(self)] == 2:
+                self.zero_grad_buffer()
+        return forward(self, *args, **kwargs)
+
+    mp.setattr(DistributedDataParallel, "forward", zeroing)
+
+
+def _tensor_parallel_weights_unmarked(mp):
+    # as megatron leaves them when it does not initialise the weights: its gradient norm
+    # then takes TP-split weights for replicas and counts only rank 0's shards
+    mp.setattr(model, "mark_tensor_parallel", lambda module, specs: None)
+
+
+def _rope_band_factors_swapped(stack: str):
+    """llama3 rope's low and high frequency factors swapped in production's rotary of one
+    stack (``stack``: "lower", "upper" or "both"; told apart by the rope-bands test
+    configuration's rope theta); the oracle and transformers keep them."""
+    from tests.integration.test_rope_bands import LOWER_ROPE, UPPER_ROPE
+
+    thetas = {"lower": {LOWER_ROPE["rope_theta"]}, "upper": {UPPER_ROPE["rope_theta"]},
+              "both": {LOWER_ROPE["rope_theta"], UPPER_ROPE["rope_theta"]}}[stack]
+
+    def plant(mp):
+        original = layers.ROPE_INIT_FUNCTIONS["llama3"]
+
+        def swapped(config, device=None, *args, **kwargs):
+            rope = rope_parameters(config)
+            if rope.get("rope_theta") in thetas:
+                config = copy.deepcopy(config)
+                config.rope_parameters = {**rope, "low_freq_factor": rope["high_freq_factor"],
+                                          "high_freq_factor": rope["low_freq_factor"]}
+            return original(config, device, *args, **kwargs)
+
+        # layers' own reference to the table: the oracle's (transformers') is untouched
+        mp.setattr(layers, "ROPE_INIT_FUNCTIONS", {**layers.ROPE_INIT_FUNCTIONS, "llama3": swapped})
+
+    return plant
+
+
 def equal_width_config() -> CustomSplitLlamaConfig:
     """h_lo == h_hi, so a stage that skips the adapter still runs (and must be caught by
     its numbers, not by a shape error)."""
@@ -456,5 +538,27 @@ PLANTED = [
     # alone, and the other ranks would wait for it
     PlantedBug("dist_layer_offset_dropped", "distributed checkpoint keys number each pipeline stage's layers "
                "from 0", ("pp2_vpp2", "tp2_sp_pp2"), _dist_layer_offset_dropped, check="dist_declaration"),
+    # the training step (megatron DDP, finalize_model_grads, Adam) and the fused head under DDP
+    PlantedBug("fused_head_not_given_main_grad", "fused head under DDP: bf16 weight gradient per micro-batch "
+               "added to main_grad by DDP's hook", ("tp1", "tp2_sp"), _fused_head_not_given_main_grad,
+               check="main_grad"),
+    PlantedBug("fused_head_weight_grad_written", "fused head: weight gradient written into main_grad instead "
+               "of added", ("tp1", "tp2_sp"), _fused_head_weight_grad_written, check="training"),
+    PlantedBug("value_head_unmarked_in_training", "sequence-parallel value head weight left unmarked: "
+               "finalize_model_grads does not all-reduce it", ("tp2_sp",), _value_head_unmarked, head="value",
+               check="training"),
+    PlantedBug("microbatch_gradient_dropped", "gradient buffers cleared inside the accumulation loop: one "
+               "micro-batch's gradient lost", ("tp1", "tp2_sp"), _microbatch_gradient_dropped, check="training"),
+    PlantedBug("tensor_parallel_weights_unmarked", "TP-split weights not marked tensor_model_parallel: the "
+               "clipping norm counts rank 0's shards only", ("tp2",), _tensor_parallel_weights_unmarked,
+               check="training"),
+    # llama3 rope with a frequency in each band of each stack (test_rope_bands): the
+    # smoothing band is where swapped factors differ
+    PlantedBug("rope_band_factors_swapped_lower", "lower stack's llama3 low/high frequency factors swapped",
+               ("tp1",), _rope_band_factors_swapped("lower"), check="rope_parity"),
+    PlantedBug("rope_band_factors_swapped_upper", "upper stack's llama3 low/high frequency factors swapped",
+               ("tp1",), _rope_band_factors_swapped("upper"), check="rope_parity"),
+    PlantedBug("rope_band_factors_swapped", "llama3 low/high frequency factors swapped (against "
+               "transformers' rope)", ("tp1",), _rope_band_factors_swapped("both"), check="rope_transformers"),
 ]
 

@@ -321,3 +321,73 @@ def test_gpu_float32_weight_gradient_buffer():
     # the logits' gradient is rounded to bf16 before the GEMM: ~2^-8 of the gradient's scale
     err = float((buffer.double() - 1 - w64.grad).abs().max())
     assert err <= 2e-2 * float(w64.grad.abs().max()), err
+
+
+# ---- under megatron's DistributedDataParallel --------------------------------------------
+DDP_MICROBATCHES = 4
+# main_grad against the float64 sum of the micro-batches' own float32 gradients (the op
+# alone, each into a fresh float32 buffer): they differ only by the float32 additions of
+# 4 micro-batch sums, at most 4 * 2^-24 (2.4e-7) of the largest partial sum; 2e-6 of
+# max|sum| leaves room for partial sums above the total. A bf16 round trip of each
+# micro-batch's gradient errs by up to 2^-9 (2e-3) of it.
+MAIN_GRAD_REL = 2e-6
+
+
+def fused_head_main_grad_error(layout) -> float:
+    """The model's bf16 LM head (``heads.LMHead``) wrapped in megatron's DDP (float32
+    ``main_grad``), labelled micro-batches through the fused log-prob path:
+    max |main_grad - reference| / max |reference| (max over ranks), the reference being
+    the float64 sum of each micro-batch's float32 gradient from the op alone. Also
+    checks that ``weight.grad`` stays empty (nothing for DDP's hook to add a second time)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from splitllama.verify.tiny import tiny_split_config
+    from splitllama.distributed import megatron_config
+    from splitllama.heads import LMHead, TokenScores
+    from splitllama.layers import stack_config
+
+    setup_parallel(layout, DEVICE)
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    bf16 = torch.bfloat16
+    config = stack_config(tiny_split_config().upper, megatron_config(layout, bf16, DEVICE), 1)
+    head = LMHead(config, HIDDEN, VOCAB).to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=gen).chunk(tp, 0)[rank].to(bf16))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), head)
+    ddp.zero_grad_buffer()
+    reference = torch.zeros(head.weight.shape, dtype=torch.float64, device=DEVICE)
+    for k in range(DDP_MICROBATCHES):
+        tokens = 6 + 2 * k  # even: divisible by TP under SP
+        hidden = torch.randn(tokens, 1, HIDDEN, generator=gen).to(bf16)
+        labels = torch.randint(0, VOCAB, (tokens, 1), generator=gen)
+        probe = torch.randn(tokens, 1, 2, generator=gen).to(DEVICE)
+        mine = (hidden.chunk(tp, 0)[rank] if layout.sp else hidden).to(DEVICE)
+        out = ddp(mine.clone().requires_grad_(True), TokenScores(labels.to(DEVICE)))
+        (out * probe).sum().backward()
+        own = torch.zeros(head.weight.shape, dtype=torch.float32, device=DEVICE)
+        full = lm_head_input(mine.clone().requires_grad_(True), layout.sp).reshape(tokens, HIDDEN)
+        lp, ent = fused_log_probs_entropy(full, head.weight.detach(), labels.reshape(tokens).to(DEVICE),
+                                          grad_weight_into=own)
+        (torch.stack([lp, ent], -1).view(tokens, 1, 2) * probe).sum().backward()
+        reference += own.double()
+    if head.weight.grad is not None:
+        return float("inf")
+    err = (head.weight.main_grad.double() - reference).abs().max() / reference.abs().max()
+    err = err.reshape(1).to(torch.float64)
+    if world_size() > 1:
+        torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
+    return float(err)
+
+
+def fused_head_main_grad_agrees(layout) -> bool:
+    error = fused_head_main_grad_error(layout)
+    return error <= MAIN_GRAD_REL  # already the max over ranks
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+def test_weight_gradient_accumulates_into_float32_main_grad(layout):
+    """Under megatron DDP a bf16 head's weight gradient goes straight into the float32
+    ``main_grad`` over several micro-batches, never rounded to bf16 on the way."""
+    error = fused_head_main_grad_error(layout)
+    assert error <= MAIN_GRAD_REL, f"main_grad off by {error:.3e} of its scale (allowed {MAIN_GRAD_REL:.0e})"

@@ -19,8 +19,10 @@ from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_dist_checkpoints import declaration_problems, dist_round_trip_mismatches, reshard_loads
-from tests.integration.test_fused_logprobs import fused_head_agrees
+from tests.integration.test_fused_logprobs import fused_head_agrees, fused_head_main_grad_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
+from tests.integration.test_rope_bands import rope_bands_checkpoint, rope_bands_parity, rope_matches_transformers
+from tests.integration.test_training_step import training_step_passes
 from tests.integration.test_parity import (
     edge_case_microbatches,
     log_prob_microbatches,
@@ -98,6 +100,13 @@ CHECKS = {
                          lambda bug, layout, ckpt, scratch: not declaration_problems(ckpt, layout, bug.head)),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
+    "rope_parity": (lambda bug, f: rope_bands_checkpoint(f),
+                    lambda bug, layout, ckpt, scratch: rope_bands_parity(ckpt, layout).passed),
+    "rope_transformers": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: all(
+        rope_matches_transformers(stack) for stack in ("lower", "upper"))),
+    "main_grad": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_main_grad_agrees(layout)),
+    "training": (_parity_checkpoint, lambda bug, layout, ckpt, scratch: training_step_passes(
+        ckpt, layout, bug.head, distributed_optimizer=False).passed),
     "loader_config": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
         loader_refuses(ckpt, layout, case) for case in ("lower_eps", "upper_eps"))),
     "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
