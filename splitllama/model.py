@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
@@ -159,7 +160,7 @@ class PaddedBatch:
         """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
         out = out_SBX[: self.seq].transpose(0, 1)
         mask = self.attention_mask_BS[:, : self.seq].reshape(*out.shape[:2], *([1] * (out.dim() - 2)))
-        # where, not a product: vocab-parallel logits hold -inf at padded vocabulary columns
+        # where, not a product: a product would turn a non-finite output into NaN at padding
         return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
@@ -182,6 +183,78 @@ def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, mu
         labels_SB = F.pad(torch.where(mask_BS[:, :seq], labels_BS, 0), pad).transpose(0, 1)
     return PaddedBatch(F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad), mask_BS,
                        plan_padded(mask_BS), labels_SB, seq)
+
+
+@dataclass
+class ThdBatch:
+    """An already packed batch in megatron's ``thd`` layout, as verl's Megatron engine
+    hands it over: ``[1, T]`` token ids and ``PackedSeqParams`` whose (padded) ``cu_seqlens``
+    cut the row into documents. Each document may end with padding tokens (verl pads every
+    sequence to a multiple of TP) and may be empty (an empty row of the batch); positions
+    restart at 0 in every document unless given. The row is returned as it came: the
+    caller removes its padding."""
+
+    input_ids_1T: torch.Tensor | None  # None on pipeline stages without the embedding
+    position_ids_1T: torch.Tensor
+    attention: PackedAttention
+
+    def hidden(self, trunk: ParallelCustomSplitLLamaModelRmPad) -> torch.Tensor:
+        return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
+
+    def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
+        """``[T, 1, V/tp]`` logits -> ``[1, T, V/tp]``; ``[T, 1]`` values -> ``[1, T, 1]``."""
+        out = out_T1X.transpose(0, 1)
+        return out if out.dim() == 3 else out[..., None]
+
+
+def thd_batch(input_ids_1T, position_ids_1T, packed_seq_params: PackedSeqParams, *, embeds: bool,
+              multiple: int, vocab: int, dtype: torch.dtype, device: torch.device) -> ThdBatch:
+    """Validate a ``thd`` call and plan its attention. ``embeds``: this stage reads
+    ``input_ids`` (other stages get the hidden states; verl then passes its unpacked ids,
+    which are not looked at). ``multiple``: the token count SP needs (TP under SP, else 1)."""
+    if not isinstance(packed_seq_params, PackedSeqParams) or packed_seq_params.qkv_format != "thd":
+        raise ValueError("packed_seq_params must be a megatron PackedSeqParams with qkv_format='thd', got "
+                         f"{getattr(packed_seq_params, 'qkv_format', type(packed_seq_params).__name__)!r}")
+    cu = packed_seq_params.cu_seqlens_q_padded
+    cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+    kv = packed_seq_params.cu_seqlens_kv_padded
+    kv = packed_seq_params.cu_seqlens_kv if kv is None else kv
+    if cu is None or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"packed_seq_params.cu_seqlens_q(_padded) must be a 1-d tensor [docs + 1], got {_shape(cu)}")
+    if kv is not None and not torch.equal(kv.to(cu.device), cu):
+        raise ValueError("packed_seq_params: cu_seqlens_kv must equal cu_seqlens_q (self-attention)")
+    bounds = [int(b) for b in cu.tolist()]  # the one host sync of the plan
+    total = bounds[-1]
+    if bounds[0] != 0 or any(b > a for b, a in zip(bounds, bounds[1:])):
+        raise ValueError(f"packed_seq_params.cu_seqlens_q must start at 0 and never decrease, got {bounds}")
+    if total < 1:
+        raise ValueError("packed_seq_params holds no token: cu_seqlens_q ends at 0")
+    if total % multiple:
+        raise ValueError(f"sequence parallelism needs the packed token count {total} to be a multiple of "
+                         f"tensor_model_parallel_size={multiple}: pad each sequence to it (verl does)")
+    if embeds:
+        if not isinstance(input_ids_1T, torch.Tensor) or tuple(input_ids_1T.shape) != (1, total):
+            raise ValueError(f"input_ids must be [1, {total}] (the packed row cu_seqlens_q describes), "
+                             f"got {_shape(input_ids_1T)}")
+        if input_ids_1T.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be int32 or int64, got {input_ids_1T.dtype}")
+        if input_ids_1T.device != device:
+            raise ValueError(f"input_ids is on {input_ids_1T.device} but the model on {device}")
+        low, high = (int(v) for v in torch.stack([input_ids_1T.min(), input_ids_1T.max()]).tolist())
+        _check_range("input_ids", low, high, vocab)
+    else:
+        input_ids_1T = None
+    # zero-length documents (empty rows) are dropped: they break some varlen kernels
+    kept = [bounds[0]] + [b for a, b in zip(bounds, bounds[1:]) if b > a]
+    cu_seqlens = torch.tensor(kept, dtype=torch.int32, device=device)
+    lengths = cu_seqlens.diff()
+    if position_ids_1T is None:
+        starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
+        position_ids_1T = (torch.arange(total, device=device) - starts)[None]
+    elif not isinstance(position_ids_1T, torch.Tensor) or tuple(position_ids_1T.shape) != (1, total):
+        raise ValueError(f"position_ids must be None or [1, {total}], got {_shape(position_ids_1T)}")
+    max_seqlen = max(b - a for a, b in zip(kept, kept[1:]))
+    return ThdBatch(input_ids_1T, position_ids_1T.to(device), plan_packed(cu_seqlens, max_seqlen, total, dtype))
 
 
 # ---- trunks ----------------------------------------------------------------------------
@@ -256,16 +329,19 @@ class ParallelCustomSplitLLamaModelRmPad(ParallelCustomSplitLLamaModel):
 
 
 # ---- models with heads ---------------------------------------------------------------------
-def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: ModelParallelConfig) -> TransformerConfig:
-    """The config megatron's pipeline schedules read as ``model.config``.
+def schedule_config(upper_config: TransformerConfig, megatron_config: ModelParallelConfig) -> TransformerConfig:
+    """The config megatron's pipeline schedules (and verl's engine: ``sequence_parallel``,
+    ``fp8``) read as ``model.config``.
 
     Stages exchange tensors of different widths (h_lo before the adapter, h_hi after)
     and lengths (packed batches), so p2p must send shapes first: variable_seq_lengths.
     Set after construction, because TransformerConfig validation would otherwise ask for
     an all-to-all MoE dispatcher this dense model does not have."""
-    config = dataclasses.replace(trunk.upper_config)
+    config = dataclasses.replace(upper_config)
     config.pipeline_model_parallel_size = megatron_config.pipeline_model_parallel_size
     config.virtual_pipeline_model_parallel_size = megatron_config.virtual_pipeline_model_parallel_size
+    config.microbatch_group_size_per_vp_stage = (megatron_config.microbatch_group_size_per_vp_stage
+                                                 or megatron_config.pipeline_model_parallel_size)
     config.variable_seq_lengths = True
     config.pipeline_dtype = megatron_config.pipeline_dtype or megatron_config.params_dtype
     return config
@@ -327,8 +403,11 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         self.model = self.trunk_class(config, megatron_config, stage, self.recompute, self.padded_vocab_size)
         self.layout = stage
         self.head_config = self.model.upper_config
-        self.config = schedule_config(self.model, megatron_config)
+        self.config = schedule_config(self.model.upper_config, megatron_config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask
+        # what megatron's and verl's forward steps read: does this chunk embed, does it end
+        # in the head (the pipeline classes are built with them; here they follow the stage)
+        self.pre_process, self.post_process = stage.has_embedding, stage.has_head
         self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
         if stage.has_head:
             self._init_head(config)
@@ -337,8 +416,11 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
                               self.log_probs)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
-        return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                      vocab_parallel: bool | None = None) -> torch.Tensor:
+        if vocab_parallel is None:
+            vocab_parallel = self.vocab_parallel_output
+        return self.lm_head(hidden_SBH, scores, vocab_parallel=vocab_parallel)
 
     def _batch(self, input_ids, attention_mask, position_ids, labels):
         check_input_shapes(input_ids, attention_mask, position_ids, labels)
@@ -350,11 +432,23 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         return prepare(input_ids, attention_mask, position_ids, labels, multiple=self.tp_multiple,
                        vocab=self.hf_config.vocab_size, dtype=self.head_config.params_dtype)
 
-    def forward(self, input_ids, attention_mask, position_ids=None, *, labels=None, entropy: bool = True):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, packed_seq_params=None,
+                labels=None, entropy: bool = True):
         """Outputs ``[B, S, ...]`` (zeros at padding): logits, or values for a value model;
         with ``labels`` (``[B, S]`` token ids, already shifted by the caller), ``[B, S, 2]``
         = (log-probability of the label, entropy; zeros when ``entropy=False``). A pipeline
-        stage without the head returns its hidden states for the next stage."""
+        stage without the head returns its hidden states for the next stage.
+
+        Packed call (megatron's and verl's engine): ``forward(input_ids=[1, T],
+        attention_mask=None, position_ids=None, packed_seq_params=PackedSeqParams(
+        qkv_format="thd", ...))`` (``ThdBatch``) returns vocab-parallel logits ``[1, T, Vp/tp]``
+        (padded vocabulary columns hold ``heads.PADDED_VOCAB_LOGIT``) or values ``[1, T, 1]``
+        at every token of the packed row, its padding included."""
+        if packed_seq_params is not None:
+            return self._forward_thd(input_ids, attention_mask, position_ids, packed_seq_params, labels)
+        if attention_mask is None:
+            raise ValueError("attention_mask is required (a [batch, seq] mask) unless the batch is already "
+                             "packed and described by packed_seq_params")
         batch = self._batch(input_ids, attention_mask, position_ids, labels)
         hidden = batch.hidden(self.model)
         if not self.layout.has_head:
@@ -362,6 +456,18 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         labels_SB = batch.labels_T1 if self.packed else batch.labels_SB
         scores = None if labels is None else TokenScores(labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
+
+    def _forward_thd(self, input_ids, attention_mask, position_ids, packed_seq_params, labels):
+        if attention_mask is not None or labels is not None:
+            raise ValueError("with packed_seq_params, attention_mask and labels must be None (documents are "
+                             "given by packed_seq_params.cu_seqlens_q; log-probs come from the logits)")
+        batch = thd_batch(input_ids, position_ids, packed_seq_params, embeds=self.layout.has_embedding,
+                          multiple=self.tp_multiple, vocab=self.hf_config.vocab_size,
+                          dtype=self.head_config.params_dtype, device=next(self.parameters()).device)
+        hidden = batch.hidden(self.model)
+        if not self.layout.has_head:
+            return hidden
+        return batch.restore(self._forward_head(hidden, vocab_parallel=True))
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):
@@ -391,5 +497,6 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.value_head = ValueHead(self.head_config, config.h_hi)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                      vocab_parallel: bool | None = None) -> torch.Tensor:
         return self.value_head(hidden_SBH, scores)
