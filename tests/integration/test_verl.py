@@ -247,3 +247,19 @@ def test_bridge_refuses_bad_input(layout):
         odd = tiny_split_config(num_lower=2, num_upper=1)
         with pytest.raises(ValueError, match=r"do not split evenly|cannot fill"):
             SplitLlamaBridge(odd, dtype=DTYPE)
+
+
+@pytest.mark.parametrize("layout", layouts("tp1"))
+def test_verl_engine_benchmark_runs_on_cpu(layout, tmp_path):
+    """benchmarks/verl_engine.py (the 1-GPU comparison) end to end on the tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "verl_engine.py"
+    spec = importlib.util.spec_from_file_location("verl_engine_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--device", "cpu", "--tiny", "--tokens", "300", "--check-tokens", "200",
+                         "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "out.json")])
+    assert report["passed"], report["check"]
+    assert report["verl"]["ms"] > 0 and report["project"]["ms"] > 0
