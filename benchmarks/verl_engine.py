@@ -65,14 +65,13 @@ def main(argv=None) -> dict:
     from mbridge import AutoBridge
 
     import splitllama.bridge  # noqa: F401  (registers the bridge)
-    from splitllama.bench import ENTROPY_COEF, bench_config, rl_lengths
-    from splitllama.config import tiny_split_config
+    from splitllama.bench_workload import ENTROPY_COEF, bench_config, rl_lengths
     from splitllama.cpu_support import cpu_schedule_context
     from splitllama.distributed import init_distributed, setup_parallel
     from splitllama.layout import ParallelLayout
     from splitllama.verify import verl_engine
     from splitllama.verify.rules import bf16_allowed_error
-    from splitllama.verify.runner import load_oracle  # noqa: F401  (oracle classes registered)
+    from splitllama.verify.tiny import tiny_split_config
 
     device = args.device
     if device == "cuda" and args.tiny:

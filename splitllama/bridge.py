@@ -38,6 +38,7 @@ from splitllama.cpu_support import cpu_enabled
 from splitllama.layers import RECOMPUTE, stack_config
 from splitllama.layout import ParallelLayout
 from splitllama.model import schedule_config
+from splitllama.options import ModelOptions
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
     ParallelCustomSplitLLamaForValueRmPadPP,
@@ -138,8 +139,8 @@ class SplitLlamaBridge(Bridge):
         value = value or any(getattr(cb, "__name__", "") == _VALUE_CALLBACK for cb in callbacks)
         parallel, recompute, _ = self._parallel_config()
         cls = ParallelCustomSplitLLamaForValueRmPadPP if value else ParallelCustomSplitLLamaForCausalLMRmPadPP
-        options = dict(recompute=recompute, make_vocab_size_divisible_by=self.make_vocab_size_divisible_by or 1)
-        chunks = build_chunks(cls, self.hf_config, parallel, **options)
+        options = ModelOptions(recompute=recompute, make_vocab_size_divisible_by=self.make_vocab_size_divisible_by or 1)
+        chunks = build_chunks(cls, self.hf_config, parallel, options)
         for chunk in chunks:
             chunk.model_type = model_type
             for cb in callbacks:

@@ -38,18 +38,11 @@ from splitllama.logprobs import (
     vocab_parallel_log_probs,
 )
 
-LOG_PROBS = ("fused", "materialise")
 # Logit of a padded vocabulary column in vocab-parallel logits: softmax gives it exactly 0
 # (exp underflows), and it stays finite where -inf would not: 0 * -inf is NaN in any
 # entropy that sums p * logit (megatron's and verl's), and a temperature down to 1e-8
 # (what verl puts at padding) keeps it above float32's -3.4e38.
 PADDED_VOCAB_LOGIT = -1e30
-
-
-def check_log_probs(log_probs: str) -> str:
-    if log_probs not in LOG_PROBS:
-        raise ValueError(f"log_probs={log_probs!r} is not one of {list(LOG_PROBS)}")
-    return log_probs
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,7 +73,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         super().__init__(hidden_size, padded_vocab_size or vocab_size, config=config,
                          init_method=config.init_method, bias=False, gather_output=False)
         self.vocab_size = vocab_size
-        self.log_probs = check_log_probs(log_probs)
+        self.log_probs = log_probs  # one of options.LOG_PROBS_CHOICES (ModelOptions validated it)
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, Vp/tp]`` in the compute dtype, padded columns included."""

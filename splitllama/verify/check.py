@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
+from splitllama.options import ModelOptions
 from splitllama.verify.batches import check_microbatches
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 from splitllama.verify.rules import Report
@@ -19,14 +21,13 @@ from splitllama.verify.runner import run_parity
 
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
-              device: str, *, seed: int = 0, mlp: bool = False, recompute: str = "none",
-              log_probs: str = "fused") -> Report:
-    """Collective over the world (``tp * pp`` ranks). Without ``checkpoint``, rank 0 writes
+              device: str, *, seed: int = 0, mlp: bool = False,
+              options: ModelOptions | None = None) -> Report:
+    """Collective over the world, which holds ``tp * pp`` ranks (the command line checks
+    it before calling). Without ``checkpoint``, rank 0 writes
     the built-in tiny model (``mlp``: with the mlp adapter) to a temporary directory.
-    ``log_probs``: the LM head's path the ``log_probs_entropy`` micro-batch checks."""
-    if dist.get_world_size() != layout.world_size:
-        raise ValueError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
-                         f"torchrun --nproc-per-node {layout.world_size}")
+    ``options``: the production model's (its ``log_probs`` is the path the
+    ``log_probs_entropy`` micro-batch checks)."""
     with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
         if checkpoint is None:
             holder = [local if dist.get_rank() == 0 else None]
@@ -38,7 +39,6 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
             dist.barrier()
         config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
         batches = check_microbatches(config.vocab_size, head, seed, multiple_of=layout.pp if layout.vpp else 1)
-        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, recompute=recompute,
-                            log_probs=log_probs)
+        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, options)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
     return report

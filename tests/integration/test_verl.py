@@ -29,15 +29,15 @@ from mbridge.utils.post_creation_callbacks import make_value_model  # noqa: E402
 
 import splitllama.bridge  # noqa: E402,F401  (registers custom_split_llama with mbridge)
 from splitllama.bridge import SplitLlamaBridge  # noqa: E402
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config  # noqa: E402
+from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
 from splitllama.cpu_support import cpu_schedule_context  # noqa: E402
 from splitllama.distributed import agree, setup_parallel  # noqa: E402
 from splitllama.grads import allreduce_sequence_parallel_grads  # noqa: E402
-from splitllama.checkpoints import gather_full_state  # noqa: E402
 from splitllama.safetensors_io import SafetensorsReader  # noqa: E402
 from splitllama.verify import verl_engine  # noqa: E402
 from splitllama.verify.rules import TOLERANCE, bf16_allowed_error  # noqa: E402
-from splitllama.verify.runner import load_oracle  # noqa: E402
+from splitllama.verify.runner import gather_full_state, load_oracle  # noqa: E402
+from splitllama.verify.tiny import tiny_split_config  # noqa: E402
 from tests.integration.conftest import DEVICE, DTYPE  # noqa: E402
 from tests.integration.layouts import layouts  # noqa: E402
 

@@ -12,7 +12,8 @@ from transformers import DynamicCache, StaticCache
 
 from oracle import CustomSplitLLamaForCausalLM
 from oracle.modeling import CACHE_FIELD
-from splitllama.config import DERIVED_FIELDS, CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import DERIVED_FIELDS, CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import (
     assembled_oracle,
