@@ -14,11 +14,9 @@ Kinds:
 ``PackedBatch``  padding removed (unpad -> ``cu_seqlens`` -> varlen attention): one row of
                  ``T_pad`` tokens, the token count rounded up to a multiple of TP under SP.
 
-A third kind belongs here: input that arrives already packed ("thd": ``[1, T]`` tokens with
-the caller's ``cu_seqlens`` in ``packed_seq_params``, as verl hands it). It needs no
-unpadding; it validates the given ``cu_seqlens`` instead and restores to ``[1, T, ...]``.
-Add it as a dataclass with the same ``hidden``/``restore`` contract and a branch in
-``prepare_batch``.
+``ThdBatch``     already packed ("thd": ``[1, T]`` tokens with the caller's ``cu_seqlens``
+                 in megatron's ``PackedSeqParams``, as verl's engine hands it): no unpadding,
+                 the given ``cu_seqlens`` validated instead, restored to ``[1, T, ...]``.
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
 
@@ -191,12 +191,96 @@ def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, mu
                        plan_padded(mask_BS), labels_SB, seq)
 
 
+@dataclass
+class ThdBatch:
+    """An already packed batch in megatron's ``thd`` layout, as verl's Megatron engine
+    hands it over: ``[1, T]`` token ids and ``PackedSeqParams`` whose (padded) ``cu_seqlens``
+    cut the row into documents. Each document may end with padding tokens (verl pads every
+    sequence to a multiple of TP) and may be empty (an empty row of the batch); positions
+    restart at 0 in every document unless given. The row is returned as it came: the
+    caller removes its padding."""
+
+    input_ids_1T: torch.Tensor | None  # None on pipeline stages without the embedding
+    position_ids_1T: torch.Tensor
+    attention: PackedAttention
+
+    def hidden(self, trunk: ParallelCustomSplitLLamaModelRmPad) -> torch.Tensor:
+        return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
+
+    def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
+        """``[T, 1, V/tp]`` logits -> ``[1, T, V/tp]``; ``[T, 1]`` values -> ``[1, T, 1]``."""
+        out = out_T1X.transpose(0, 1)
+        return out if out.dim() == 3 else out[..., None]
+
+
+def thd_batch(input_ids_1T, position_ids_1T, packed_seq_params: PackedSeqParams, *, embeds: bool,
+              multiple: int, vocab: int, dtype: torch.dtype, device: torch.device) -> ThdBatch:
+    """Validate a ``thd`` call and plan its attention. ``embeds``: this stage reads
+    ``input_ids`` (other stages get the hidden states; verl then passes its unpacked ids,
+    which are not looked at). ``multiple``: the token count SP needs (TP under SP, else 1)."""
+    if not isinstance(packed_seq_params, PackedSeqParams) or packed_seq_params.qkv_format != "thd":
+        raise ValueError("packed_seq_params must be a megatron PackedSeqParams with qkv_format='thd', got "
+                         f"{getattr(packed_seq_params, 'qkv_format', type(packed_seq_params).__name__)!r}")
+    cu = packed_seq_params.cu_seqlens_q_padded
+    cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+    kv = packed_seq_params.cu_seqlens_kv_padded
+    kv = packed_seq_params.cu_seqlens_kv if kv is None else kv
+    if cu is None or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"packed_seq_params.cu_seqlens_q(_padded) must be a 1-d tensor [docs + 1], got {_shape(cu)}")
+    if kv is not None and not torch.equal(kv.to(cu.device), cu):
+        raise ValueError("packed_seq_params: cu_seqlens_kv must equal cu_seqlens_q (self-attention)")
+    bounds = [int(b) for b in cu.tolist()]  # the one host sync of the plan
+    total = bounds[-1]
+    if bounds[0] != 0 or any(b > a for b, a in zip(bounds, bounds[1:])):
+        raise ValueError(f"packed_seq_params.cu_seqlens_q must start at 0 and never decrease, got {bounds}")
+    if total < 1:
+        raise ValueError("packed_seq_params holds no token: cu_seqlens_q ends at 0")
+    if total % multiple:
+        raise ValueError(f"sequence parallelism needs the packed token count {total} to be a multiple of "
+                         f"tensor_model_parallel_size={multiple}: pad each sequence to it (verl does)")
+    if embeds:
+        if not isinstance(input_ids_1T, torch.Tensor) or tuple(input_ids_1T.shape) != (1, total):
+            raise ValueError(f"input_ids must be [1, {total}] (the packed row cu_seqlens_q describes), "
+                             f"got {_shape(input_ids_1T)}")
+        if input_ids_1T.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be int32 or int64, got {input_ids_1T.dtype}")
+        if input_ids_1T.device != device:
+            raise ValueError(f"input_ids is on {input_ids_1T.device} but the model on {device}")
+        low, high = (int(v) for v in torch.stack([input_ids_1T.min(), input_ids_1T.max()]).tolist())
+        _check_range("input_ids", low, high, vocab)
+    else:
+        input_ids_1T = None
+    # zero-length documents (empty rows) are dropped: they break some varlen kernels
+    kept = [bounds[0]] + [b for a, b in zip(bounds, bounds[1:]) if b > a]
+    cu_seqlens = torch.tensor(kept, dtype=torch.int32, device=device)
+    lengths = cu_seqlens.diff()
+    if position_ids_1T is None:
+        starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
+        position_ids_1T = (torch.arange(total, device=device) - starts)[None]
+    elif not isinstance(position_ids_1T, torch.Tensor) or tuple(position_ids_1T.shape) != (1, total):
+        raise ValueError(f"position_ids must be None or [1, {total}], got {_shape(position_ids_1T)}")
+    max_seqlen = max(b - a for a, b in zip(kept, kept[1:]))
+    return ThdBatch(input_ids_1T, position_ids_1T.to(device), plan_packed(cu_seqlens, max_seqlen, total, dtype))
+
+
 def prepare_batch(input_ids, attention_mask, position_ids=None, labels=None, *, packed: bool, multiple: int,
-                  vocab: int, dtype: torch.dtype, device: torch.device) -> PackedBatch | PaddedBatch:
-    """The one way a batch is made: validate the inputs, then pack (``packed``) or pad.
+                  vocab: int, dtype: torch.dtype, device: torch.device, packed_seq_params=None,
+                  embeds: bool = True) -> PackedBatch | PaddedBatch | ThdBatch:
+    """The one way a batch is made: validate the inputs, then pack (``packed``) or pad, or,
+    given ``packed_seq_params``, take the already packed row as it is (``thd_batch``).
     ``multiple``: the token (packed) or sequence (padded) count is rounded up to it (TP
     under SP, else 1); ``vocab``: ids and labels must lie in ``[0, vocab)``; ``dtype``: the
-    compute dtype of the attention plan; ``device``: where the model's weights are."""
+    compute dtype of the attention plan; ``device``: where the model's weights are;
+    ``embeds``: whether this pipeline stage reads the token ids (thd only)."""
+    if packed_seq_params is not None:
+        if attention_mask is not None or labels is not None:
+            raise ValueError("with packed_seq_params, attention_mask and labels must be None (documents are "
+                             "given by packed_seq_params.cu_seqlens_q; log-probs come from the logits)")
+        return thd_batch(input_ids, position_ids, packed_seq_params, embeds=embeds, multiple=multiple,
+                         vocab=vocab, dtype=dtype, device=device)
+    if attention_mask is None:
+        raise ValueError("attention_mask is required (a [batch, seq] mask) unless the batch is already "
+                         "packed and described by packed_seq_params")
     check_input_shapes(input_ids, attention_mask, position_ids, labels)
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model on {device}: move the "

@@ -6,7 +6,9 @@ unexpected or mis-shaped tensor is an error that names it, and no parameter is e
 with its initial values. ``save_checkpoint``: gathers TP shards and writes one file set
 per pipeline stage, then rank 0 names the shards and writes the index and a
 self-contained config; load -> save is bitwise identical. ``iter_stage_tensors`` yields
-this pipeline rank's full tensors (parameters or gradients) under the checkpoint names.
+this pipeline rank's full tensors (parameters or gradients) under the checkpoint names;
+``iter_full_state`` streams every parameter to every rank one tensor at a time (the
+bridge's weight export to a rollout engine).
 
 All of them read ``sharding.weight_specs``, the one declaration of how every weight is sharded.
 """
@@ -149,6 +151,45 @@ def iter_stage_tensors(chunks, source: str = "param"):
             if local is None:
                 local = torch.zeros_like(param)
             yield from zip(spec.names, unshard(spec, tp_all_gather(local.detach())), strict=True)
+
+
+def _stage_listing(chunks) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(checkpoint name, full shape, dtype name)`` of what this pipeline rank owns, in the
+    order ``iter_stage_tensors`` yields it, without gathering anything."""
+    config, head = chunks[0].hf_config, head_of(chunks[0])
+    shapes = wn.split_checkpoint_shapes(config, head)
+    return [(name, tuple(shapes[name]), str(chunk.get_parameter(spec.param).dtype).removeprefix("torch."))
+            for chunk in chunks for spec in _specs(chunk, config, head) for name in spec.names]
+
+
+def iter_full_state(model_or_chunks):
+    """Yield ``(checkpoint name, full tensor)`` for EVERY tensor of the model on every rank,
+    each once, in model order (pipeline stage by stage): TP shards gathered, then broadcast
+    from the pipeline rank that owns it, one tensor at a time, so memory holds one full
+    tensor rather than the model. Collective: all ranks iterate together."""
+    chunks = _chunks(model_or_chunks)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        yield from iter_stage_tensors(chunks, "param")
+        return
+    group = parallel_state.get_pipeline_model_parallel_group()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    # every stage's names, shapes and dtypes first, so a rank can receive what it does not own
+    listings: list = [None] * pp
+    dist.all_gather_object(listings, _stage_listing(chunks), group=group)
+    mine = iter_stage_tensors(chunks, "param")
+    device = next(chunks[0].parameters()).device
+    for stage, listing in enumerate(listings):
+        source = dist.get_global_rank(group, stage)
+        for name, shape, dtype in listing:
+            if stage == pp_rank:
+                own, tensor = next(mine)
+                assert own == name, f"stage order: {own} vs {name}"
+                tensor = tensor.contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            dist.broadcast(tensor, src=source, group=group)
+            yield name, tensor
 
 
 # ---- saving ----------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
 
 * ``scores=None``: the head's outputs per token, float32 (float64 for float64 compute):
   logits ``[S, B, V]`` (``[S, B, Vp/tp]`` with ``vocab_parallel=True``, what the last
-  pipeline stage hands to vocab-parallel losses; padded vocabulary columns hold ``-inf``,
-  so a softmax gives them probability 0 and their gradient is 0) or values ``[S, B]``;
+  pipeline stage hands to vocab-parallel losses; padded vocabulary columns hold
+  ``PADDED_VOCAB_LOGIT``, a large finite negative, so a softmax gives them probability 0
+  and their gradient is 0) or values ``[S, B]``;
 * ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
   entropy of the next-token distribution), the vocabulary kept split over TP. Only the
   LM head has them; the value head refuses with an error that says so. The LM head's
@@ -37,6 +38,13 @@ from splitllama.logprobs import (
     vocab_parallel_log_probs,
 )
 
+# Logit of a padded vocabulary column in vocab-parallel logits: softmax gives it exactly 0
+# (exp underflows), and it stays finite where -inf would not: 0 * -inf is NaN in any
+# entropy that sums p * logit (megatron's and verl's), and a temperature down to 1e-8
+# (what verl puts at padding) keeps it above float32's -3.4e38.
+PADDED_VOCAB_LOGIT = -1e30
+
+
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs are float32, or float64 when computing in float64."""
     return torch.promote_types(dtype, torch.float32)
@@ -54,7 +62,7 @@ class TokenScores:
 class LMHead(tensor_parallel.ColumnParallelLinear):
     """Vocab-parallel LM head: ``padded_vocab_size`` rows (``layout.padded_vocab_size``), TP
     rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size`` are padding, excluded
-    from every output (sliced off the full logits, ``-inf`` in vocab-parallel logits, left out
+    from every output (sliced off the full logits, ``PADDED_VOCAB_LOGIT`` in vocab-parallel logits, left out
     of log-sum-exp and entropy), so they never influence a real row or its gradient.
     Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear,
     or by ``lm_head_input`` before the fused log-probs. ``log_probs``: ``fused`` (chunked,
@@ -86,7 +94,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         if vocab_parallel:
             valid = valid_vocab_columns(logits.shape[-1], self.vocab_size, logits.device)
             if valid is not None:
-                logits = torch.where(valid, logits, float("-inf"))
+                logits = torch.where(valid, logits, PADDED_VOCAB_LOGIT)
         else:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
         return logits.to(output_dtype(logits.dtype))

@@ -67,7 +67,9 @@ def vocab_parallel_log_probs(logits_local: torch.Tensor, labels: torch.Tensor,
     width = logits.shape[-1]
     local = labels - parallel_state.get_tensor_model_parallel_rank() * width
     mine = (local >= 0) & (local < width)
-    picked = logits.gather(-1, local.clamp(0, width - 1)[..., None])[..., 0] * mine
+    picked = logits.gather(-1, local.clamp(0, width - 1)[..., None])[..., 0]
+    # where, not a product: the clamped column may be a padded one at -inf
+    picked = torch.where(mine, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
     return reduce_from_tensor_model_parallel_region(picked) - logsumexp
 
 
@@ -84,6 +86,9 @@ class _VocabParallelEntropy(torch.autograd.Function):
         # exponent <= 0: no overflow; exactly 0 at padded columns, so neither the products
         # with the (finite) logits below nor the gradient involve them
         probs = (real - logsumexp[..., None]).exp()
+        # Columns of probability 0 (padded ones, or -inf logits from a caller that masks
+        # that way) contribute 0 to the mean logit and its gradient: 0 * -inf would be NaN.
+        logits = torch.where(probs > 0, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         mean_logit = (probs * logits).sum(dim=-1)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(mean_logit, group=parallel_state.get_tensor_model_parallel_group())

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import dist_checkpoint
 from splitllama.attention import PackedAttention
-from splitllama.batches import PackedBatch, PaddedBatch, prepare_batch
+from splitllama.batches import PackedBatch, PaddedBatch, ThdBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.heads import LMHead, TokenScores, ValueHead
 from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
@@ -107,16 +107,19 @@ class ParallelCustomSplitLLamaModelRmPad(ParallelCustomSplitLLamaModel):
 
 
 # ---- models with heads ---------------------------------------------------------------------
-def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: ModelParallelConfig) -> TransformerConfig:
-    """The config megatron's pipeline schedules read as ``model.config``.
+def schedule_config(upper_config: TransformerConfig, megatron_config: ModelParallelConfig) -> TransformerConfig:
+    """The config megatron's pipeline schedules (and verl's engine: ``sequence_parallel``,
+    ``fp8``) read as ``model.config``: the upper stack's, with the pipeline settings.
 
     Stages exchange tensors of different widths (h_lo before the adapter, h_hi after)
     and lengths (packed batches), so p2p must send shapes first: variable_seq_lengths.
     Set after construction, because TransformerConfig validation would otherwise ask for
     an all-to-all MoE dispatcher this dense model does not have."""
-    config = dataclasses.replace(trunk.upper_config)
+    config = dataclasses.replace(upper_config)
     config.pipeline_model_parallel_size = megatron_config.pipeline_model_parallel_size
     config.virtual_pipeline_model_parallel_size = megatron_config.virtual_pipeline_model_parallel_size
+    config.microbatch_group_size_per_vp_stage = (megatron_config.microbatch_group_size_per_vp_stage
+                                                 or megatron_config.pipeline_model_parallel_size)
     config.variable_seq_lengths = True
     config.pipeline_dtype = megatron_config.pipeline_dtype or megatron_config.params_dtype
     return config
@@ -163,8 +166,11 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
                                                    self.options.make_vocab_size_divisible_by)
         self.model = self.trunk_class(config, megatron_config, stage, self.options.recompute, self.padded_vocab_size)
         self.stage = stage
-        self.config = schedule_config(self.model, megatron_config)
+        self.config = schedule_config(self.model.upper_config, megatron_config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask
+        # what megatron's and verl's forward steps read: does this chunk embed, does it end
+        # in the head (the pipeline classes are built with them; here they follow the stage)
+        self.pre_process, self.post_process = stage.has_embedding, stage.has_head
         self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
         if stage.has_head:
             self._init_head(config)
@@ -177,27 +183,42 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
                               self.options.log_probs)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
-        return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                      vocab_parallel: bool | None = None) -> torch.Tensor:
+        if vocab_parallel is None:
+            vocab_parallel = self.vocab_parallel_output
+        return self.lm_head(hidden_SBH, scores, vocab_parallel=vocab_parallel)
 
-    def prepare_batch(self, input_ids, attention_mask, position_ids=None, labels=None) -> PackedBatch | PaddedBatch:
+    def prepare_batch(self, input_ids, attention_mask, position_ids=None, labels=None, *,
+                      packed_seq_params=None) -> PackedBatch | PaddedBatch | ThdBatch:
         """The batch object this model runs on (``batches.prepare_batch``): inputs validated,
-        padding removed (packed classes) or kept, the attention plan made. ``batch.hidden(
-        model.model)`` runs the trunk on it and ``batch.restore`` brings outputs back to
-        ``[B, S, ...]``."""
+        padding removed (packed classes) or kept, or already packed (``packed_seq_params``),
+        the attention plan made. ``batch.hidden(model.model)`` runs the trunk on it and
+        ``batch.restore`` brings outputs back to the caller's layout."""
         return prepare_batch(input_ids, attention_mask, position_ids, labels, packed=self.packed,
                              multiple=self.tp_multiple, vocab=self.hf_config.vocab_size,
-                             dtype=self.model.upper_config.params_dtype, device=next(self.parameters()).device)
+                             dtype=self.model.upper_config.params_dtype, device=next(self.parameters()).device,
+                             packed_seq_params=packed_seq_params, embeds=self.stage.has_embedding)
 
-    def forward(self, input_ids, attention_mask, position_ids=None, *, labels=None, entropy: bool = True):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, packed_seq_params=None,
+                labels=None, entropy: bool = True):
         """Outputs ``[B, S, ...]`` (zeros at padding): logits, or values for a value model;
         with ``labels`` (``[B, S]`` token ids, already shifted by the caller), ``[B, S, 2]``
         = (log-probability of the label, entropy; zeros when ``entropy=False``). A pipeline
-        stage without the head returns its hidden states for the next stage."""
-        batch = self.prepare_batch(input_ids, attention_mask, position_ids, labels)
+        stage without the head returns its hidden states for the next stage.
+
+        Already packed call (megatron's and verl's engine): ``forward(input_ids=[1, T],
+        attention_mask=None, position_ids=None, packed_seq_params=PackedSeqParams(
+        qkv_format="thd", ...))`` (``batches.ThdBatch``) returns vocab-parallel logits
+        ``[1, T, Vp/tp]`` (padded vocabulary columns hold ``heads.PADDED_VOCAB_LOGIT``) or
+        values ``[1, T, 1]`` at every token of the packed row, its padding included."""
+        batch = self.prepare_batch(input_ids, attention_mask, position_ids, labels,
+                                   packed_seq_params=packed_seq_params)
         hidden = batch.hidden(self.model)
         if not self.stage.has_head:
             return hidden
+        if isinstance(batch, ThdBatch):  # the caller computes log-probs from the logits
+            return batch.restore(self._forward_head(hidden, vocab_parallel=True))
         scores = None if labels is None else TokenScores(batch.labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
 
@@ -236,5 +257,6 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.value_head = ValueHead(self.model.upper_config, config.h_hi)
 
-    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
+    def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
+                      vocab_parallel: bool | None = None) -> torch.Tensor:
         return self.value_head(hidden_SBH, scores)

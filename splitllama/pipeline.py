@@ -9,7 +9,7 @@ Every stage gets the same ``(input_ids, attention_mask, position_ids)`` and deri
 packing from the mask; stages other than the first read hidden states given by
 ``set_input_tensor``. Stages other than the last return hidden states ``[T_pad(/tp), 1, h]``;
 the last returns vocab-parallel fp32 logits ``[B, S, Vp/tp]`` (CausalLM; padded vocabulary
-columns are ``-inf``, see ``heads.LMHead``) or values ``[B, S]``,
+columns hold a large finite negative, see ``heads.LMHead``) or values ``[B, S]``,
 or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and entropy (CausalLM).
 """
 

@@ -456,6 +456,39 @@ def _dist_layer_offset_dropped(mp):
         ]
 
     mp.setattr(dist_checkpoint, "weight_specs", stage_local)
+def _export_layer_offset_dropped(mp):
+    # the exported names of a stage's layers numbered from 0 in each stack instead of
+    # from the stage's first global index: the checkpoint names a rollout engine loads
+    from splitllama import checkpoints
+
+    weight_specs = checkpoints.weight_specs
+    layer = re.compile(r"model\.(layers_first|layers_last)\.(\d+)\.")
+
+    def local_numbers(config, stage, head, padded_vocab=None):
+        starts = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
+        renumber = lambda m: f"model.{m.group(1)}.{int(m.group(2)) - starts[m.group(1)]}."  # noqa: E731
+        return [sharding.WeightSpec(s.param, tuple(layer.sub(renumber, n) for n in s.names), s.sharding)
+                for s in weight_specs(config, stage, head, padded_vocab)]
+
+    # the loader then reads the same wrong names, so only the exported names show it
+    mp.setattr(checkpoints, "weight_specs", local_numbers)
+
+
+def _export_skips_stage(mp):
+    from megatron.core import parallel_state
+
+    from splitllama import checkpoints
+
+    listing = checkpoints._stage_listing
+
+    def first_stage_only(chunks):
+        return listing(chunks) if parallel_state.get_pipeline_model_parallel_rank() == 0 else []
+
+    mp.setattr(checkpoints, "_stage_listing", first_stage_only)
+
+
+def _padded_vocab_minus_inf(mp):
+    mp.setattr(heads, "PADDED_VOCAB_LOGIT", float("-inf"))
 
 
 PLANTED = [
@@ -560,5 +593,11 @@ PLANTED = [
                ("tp1",), _rope_band_factors_swapped("upper"), check="rope_parity"),
     PlantedBug("rope_band_factors_swapped", "llama3 low/high frequency factors swapped (against "
                "transformers' rope)", ("tp1",), _rope_band_factors_swapped("both"), check="rope_transformers"),
+    # verl's engine on the bridge's model (tests/integration/test_verl.py)
+    PlantedBug("export_layer_offset_dropped", "bridge export: a pipeline stage's layers named from index 0",
+               ("tp2_pp2_vpp2",), _export_layer_offset_dropped, check="verl_export"),
+    PlantedBug("export_skips_stage", "bridge export: the tensors of pipeline stages after the first left out",
+               ("pp2_cut_adapter",), _export_skips_stage, check="verl_export"),
+    PlantedBug("padded_vocab_minus_inf", "padded vocabulary columns of the logits verl reads are -inf "
+               "(verl's entropy: 0 * -inf = NaN)", ("tp2_sp",), _padded_vocab_minus_inf, check="verl_odd_vocab"),
 ]
-

@@ -391,3 +391,30 @@ def test_weight_gradient_accumulates_into_float32_main_grad(layout):
     ``main_grad`` over several micro-batches, never rounded to bf16 on the way."""
     error = fused_head_main_grad_error(layout)
     assert error <= MAIN_GRAD_REL, f"main_grad off by {error:.3e} of its scale (allowed {MAIN_GRAD_REL:.0e})"
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
+def test_vocab_parallel_functions_take_minus_inf_columns(layout):
+    """Vocab-parallel logits whose last columns a caller masked with -inf (the last TP
+    rank's, as padded columns would be): log-probs, entropy and the logits' gradient equal
+    those of the remaining columns, never NaN (0 * -inf in sum p * logit)."""
+    setup_parallel(layout, DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    full[:, 9:] = float("-inf")
+    labels = torch.randint(0, 9, (5,), generator=gen)
+    g_lp, g_ent = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    local = full.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+    lp, ent = vocab_parallel_log_probs(local, labels), vocab_parallel_entropy(local)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    real = full[:, :9].clone().requires_grad_(True)
+    log_p = torch.log_softmax(real, -1)
+    ref_lp, ref_ent = log_p.gather(1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    ((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum()).backward()
+    ref_grad = torch.cat([real.grad, torch.zeros(5, 3, dtype=torch.float64)], -1).chunk(tp, dim=-1)[rank]
+    # float64, summation order only differs
+    ok = all(bool(torch.isfinite(a).all()) and float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max()))
+             for a, b in ((lp, ref_lp), (ent, ref_ent), (local.grad, ref_grad)))
+    assert agree(ok)

@@ -112,6 +112,23 @@ CHECKS = {
     "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
         out_of_range_refused(ckpt, layout, case, padded) for case, padded in INPUT_RANGE_CASES)),
 }
+
+
+def _verl():
+    """test_verl's checks, imported when a verl check runs (skipped without verl)."""
+    pytest.importorskip("mbridge")
+    pytest.importorskip("verl.workers.engine.megatron.transformer_impl")
+    from tests.integration import test_verl
+
+    return test_verl
+
+
+CHECKS.update({
+    "verl_export": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: _verl().export_matches(
+        ckpt, layout, "lm")[0]),
+    "verl_odd_vocab": (lambda bug, f: _odd_vocab_checkpoint(bug, f), lambda bug, layout, ckpt, scratch: _verl(
+        ).verl_agrees(ckpt, layout, "lm")[0]),
+})
 # Checks that nothing else in the gate runs without a bug: shown here to pass first, so
 # that "fails with the bug" means the bug, not a broken check. The parity and round-trip
 # checks pass in test_parity.py / test_checkpoints.py on the same layouts.

@@ -1,0 +1,178 @@
+"""The model for verl's Megatron engine: an mbridge ``Bridge`` for ``custom_split_llama``.
+
+verl builds, loads, saves and exports every Megatron model through a bridge. Importing this
+module (verl: ``actor_rollout_ref.model.external_lib=splitllama.bridge``) registers
+``SplitLlamaBridge`` with mbridge for ``model_type: custom_split_llama`` (and registers the
+config with transformers' ``AutoConfig``), so that
+
+* ``mbridge.AutoBridge.from_config(hf_config, dtype=...)`` checks the config and megatron's
+  current parallel state (TP, SP, PP, VPP) against each other;
+* ``get_model(...)`` builds this rank's model chunks, the production pipeline classes
+  (``ParallelCustomSplitLLamaForCausalLMRmPadPP`` or, when verl asks for a value model,
+  ``...ForValueRmPadPP``), one per virtual pipeline stage, as megatron returns them;
+* ``load_weights`` / ``save_weights`` read / write a split checkpoint through
+  ``checkpoints.py`` (strict, each rank reading its own slices);
+* ``export_weights`` yields every tensor of the split checkpoint once, full (TP-gathered)
+  and under its checkpoint name, on every rank: what verl hands to the rollout engine.
+
+mbridge's own weight-name mapping (GPTModel names) is not used: ``sharding.py`` declares
+every weight of this model once, and the loader, saver and exporter read that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Generator
+
+import torch
+from mbridge.core import Bridge, register_model
+from mbridge.core.util import unwrap_model
+from megatron.core.enums import ModelType
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from splitllama import weight_names as wn
+from splitllama.checkpoints import iter_full_state, load_checkpoint, save_checkpoint
+from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
+from splitllama.cpu_support import cpu_enabled
+from splitllama.layers import RECOMPUTE, stack_config
+from splitllama.layout import ParallelLayout
+from splitllama.model import schedule_config
+from splitllama.options import ModelOptions
+from splitllama.pipeline import (
+    ParallelCustomSplitLLamaForCausalLMRmPadPP,
+    ParallelCustomSplitLLamaForValueRmPadPP,
+    build_chunks,
+)
+from splitllama.safetensors_io import SafetensorsReader
+
+_PARALLEL_FIELDS = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+_TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
+# Callbacks mbridge's and verl's get_model pass for GPTModel: a value head in place of
+# the output layer (this bridge builds the value class instead) and a frozen MoE router
+# (this model has none).
+_VALUE_CALLBACK = "make_value_model"
+_IGNORED_CALLBACKS = {_VALUE_CALLBACK, "freeze_moe_router"}
+
+
+def split_config(hf_config) -> CustomSplitLlamaConfig:
+    """The bridge's config: a ``CustomSplitLlamaConfig`` (or any config object of that
+    model type), validated."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != MODEL_TYPE:
+        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
+        raise ValueError(f"hf_config has model_type={model_type!r}, expected {MODEL_TYPE!r}{hint}")
+    if not isinstance(hf_config, CustomSplitLlamaConfig):
+        hf_config = CustomSplitLlamaConfig.from_dict(hf_config.to_dict())
+    hf_config.validate()
+    return hf_config
+
+
+def _device() -> torch.device:
+    if cpu_enabled() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@register_model(MODEL_TYPE)
+class SplitLlamaBridge(Bridge):
+    """mbridge's ``Bridge`` for a Custom Split LLaMA (see the module docstring).
+
+    ``config`` is the megatron ``TransformerConfig`` verl's engine reads (parallel sizes,
+    ``sequence_parallel``, dtypes; the upper stack's shapes). ``set_extra_args`` (verl's
+    ``override_transformer_config``) may set ``ModelParallelConfig`` fields, which the model
+    follows, ``recompute_granularity`` (``none | selective | full``: the model's activation
+    recompute) and other ``TransformerConfig`` fields, which only the engine reads."""
+
+    def __init__(self, hf_config, dtype: torch.dtype = torch.bfloat16, parallel_states=None,
+                 make_vocab_size_divisible_by: int | None = None):
+        super().__init__(split_config(hf_config), dtype, parallel_states, make_vocab_size_divisible_by)
+
+    # ---- config -------------------------------------------------------------------------
+    def _parallel_config(self) -> tuple[ModelParallelConfig, str, dict]:
+        """(what the model is built with, its recompute choice, engine-only fields)."""
+        vpp = self.mpu.vpp_size if self.mpu.vpp_size and self.mpu.vpp_size > 1 else None
+        fields = dict(
+            tensor_model_parallel_size=self.mpu.tp_size, pipeline_model_parallel_size=self.mpu.pp_size,
+            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=self.mpu.tp_size > 1,
+            params_dtype=self.dtype, pipeline_dtype=self.dtype, bf16=self.dtype == torch.bfloat16,
+            fp16=self.dtype == torch.float16, use_cpu_initialization=_device().type == "cpu",
+        )
+        recompute, engine_only = "none", {}
+        for key, value in self.extra_args.items():
+            if key == "recompute_granularity":
+                recompute = value or "none"
+                if recompute not in RECOMPUTE:
+                    raise ValueError(f"recompute_granularity={value!r} is not one of {sorted(RECOMPUTE)}")
+            elif key in _PARALLEL_FIELDS:
+                fields[key] = value
+            elif key in _TRANSFORMER_FIELDS:
+                engine_only[key] = value
+            else:
+                raise ValueError(f"override_transformer_config has {key!r}, which is no field of megatron's "
+                                 "TransformerConfig")
+        return ModelParallelConfig(**fields), recompute, engine_only
+
+    def _build_config(self) -> TransformerConfig:
+        parallel, recompute, engine_only = self._parallel_config()
+        # a layout the config cannot take is refused here, naming the field
+        ParallelLayout.from_megatron(parallel).validate(self.hf_config)
+        config = schedule_config(stack_config(self.hf_config.upper, parallel, self.hf_config.num_upper, recompute),
+                                 parallel)
+        for key, value in engine_only.items():
+            setattr(config, key, value)
+        return config
+
+    # ---- model --------------------------------------------------------------------------
+    def get_model(self, weight_path: str | None = None, model_type=ModelType.encoder_or_decoder,
+                  wrap_with_ddp: bool = False, fp16: bool = False, bf16: bool = True,
+                  post_model_creation_callbacks: list[Callable] = (), ddp_config: dict | None = None,
+                  value: bool = False, **kwargs) -> list[torch.nn.Module]:
+        """This rank's model chunks (one per virtual pipeline stage), in ``self.dtype``.
+        A value model is built when ``value=True`` or when the callbacks include mbridge's
+        ``make_value_model`` (how verl asks for a critic). ``wrap_with_ddp``: megatron's
+        ``DistributedDataParallel`` around each chunk (``ddp_config``: its fields).
+
+        No ``Float16Module``: the chunks already compute in ``self.dtype`` and return float32
+        outputs, and its cast of every buffer would round the float32 rotary frequencies."""
+        callbacks = list(post_model_creation_callbacks or ())
+        value = value or any(getattr(cb, "__name__", "") == _VALUE_CALLBACK for cb in callbacks)
+        parallel, recompute, _ = self._parallel_config()
+        cls = ParallelCustomSplitLLamaForValueRmPadPP if value else ParallelCustomSplitLLamaForCausalLMRmPadPP
+        options = ModelOptions(recompute=recompute, make_vocab_size_divisible_by=self.make_vocab_size_divisible_by or 1)
+        chunks = build_chunks(cls, self.hf_config, parallel, options)
+        for chunk in chunks:
+            chunk.model_type = model_type
+            for cb in callbacks:
+                if getattr(cb, "__name__", "") not in _IGNORED_CALLBACKS:
+                    cb(chunk, chunk.pre_process, chunk.post_process, chunk.config, self.hf_config)
+        if weight_path:
+            self.load_weights(chunks, weight_path)
+        if wrap_with_ddp:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+            ddp = DistributedDataParallelConfig(**{"grad_reduce_in_fp32": True, "use_distributed_optimizer": True,
+                                                   **(ddp_config or {})})
+            chunks = [DistributedDataParallel(config=chunk.config, ddp_config=ddp, module=chunk,
+                                              disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+        return chunks
+
+    # ---- weights ------------------------------------------------------------------------
+    def load_weights(self, models: list[torch.nn.Module], weights_path: str, memory_efficient: bool = False) -> None:
+        """Load a split checkpoint (strict; each rank reads its slices). A value model
+        loaded from a causal-LM checkpoint (no ``score.weight``, as verl's critic starts
+        from the actor's weights) gets a fresh value head."""
+        chunks = [unwrap_model(m) for m in models]
+        fresh = (isinstance(chunks[0], ParallelCustomSplitLLamaForValueRmPadPP)
+                 and wn.VALUE_HEAD not in SafetensorsReader(weights_path))
+        load_checkpoint(chunks, weights_path, fresh_value_head=fresh, progress=False)
+
+    def save_weights(self, models: list[torch.nn.Module], weights_path: str, memory_efficient: bool = False) -> None:
+        """Write a split checkpoint (collective: every rank calls it)."""
+        save_checkpoint([unwrap_model(m) for m in models], weights_path, progress=False)
+
+    def export_weights(self, models: list[torch.nn.Module]) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """Every tensor of the split checkpoint, once, as ``(checkpoint name, full tensor)``
+        on every rank, in model order (``checkpoints.iter_full_state``; collective: all
+        ranks iterate together)."""
+        yield from iter_full_state([unwrap_model(m) for m in models])
