@@ -110,5 +110,5 @@ def test_load_checkpoint_refuses_a_model_that_is_not_a_production_model(tmp_path
 
 
 def test_iter_stage_tensors_refuses_an_unknown_source():
-    with pytest.raises(ValueError, match="source must be 'param' or 'grad', got 'weights'"):
+    with pytest.raises(ValueError, match="source must be 'param', 'grad' or 'main_grad', got 'weights'"):
         next(iter_stage_tensors([], "weights"))
