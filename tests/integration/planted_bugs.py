@@ -341,7 +341,7 @@ def _export_layer_offset_dropped(mp):
     def local_numbers(config, stage, head, padded_vocab=None):
         starts = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
         renumber = lambda m: f"model.{m.group(1)}.{int(m.group(2)) - starts[m.group(1)]}."  # noqa: E731
-        return [sharding.WeightSpec(s.param, tuple(layer.sub(renumber, n) for n in s.names), s.layout)
+        return [sharding.WeightSpec(s.param, tuple(layer.sub(renumber, n) for n in s.names), s.sharding)
                 for s in weight_specs(config, stage, head, padded_vocab)]
 
     # the loader then reads the same wrong names, so only the exported names show it
