@@ -2,6 +2,10 @@
 
 ``_MODELS`` maps a Hugging Face architecture name to fully qualified class names of
 (CausalLM with pipeline support, value model with pipeline support, CausalLM without).
+
+verl 0.9.1 no longer calls such a registry: its Megatron engine builds models through a
+bridge, ``splitllama.bridge`` (docs/verl.md). This entry serves trainers written against
+the older registry.
 """
 
 from __future__ import annotations

@@ -263,3 +263,20 @@ def test_verl_engine_benchmark_runs_on_cpu(layout, tmp_path):
                          "--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "out.json")])
     assert report["passed"], report["check"]
     assert report["verl"]["ms"] > 0 and report["project"]["ms"] > 0
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp"))
+def test_critic_starts_from_the_actor_checkpoint(layout, checkpoint_factory):
+    """verl's critic loads the actor's checkpoint: no score.weight there, so the bridge
+    gives the value model a fresh value head and loads everything else strictly."""
+    ckpt = checkpoint_factory("lm", False)
+    setup_parallel(layout, DEVICE)
+    bridge = AutoBridge.from_config(CustomSplitLlamaConfig.from_pretrained(ckpt), dtype=DTYPE)
+    bridge.set_extra_args(sequence_parallel=layout.sp)
+    chunks = bridge.get_model(post_model_creation_callbacks=[make_value_model])
+    bridge.load_weights(chunks, ckpt)
+    reader = SafetensorsReader(ckpt)
+    exported = dict(bridge.export_weights(chunks))
+    assert set(exported) == (set(reader.names()) - {"lm_head.weight"}) | {"score.weight"}
+    assert all(torch.equal(t.cpu(), reader.read(n).to(t.dtype)) for n, t in exported.items() if n != "score.weight")
+    assert bool(torch.isfinite(exported["score.weight"]).all()) and float(exported["score.weight"].abs().max()) > 0
