@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
+from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
 from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
 from splitllama.layout import ParallelLayout
 from splitllama.verify.batches import check_microbatches
@@ -20,10 +21,15 @@ from splitllama.verify.runner import run_parity
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
               device: str, *, seed: int = 0, mlp: bool = False, recompute: str = "none",
-              log_probs: str = "fused") -> Report:
+              log_probs: str = "fused", fresh_value_head: bool = False) -> Report:
     """Collective over the world (``tp * pp`` ranks). Without ``checkpoint``, rank 0 writes
     the built-in tiny model (``mlp``: with the mlp adapter) to a temporary directory.
-    ``log_probs``: the LM head's path the ``log_probs_entropy`` micro-batch checks."""
+    ``log_probs``: the LM head's path the ``log_probs_entropy`` micro-batch checks.
+    ``fresh_value_head`` (value head, CausalLM checkpoint): both models get the same
+    freshly initialised value head, drawn from ``seed``.
+
+    A given checkpoint is first read by rank 0 for NaN and Inf (``BrokenCheckpointError``
+    on every rank): a broken checkpoint is not a difference between the two models."""
     if dist.get_world_size() != layout.world_size:
         raise ValueError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
@@ -36,9 +42,19 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
                 random_split_checkpoint(tiny_split_config(mlp=mlp), checkpoint, head, seed=seed,
                                         **TEST_CHECKPOINT_INIT[dtype])
             dist.barrier()
+        else:
+            holder = [None]
+            if dist.get_rank() == 0:
+                try:
+                    check_finite(checkpoint)
+                except BrokenCheckpointError as err:
+                    holder = [str(err)]
+            dist.broadcast_object_list(holder, src=0)
+            if holder[0] is not None:
+                raise BrokenCheckpointError(holder[0])
         config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
         batches = check_microbatches(config.vocab_size, head, seed, multiple_of=layout.pp if layout.vpp else 1)
         report = run_parity(checkpoint, config, layout, head, dtype, device, batches, recompute=recompute,
-                            log_probs=log_probs)
+                            log_probs=log_probs, fresh_value_head_seed=seed if fresh_value_head else None)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
     return report
