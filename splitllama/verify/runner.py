@@ -245,9 +245,10 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
                      low_out, low_grads)
     if ties:
         for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts, strict=False)):
-            # max_abs: units on the other side of 0 beyond the rule's band; must be none
-            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
-                                   f"on production's branch)", beyond, beyond, 0.0, beyond == 0))
+            # abs_err and rel_err: a count, the units on the other side of 0 beyond the rule's
+            # band; must be none
+            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] (units beyond the band; {flipped} of "
+                                   f"{tied} ties on production's branch)", beyond, beyond, 0.0, beyond == 0))
     agreed = agree(report.passed)
     if report.passed and not agreed:
         report.rows.append(Row("another rank failed", math.inf, math.inf, 0.0, False))
