@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import re
 from typing import Any
@@ -94,6 +95,30 @@ DERIVED_FIELDS: dict[str, str] = {
     "max_position_embeddings": "min(lower_config, upper_config).max_position_embeddings",
     "initializer_range": "upper_config.initializer_range",
 }
+
+
+class _OncePerProcess(logging.Filter):
+    """Lets each distinct message through once. transformers re-validates a Llama config's
+    rope settings every time one is built, and a split model builds its two stacks' configs
+    many times (load, save, each pipeline chunk, the oracle): a Llama-3.1 checkpoint whose
+    max_position_embeddings is at most original_max_position_embeddings got the same
+    warning 8 times per check, 34 times at TP=2 x PP=2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+ROPE_LOGGER = "transformers.modeling_rope_utils"
+if not any(isinstance(f, _OncePerProcess) for f in logging.getLogger(ROPE_LOGGER).filters):
+    logging.getLogger(ROPE_LOGGER).addFilter(_OncePerProcess())
 
 
 def llama_preset(name: str, **overrides: Any) -> LlamaConfig:
