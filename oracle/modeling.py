@@ -378,12 +378,43 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
         # Mis-shaped tensors are refused below, by name, whatever the caller passed here:
         # transformers' own refusal names them only in a log table, not in the exception.
         kwargs.pop("ignore_mismatched_sizes", None)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True,
-            ignore_mismatched_sizes=True, **kwargs
-        )
+        # transformers logs a table of missing / unexpected tensors; here those are either
+        # asked for (fresh_value_head, the heads a trunk drops) or refused below by name,
+        # so the table is shown only when transformers itself fails after it.
+        held = _HeldRecords(lambda record: "LOAD REPORT" in record.getMessage())
+        report_logger = logging.getLogger("transformers.modeling_utils")
+        report_logger.addFilter(held)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception:
+            held.release(report_logger)
+            raise
+        finally:
+            report_logger.removeFilter(held)
         _check_loading_info(cls, pretrained_model_name_or_path, info, fresh_value_head)
         return (model, info) if return_info else model
+
+
+class _HeldRecords(logging.Filter):
+    """Holds back the log records ``matches`` selects; ``release`` logs them after all."""
+
+    def __init__(self, matches) -> None:
+        super().__init__()
+        self.matches, self.records = matches, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.matches(record):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self, target: logging.Logger) -> None:
+        target.removeFilter(self)
+        for record in self.records:
+            target.handle(record)
 
 
 def _check_loading_info(cls: type, source: Any, info: dict, fresh_value_head: bool) -> None:
