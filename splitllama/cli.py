@@ -250,14 +250,15 @@ def _check_inputs(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be a positive integer, got {value}")
-    import torch
-
-    from splitllama.layout import ParallelLayout
-
+    _check_output_file("--json", args.json)
     if args.fresh_value_head and not args.value:
         raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
     if args.fresh_value_head and not args.checkpoint:
         raise UsageError("--fresh-value-head needs a CHECKPOINT (the built-in model with --value has a value head)")
+    import torch
+
+    from splitllama.layout import ParallelLayout
+
     layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None,
                             layers_per_stage=args.layers_per_stage)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,6 +281,17 @@ def _check_inputs(args):
             flags += f" --layers-per-stage {','.join(map(str, args.layers_per_stage))}"
         raise UsageError(f"{flags}: {err}") from err
     return layout, head, dtype, device
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """A file the command writes at the end: refused now if it cannot be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; name a file")
+    if not target.resolve().parent.is_dir():
+        raise UsageError(f"{flag} {path}: the directory {target.parent} does not exist")
 
 
 def _checkpoint_config(path: str, head: str, fresh_value_head: bool):
@@ -374,6 +386,8 @@ def _check(args, argv: list[str]) -> int:
 def _bench(args) -> int:
     import torch
 
+    _check_output_file("--json", args.json)
+    _check_output_file("--plot", args.plot)
     if not torch.cuda.is_available():
         raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
     from splitllama.bench import PARTS, plot, run_bench, summary

@@ -6,8 +6,8 @@ spawns ranks or imports megatron; those are found when the check reads the weigh
 
 The damaged checkpoints are copies of one tiny random split checkpoint: a shard missing
 from its index, a truncated file, overwritten header bytes, a tensor removed, reshaped or
-added, a NaN or an Inf in a weight, a nested config field of the wrong type or
-contradicting another. ``assemble`` rows use tiny Hugging Face Llama checkpoints.
+added, a NaN in a weight (Inf, in process: the last test), a nested config field of the
+wrong type or contradicting another. ``assemble`` rows use tiny Hugging Face Llama checkpoints.
 """
 
 from __future__ import annotations
@@ -110,7 +110,6 @@ def bad(tmp_path_factory) -> dict[str, Path]:
         return change
 
     out["nan_weight"] = _rewritten(good, root / "nan_weight", poison(float("nan")))
-    out["inf_weight"] = _rewritten(good, root / "inf_weight", poison(float("inf")))
     out["nested_wrong_type"] = _config_edited(good, root / "nested_wrong_type",
                                               _set("lower_config.num_attention_heads", "four"))
     out["nested_inconsistent"] = _config_edited(good, root / "nested_inconsistent",
@@ -191,8 +190,6 @@ CATALOGUE = [
     # broken weights: named as such, with the tensor
     Row("nan_in_a_weight", lambda b: ["check", str(b["nan_weight"])],
         "is broken: tensor model.layers_last.1.mlp.up_proj.weight (448, 128) holds 2 NaN of 57344 values"),
-    Row("inf_in_a_weight", lambda b: ["check", str(b["inf_weight"])],
-        "is broken: tensor model.layers_last.1.mlp.up_proj.weight (448, 128) holds 2 Inf of 57344 values"),
     # the flags the messages name, as the user typed them
     Row("uneven_pipeline_split_names_the_flag", lambda b: ["check", "--pp", "3"],
         "do not split evenly over 3 pipeline stages (pp=3 x vpp=1); pass --layers-per-stage, a list of 3 "
@@ -208,6 +205,8 @@ CATALOGUE = [
         "is a value checkpoint (score.weight, no lm_head.weight): check it with --value"),
     Row("fresh_value_head_without_value", lambda b: ["check", "--fresh-value-head", str(b["good"])],
         "--fresh-value-head needs --value"),
+    Row("json_in_a_missing_directory", lambda b: ["check", "--json", "/nonexistent/dir/report.json"],
+        "--json /nonexistent/dir/report.json: the directory /nonexistent/dir does not exist"),
     Row("assemble_num_lower_out_of_range", _assemble("llama", "llama_70b_shape", num_lower=5),
         "--num-lower 5 is out of range: the lower model has 4 layers (allowed 1..4)"),
     Row("assemble_from_a_split_checkpoint", _assemble("good", "llama_70b_shape"),
@@ -233,3 +232,20 @@ def test_debug_shows_the_traceback(bad):
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "is not valid JSON" in result.stderr.splitlines()[-1]
+
+
+def test_check_finite_names_the_tensor_holding_nan_or_inf(bad, tmp_path):
+    from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
+
+    check_finite(bad["good"])  # a sound checkpoint passes
+    name = wn.upper_layer(1, "mlp.up_proj.weight")
+
+    def inf_and_nan(t):
+        t[name][0, :3] = float("inf")
+        t[name][1, 0] = float("-inf")
+        t[name][2, 0] = float("nan")
+
+    broken = _rewritten(bad["good"], tmp_path / "inf", inf_and_nan)
+    with pytest.raises(BrokenCheckpointError, match=rf"is broken: tensor {name} \(448, 128\) holds 1 NaN and 4 Inf "
+                                                    r"of 57344 values \(in model.safetensors\)"):
+        check_finite(broken)
