@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import splitllama.verify.runner as runner  # noqa: E402
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config  # noqa: E402
+from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
+from splitllama.verify.tiny import tiny_split_config  # noqa: E402
 from splitllama.distributed import init_distributed  # noqa: E402
 from splitllama.layout import ParallelLayout  # noqa: E402
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint  # noqa: E402

@@ -4,12 +4,17 @@ layers) for Megatron-core, with tensor, sequence and pipeline parallelism and pa
 Reading path (each file says what is inside):
 
 1. ``config.py``        the split config, its validation, named shape presets
+   ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding, pipeline
+                        split; one frozen object every entry point takes
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
-   ``layout.py``        ParallelLayout, TP requirements, the pipeline stage layout function
+   ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
+   ``layout.py``        ParallelLayout, TP requirements, vocabulary padding, the pipeline
+                        stage layout function
 2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
                         SDPA; flash-attn when forced), planned once per batch
    ``layers.py``        RMSNorm, rotary positions, megatron layer spec and block, the adapter
-3. ``model.py``         the production model classes (padded and packed)
+3. ``batches.py``       input validation; padded and packed batches (pack, pad, restore)
+   ``model.py``         the production model classes (padded and packed)
 4. ``heads.py``         LM head and value head: the one head contract
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner
@@ -21,10 +26,12 @@ Reading path (each file says what is inside):
    ``registry.py``      the RL trainer's model registry entry
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
-of weights replicated over the SP region; ``bench.py`` times the model on GPUs; ``cli.py``
+of weights replicated over the SP region; ``bench.py`` times the model on GPUs (its
+workload and FLOP model in ``bench_workload.py``, its report in ``bench_report.py``); ``cli.py``
 is the ``splitllama`` command (the only module that prints). ``verify/`` is the
-verification machinery behind ``splitllama check`` and the tests; the product never
-imports it.
+verification machinery behind ``splitllama check`` and the tests (the built-in tiny model
+included); no product module imports it at module level: only ``cli.py``'s ``check``
+command does, inside that command's function, so importing the package never loads it.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """
@@ -39,6 +46,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CustomSplitLlamaConfig": "splitllama.config",
     "ParallelLayout": "splitllama.layout",
+    "ModelOptions": "splitllama.options",
     "use_cpu": "splitllama.cpu_support",
     "init_distributed": "splitllama.distributed",
     "setup_parallel": "splitllama.distributed",

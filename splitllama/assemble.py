@@ -27,19 +27,11 @@ from transformers import LlamaConfig
 
 from splitllama import weight_names as names
 from splitllama.config import MODEL_TYPE, VALUE_ARCH, CustomSplitLlamaConfig, llama_config_errors
-from splitllama.safetensors_io import SafetensorsReader, ShardWriter, finish, parse_size
+from splitllama.safetensors_io import FLOAT_DTYPES, SafetensorsReader, parse_size, write_sharded
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CHOICES = "'identity', 'init' or a path to a .safetensors file"
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-
 
 # ---- reading a Hugging Face Llama checkpoint -----------------------------------------------
 
@@ -135,16 +127,16 @@ def _checked_dtype(config: CustomSplitLlamaConfig,
                 f"{source.role} config ({source.directory / 'config.json'}) implies "
                 f"{expected[out_name]}"
             )
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"tensor {src_name!r} in {source.tensors.file_of(src_name)} has dtype {dtype} "
-                f"(allowed: {sorted(_SAFETENSORS_DTYPES)})"
+                f"(allowed: {sorted(FLOAT_DTYPES)})"
             )
         dtypes.setdefault(dtype, f"{src_name!r} in {source.tensors.file_of(src_name)}")
     if len(dtypes) > 1:
         found = ", ".join(f"{dtype} (e.g. {where})" for dtype, where in dtypes.items())
         raise ValueError(f"the source tensors do not share one dtype: {found}")
-    return _SAFETENSORS_DTYPES[next(iter(dtypes))]
+    return FLOAT_DTYPES[next(iter(dtypes))]
 
 
 def adapter_tensors(config: CustomSplitLlamaConfig, adapter: str | Path, seed: int,
@@ -265,12 +257,8 @@ def assemble_split_checkpoint(
         config.architectures = [VALUE_ARCH]
 
     out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, max_bytes)
-    for item in tqdm(planned, desc="assemble", unit="tensor", disable=not progress):
-        writer.add(item.name, item.load())
-    parts = writer.close()
-    files = finish(out, parts)
+    items = tqdm(planned, desc="assemble", unit="tensor", disable=not progress)
+    files = write_sharded(out, ((item.name, item.load()) for item in items), max_bytes)
     config.save_pretrained(out)
-    logger.info("wrote %s: %d tensors, %d bytes in %d file(s)", out, len(planned),
-                sum(part.nbytes for part in parts), len(files))
+    logger.info("wrote %s: %d tensors in %d file(s)", out, len(planned), len(files))
     return out

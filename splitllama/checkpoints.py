@@ -5,10 +5,10 @@ checking the checkpoint's config and every tensor's name and shape: a missing,
 unexpected or mis-shaped tensor is an error that names it, and no parameter is ever left
 with its initial values. ``save_checkpoint``: gathers TP shards and writes one file set
 per pipeline stage, then rank 0 names the shards and writes the index and a
-self-contained config; load -> save is bitwise identical. ``gather_full_state`` gathers
-parameters or gradients to every rank under the checkpoint names (tests, small models).
+self-contained config; load -> save is bitwise identical. ``iter_stage_tensors`` yields
+this pipeline rank's full tensors (parameters or gradients) under the checkpoint names.
 
-All three read ``sharding.weight_specs``, the one declaration of every weight's layout.
+All of them read ``sharding.weight_specs``, the one declaration of how every weight is sharded.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
 def _chunks(model_or_chunks) -> list[torch.nn.Module]:
     chunks = list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
     for chunk in chunks:
-        if not hasattr(chunk, "layout") or not hasattr(chunk, "hf_config"):
+        if not hasattr(chunk, "stage") or not hasattr(chunk, "hf_config"):
             raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
     return chunks
 
@@ -56,7 +56,7 @@ def head_of(chunk: torch.nn.Module) -> wn.Head:
 
 def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
     """The chunk's weight specs, with its padded vocabulary (embedding and LM head rows)."""
-    return weight_specs(config, chunk.layout, head, chunk.padded_vocab_size)
+    return weight_specs(config, chunk.stage, head, chunk.padded_vocab_size)
 
 
 def _tp() -> tuple[int, int]:
@@ -125,7 +125,8 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
 
 
 # ---- gathering -------------------------------------------------------------------------------
-def _tp_gather(local: torch.Tensor) -> list[torch.Tensor]:
+def tp_all_gather(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every TP rank's ``local`` (collective over TP), in rank order."""
     rank, tp = _tp()
     if tp == 1:
         return [local]
@@ -147,19 +148,7 @@ def iter_stage_tensors(chunks, source: str = "param"):
             local = param.detach() if source == "param" else param.grad
             if local is None:
                 local = torch.zeros_like(param)
-            yield from zip(spec.names, unshard(spec, _tp_gather(local.detach())), strict=True)
-
-
-def gather_full_state(model_or_chunks, source: str = "param") -> dict[str, torch.Tensor]:
-    """Every tensor of the model under its checkpoint name, on EVERY rank (CPU copies).
-    Meant for tests and small models: the whole model is materialised per rank."""
-    chunks = _chunks(model_or_chunks)
-    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return mine
-    parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
-    return {k: v for part in parts for k, v in part.items()}
+            yield from zip(spec.names, unshard(spec, tp_all_gather(local.detach())), strict=True)
 
 
 # ---- saving ----------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import time
 import traceback
 from pathlib import Path
 
-RECOMPUTE_CHOICES = ("none", "selective", "full")  # splitllama.layers.RECOMPUTE
-LOG_PROBS_CHOICES = ("fused", "materialise")  # splitllama.heads.LOG_PROBS
+from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
+from splitllama.parallel_sizes import FLAG_NAMES, check_parallel_sizes, free_port
+
 # Set by ``_spawn_ranks`` for the ranks it launches: where a failing rank writes its error.
 RANK_ERRORS_ENV = "SPLITLLAMA_RANK_ERRORS"
 EPILOG = """\
@@ -156,7 +157,7 @@ def _counts(text: str) -> tuple[int, ...]:
 # How the library names what the user gave as a flag, per command: error messages from the
 # library are shown in the user's terms (longest names first, so `num_layers_8=` goes
 # before `num_layers_8`).
-FLAG_NAMES = {
+USER_TERMS = {
     "assemble": {
         "num_layers_8=": "--num-lower ", "num_layers_8": "--num-lower",
         "num_layers_70=": "--num-upper ", "num_layers_70": "--num-upper",
@@ -176,7 +177,7 @@ def in_flag_terms(command: str, message: str) -> str:
     """``message`` with the library's argument names replaced by ``command``'s flags."""
     import re
 
-    table = FLAG_NAMES.get(command, {})
+    table = USER_TERMS.get(command, {})
     if not table:
         return message
     # a name that ends in a word character must end there (num_layers_8 is not num_layers_80)
@@ -242,14 +243,10 @@ def _assemble(args) -> int:
 def _check_inputs(args):
     """Everything ``check`` can refuse before launching: (layout, head, dtype, device).
     The flags are checked first, before torch is imported."""
-    if args.sp and args.tp == 1:
-        raise UsageError("--sp needs --tp > 1 (sequence parallelism splits tokens over TP ranks)")
-    if args.vpp is not None and args.vpp > 1 and args.pp == 1:
-        raise UsageError(f"--vpp {args.vpp} needs --pp > 1 (virtual stages interleave pipeline ranks)")
-    for flag in ("tp", "pp", "vpp"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag} must be a positive integer, got {value}")
+    try:
+        check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     _check_output_file("--json", args.json)
     if args.fresh_value_head and not args.value:
         raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
@@ -269,7 +266,7 @@ def _check_inputs(args):
         raise UsageError("--dtype bfloat16 is checked on CUDA only (the error-ratio rule needs GPU "
                          "kernels); on CPU use float64 or float32")
     head = "value" if args.value else "lm"
-    from splitllama.config import tiny_split_config
+    from splitllama.verify.tiny import tiny_split_config
 
     config = (_checkpoint_config(args.checkpoint, head, args.fresh_value_head) if args.checkpoint
               else tiny_split_config(mlp=args.mlp))
@@ -314,7 +311,7 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
     import tempfile
 
     errors = tempfile.mkdtemp(prefix="splitllama-errors-")
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                **{RANK_ERRORS_ENV: errors})
     procs = [subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
@@ -341,14 +338,6 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
     return max(p.returncode for p in procs)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check(args, argv: list[str]) -> int:
     layout, head, dtype, device = _check_inputs(args)
     if device == "cpu":  # megatron's CUDA stream advice (it says so for every SP layer)
@@ -372,7 +361,7 @@ def _check(args, argv: list[str]) -> int:
         raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
-                       recompute=args.recompute, log_probs=args.log_probs,
+                       options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs),
                        fresh_value_head=args.fresh_value_head)
     if dist.get_rank() == 0:
         emit(report.table())
@@ -390,13 +379,19 @@ def _bench(args) -> int:
     _check_output_file("--plot", args.plot)
     if not torch.cuda.is_available():
         raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
-    from splitllama.bench import PARTS, plot, run_bench, summary
+    from splitllama.bench import PARTS, BenchSettings, run_bench
+    from splitllama.bench_report import plot, summary
 
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise UsageError(f"--only {sorted(unknown)}: allowed parts are {list(PARTS)}")
-    result = run_bench(args, parts)
+    try:
+        settings = BenchSettings(num_lower=args.lower_layers, num_upper=args.upper_layers, tokens=args.tokens,
+                                 repeats=args.repeats, warmup=args.warmup, seed=args.seed, recompute=args.recompute)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    result = run_bench(settings, parts)
     if result is not None:  # rank 0
         emit(f"{result['device']} x{result['world_size']}, torch {result['torch']}")
         emit(summary(result["rows"], result["ceiling_tflops"]))

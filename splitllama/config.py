@@ -6,7 +6,7 @@ A split model is: embedding (lower) -> ``num_layers_8`` lower Llama layers -> ad
 
 Two on-disk forms are accepted:
 
-* seed-compatible: ``path8b`` / ``path70b`` name directories holding the lower / upper
+* by path: ``path8b`` / ``path70b`` name directories holding the lower / upper
   Llama ``config.json``; they are read ONCE, when the config is loaded;
 * self-contained: ``lower_config`` / ``upper_config`` embed both Llama configs. This is
   what this project writes, so that no model constructor ever touches the file system.
@@ -185,7 +185,7 @@ def llama_config_errors(field: str, in_file: str | None = None):
 class CustomSplitLlamaConfig(PreTrainedConfig):
     """Config of a Custom Split LLaMA (``model_type: custom_split_llama``).
 
-    Fields of the seed format: ``vocab_size``, ``rms_norm_eps`` (final norm),
+    Fields of the checkpoint format: ``vocab_size``, ``rms_norm_eps`` (final norm),
     ``num_layers_8`` (N lower layers, taken from the start of the lower model),
     ``num_layers_70`` (M upper layers, taken from the END of the upper model), ``mlp``
     (adapter kind), ``path8b`` / ``path70b``. Embedded sub-configs win over paths.
@@ -453,42 +453,6 @@ def _validate_llama(sub: LlamaConfig, field: str) -> None:
 def rope_parameters(sub: LlamaConfig) -> dict[str, Any]:
     """The standardised rope settings of a Llama config (transformers >= 5 layout)."""
     return dict(sub.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-
-
-# The built-in tiny model's stacks and final norm differ in every non-shape setting, so
-# that code reading one stack's setting for another's computes different numbers: rope
-# type and theta (default 1e4 below, llama3 5e5 above), llama3 scaling with an original
-# context other than 8192 (at head_dim 8 and theta 5e5 the wavelengths are 6.3, 167, 4443
-# and 1.2e5 positions: with 4096 / low_freq_factor 1 the last two are divided by the
-# factor), and three RMSNorm epsilons (lower, upper, final) far enough apart that reading
-# one for another moves float64 outputs by about 1e-4 relative (the tolerance is 1e-9).
-TINY_LOWER_SETTINGS: dict[str, Any] = dict(
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
-)
-TINY_UPPER_SETTINGS: dict[str, Any] = dict(
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 4096},
-    rms_norm_eps=1e-3,
-)
-TINY_FINAL_NORM_EPS = 1e-2
-
-
-def tiny_split_config(mlp: bool = False, num_lower: int = 2, num_upper: int = 2,
-                      lower: dict[str, Any] | None = None, upper: dict[str, Any] | None = None,
-                      **kwargs: Any) -> CustomSplitLlamaConfig:
-    """The built-in tiny model: tiny 8B-shaped lower stack, tiny 70B-shaped upper stack,
-    with the differing settings above. ``lower`` / ``upper``: overrides of either stack
-    (shapes of a test's variant); ``kwargs`` go to the split config.
-
-    The upper source model is deeper than ``num_upper`` so the index offset of the upper
-    layers is always exercised."""
-    lower_config = llama_preset("tiny-llama3.1-8b", **copy.deepcopy({**TINY_LOWER_SETTINGS, **(lower or {})}))
-    upper_config = llama_preset("tiny-llama3.1-70b", **copy.deepcopy({**TINY_UPPER_SETTINGS, **(upper or {})}))
-    kwargs.setdefault("rms_norm_eps", TINY_FINAL_NORM_EPS)
-    return CustomSplitLlamaConfig.from_llama_configs(
-        lower_config, upper_config, num_lower, num_upper, mlp=mlp, **kwargs
-    )
 
 
 AutoConfig.register(MODEL_TYPE, CustomSplitLlamaConfig, exist_ok=True)

@@ -19,7 +19,7 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   activation would land in the gradient's buffer. Tags keep the two streams apart.
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
-config (``cpu_megatron_config`` sets it).
+config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
 """
 
 from __future__ import annotations

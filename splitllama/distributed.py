@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from splitllama.cpu_support import use_cpu
 from splitllama.layout import ParallelLayout
+from splitllama.parallel_sizes import free_port
 
 
 def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> None:
@@ -29,16 +29,10 @@ def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:

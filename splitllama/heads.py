@@ -37,15 +37,6 @@ from splitllama.logprobs import (
     vocab_parallel_log_probs,
 )
 
-LOG_PROBS = ("fused", "materialise")
-
-
-def check_log_probs(log_probs: str) -> str:
-    if log_probs not in LOG_PROBS:
-        raise ValueError(f"log_probs={log_probs!r} is not one of {list(LOG_PROBS)}")
-    return log_probs
-
-
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs are float32, or float64 when computing in float64."""
     return torch.promote_types(dtype, torch.float32)
@@ -74,7 +65,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         super().__init__(hidden_size, padded_vocab_size or vocab_size, config=config,
                          init_method=config.init_method, bias=False, gather_output=False)
         self.vocab_size = vocab_size
-        self.log_probs = check_log_probs(log_probs)
+        self.log_probs = log_probs  # one of options.LOG_PROBS_CHOICES (ModelOptions validated it)
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, Vp/tp]`` in the compute dtype, padded columns included."""

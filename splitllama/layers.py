@@ -42,6 +42,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from splitllama.attention import SplitCoreAttention
 from splitllama.config import SUPPORTED_ROPE_TYPES, rope_parameters
+from splitllama.options import RECOMPUTE_CHOICES
 
 
 def parallel_fields(megatron_config: ModelParallelConfig) -> dict:
@@ -65,14 +66,14 @@ RECOMPUTE: dict[str, dict] = {
     "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
 }
+assert tuple(RECOMPUTE) == RECOMPUTE_CHOICES, "one setting per recompute choice"
 
 
 def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_layers: int,
                  recompute: str = "none") -> TransformerConfig:
     """Megatron config of one Llama stack. Pipeline fields are reset: a stack's layers do
-    not depend on them, and stage placement is ``layout.stage_layouts``'s job alone."""
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute={recompute!r} is not one of {sorted(RECOMPUTE)}")
+    not depend on them, and stage placement is ``layout.stage_layouts``'s job alone.
+    ``recompute``: a key of ``RECOMPUTE`` (``options.ModelOptions`` validated it)."""
     fields = parallel_fields(megatron_config)
     fields.update(
         pipeline_model_parallel_size=1,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitllama.config import CustomSplitLlamaConfig
+from splitllama.parallel_sizes import MEGATRON_NAMES, check_parallel_sizes
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,7 @@ class ParallelLayout:
     layers_per_stage: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for field, value in (("tp", self.tp), ("pp", self.pp)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
-        if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
-            raise ValueError(f"vpp must be None or a positive int, got {self.vpp!r}")
-        if self.vpp is not None and self.vpp > 1 and self.pp == 1:
-            raise ValueError("vpp > 1 needs pp > 1 (virtual stages interleave pipeline ranks)")
-        if self.sp and self.tp == 1:
-            raise ValueError("sp=True needs tp > 1 (sequence parallelism splits tokens over TP ranks)")
+        check_parallel_sizes(self.tp, self.sp, self.pp, self.vpp)
         if self.layers_per_stage is not None:
             object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
 
@@ -64,10 +57,6 @@ class ParallelLayout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
-
-    @property
-    def stages(self) -> int:
-        return self.pp * (self.vpp or 1)
 
     def validate(self, config: CustomSplitLlamaConfig) -> list[StageLayout]:
         """Refuse a layout the config cannot take (naming the field); its stages."""
@@ -96,18 +85,12 @@ class StageLayout:
     input_hidden: int | None  # width of the tensor received from the previous stage
     output_hidden: int  # width of the tensor this stage emits (before the head)
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.lower_layers) + len(self.upper_layers)
-
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     """Rows of the embedding and LM head: ``vocab_size`` rounded up to a multiple of
     ``divisible_by * tp`` (megatron's ``make_vocab_size_divisible_by``), so any vocabulary
     splits over any TP. TP rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size``
     are padding (zero, never looked up, masked out of every output; see ``heads.LMHead``)."""
-    if not isinstance(divisible_by, int) or isinstance(divisible_by, bool) or divisible_by < 1:
-        raise ValueError(f"make_vocab_size_divisible_by must be a positive int, got {divisible_by!r}")
     multiple = divisible_by * tp
     padded = -(-vocab_size // multiple) * multiple
     if padded - vocab_size >= padded // tp:
@@ -119,11 +102,17 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     return padded
 
 
+def real_vocab_rows(start: int, width: int, vocab_size: int) -> range:
+    """The real rows (global indices below ``vocab_size``) among the ``width`` padded
+    vocabulary rows that begin at global row ``start``: a TP rank's share of the embedding,
+    the LM head or the logits' columns (rank r starts at ``r * width``)."""
+    return range(min(start, vocab_size), min(start + width, vocab_size))
+
+
 def validate_tensor_parallel(config: CustomSplitLlamaConfig, tp: int) -> None:
     """Refuse a TP size that does not divide what megatron shards (the vocabulary is
     padded instead: ``padded_vocab_size``)."""
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor_model_parallel_size must be a positive int, got {tp!r}")
+    check_parallel_sizes(tp=tp, names=MEGATRON_NAMES)
     checks = []
     for field, sub in (("lower_config", config.lower), ("upper_config", config.upper)):
         checks += [
@@ -148,12 +137,7 @@ def stage_layouts(
     """All virtual stages in model order. ``layers_per_stage`` (length ``pp * vpp``)
     overrides the even split."""
     vpp = vpp or 1
-    if not isinstance(pp, int) or pp < 1:
-        raise ValueError(f"pipeline_model_parallel_size must be a positive int, got {pp!r}")
-    if not isinstance(vpp, int) or vpp < 1:
-        raise ValueError(f"virtual_pipeline_model_parallel_size must be a positive int, got {vpp!r}")
-    if vpp > 1 and pp == 1:
-        raise ValueError("virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size > 1")
+    check_parallel_sizes(pp=pp, vpp=vpp, names=MEGATRON_NAMES)
     n, m = config.num_lower, config.num_upper
     total, stages = n + m, pp * vpp
     if layers_per_stage is None:
@@ -207,8 +191,3 @@ def stage_layout(
     if not 0 <= pp_rank < pp or not 0 <= chunk < vpp:
         raise ValueError(f"pp_rank={pp_rank}, chunk={chunk} outside pp={pp}, vpp={vpp}")
     return stage_layouts(config, pp, vpp, layers_per_stage)[chunk * pp + pp_rank]
-
-
-def whole_model(config: CustomSplitLlamaConfig) -> StageLayout:
-    """The one stage of a model without pipeline parallelism."""
-    return stage_layouts(config, pp=1, vpp=1)[0]

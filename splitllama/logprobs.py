@@ -23,6 +23,8 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
 )
 
+from splitllama.layout import real_vocab_rows
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,10 +39,12 @@ def _global_max(local_max: torch.Tensor) -> torch.Tensor:
 def valid_vocab_columns(width: int, vocab_size: int | None, device) -> torch.Tensor | None:
     """Which of this TP rank's ``width`` vocabulary columns are real (global index below
     ``vocab_size``): a ``[width]`` bool mask, or None when all are (no padding here)."""
-    start = parallel_state.get_tensor_model_parallel_rank() * width
-    if vocab_size is None or start + width <= vocab_size:
+    if vocab_size is None:
         return None
-    return torch.arange(start, start + width, device=device) < vocab_size
+    real = len(real_vocab_rows(parallel_state.get_tensor_model_parallel_rank() * width, width, vocab_size))
+    if real == width:
+        return None
+    return torch.arange(width, device=device) < real
 
 
 def _logsumexp(logits_local: torch.Tensor, vocab_size: int | None = None):
@@ -400,7 +404,7 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     if vocab_start is None:
         vocab_start = rank * width
     vocab = world * width if vocab_size is None else vocab_size
-    valid = max(0, min(width, vocab - vocab_start))
+    valid = len(real_vocab_rows(vocab_start, width, vocab))
     if not 0 < vocab <= world * width or valid == 0:
         raise ValueError(f"vocab_size={vocab_size}: expected a vocabulary in [1, {world * width}] that leaves "
                          f"this rank (rows [{vocab_start}, {vocab_start + width})) at least one real row")

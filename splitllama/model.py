@@ -7,214 +7,63 @@
 ``ParallelCustomSplitLLamaForValueRmPad``    packed critic: fp32 values ``[B, S]``
 
 A trunk holds what its pipeline stage owns (``layout.StageLayout``); without pipeline
-parallelism that is the whole model. Per forward, ONE batch object is built (inputs
-validated, padding removed or kept, the attention plan made) and handed to every layer:
-the packed path removes padding itself (unpad -> cu_seqlens -> varlen attention), pads the
-token count to a multiple of TP under SP, and restores ``[batch, seq, ...]`` with zeros at
-padded positions. What the head computes is the head's (``heads.py``).
+parallelism that is the whole model. Per forward, ONE batch object is built
+(``prepare_batch``, see ``batches.py``: inputs validated, padding removed or kept, the
+attention plan made) and handed to every layer; its ``restore`` brings the head's output
+back to ``[batch, seq, ...]`` with zeros at padded positions. What the head computes is
+the head's (``heads.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
+from splitllama.attention import PackedAttention
+from splitllama.batches import PackedBatch, PaddedBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.heads import LMHead, TokenScores, ValueHead, check_log_probs
-from splitllama.layers import RECOMPUTE, Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
+from splitllama.heads import LMHead, TokenScores, ValueHead
+from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
 from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size
-
-
-# ---- inputs ------------------------------------------------------------------------------
-def _shape(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def check_input_shapes(input_ids, attention_mask, position_ids, labels=None) -> None:
-    """Edge validation that needs no device sync: types, dtypes and shapes."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {_shape(input_ids)}")
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
-    for name, value, dtypes in (
-        ("attention_mask", attention_mask, (torch.bool, torch.int32, torch.int64, torch.uint8)),
-        ("position_ids", position_ids, (torch.int32, torch.int64)),
-        ("labels", labels, (torch.int32, torch.int64)),
-    ):
-        if value is None and name != "attention_mask":
-            continue
-        if not isinstance(value, torch.Tensor) or value.shape != input_ids.shape:
-            raise ValueError(f"{name} must be a tensor of the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {_shape(value)}")
-        if value.dtype not in dtypes:
-            raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
-        if value.device != input_ids.device:
-            raise ValueError(f"{name} is on {value.device} but input_ids on {input_ids.device}")
-
-
-def _batch_stats(input_ids_BS, mask_BS, labels_BS) -> list[int]:
-    """The batch's host-side numbers in ONE device sync: valid tokens, longest row,
-    non-empty rows, and the range of token ids (and labels) at valid positions."""
-    zero = input_ids_BS.new_zeros(1)
-    lengths = mask_BS.sum(-1)
-    stats = [lengths.sum(), torch.cat([lengths, zero]).max(), (lengths > 0).sum()]
-    for ids in (input_ids_BS, labels_BS):
-        if ids is not None:
-            valid = torch.cat([torch.where(mask_BS, ids, 0).flatten(), zero])
-            stats += [valid.min(), valid.max()]
-    return [int(v) for v in torch.stack([s.to(torch.int64) for s in stats]).tolist()]
-
-
-def _check_range(name: str, low: int, high: int, vocab: int) -> None:
-    if low < 0 or high >= vocab:
-        raise ValueError(f"{name} at valid positions must lie in [0, vocab_size={vocab}), got [{low}, {high}]")
-
-
-def default_position_ids(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) - 1`` clamped at 0."""
-    return (attention_mask_BS.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclass
-class PackedBatch:
-    """A padded batch with its padding removed: one packed row of ``T_pad`` tokens.
-
-    ``T_pad >= 1`` is the valid-token count rounded up to ``multiple`` (TP under SP); the
-    extra tokens form a document of their own, so no real token attends to them."""
-
-    input_ids_1T: torch.Tensor
-    position_ids_1T: torch.Tensor
-    attention: PackedAttention
-    labels_T1: torch.Tensor | None
-    indices_T: torch.Tensor
-    num_valid: int
-    batch: int
-    seq: int
-
-    def hidden(self, trunk: ParallelCustomSplitLLamaModelRmPad) -> torch.Tensor:
-        return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
-
-    def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
-        """``[T_pad, 1, ...]`` -> ``[batch, seq, ...]``, zeros at padded positions."""
-        return scatter_tokens(out_T1X[: self.num_valid, 0], self.indices_T, self.batch, self.seq)
-
-
-def pack_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
-               vocab: int, dtype: torch.dtype) -> PackedBatch:
-    mask_BS = attention_mask_BS.bool()
-    batch, seq = input_ids_BS.shape
-    num_valid, max_seqlen, docs, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
-    _check_range("input_ids", ranges[0], ranges[1], vocab)
-    if labels_BS is not None:
-        _check_range("labels", ranges[2], ranges[3], vocab)
-    if position_ids_BS is None:
-        position_ids_BS = default_position_ids(mask_BS)
-    # Sizes known on the host, so neither selection syncs again.
-    indices_T = torch.nonzero_static(mask_BS.flatten(), size=num_valid).flatten()
-    lengths = mask_BS.sum(-1, dtype=torch.int32)
-    # rows with no valid token are dropped: zero-length documents break some varlen kernels
-    lengths = lengths[torch.nonzero_static(lengths, size=docs).flatten()]
-    total = _round_up(max(num_valid, 1), multiple)
-    extra = total - num_valid
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    ids_T, pos_T = gather_tokens(input_ids_BS, indices_T), gather_tokens(position_ids_BS, indices_T)
-    labels_T = None if labels_BS is None else gather_tokens(labels_BS, indices_T)
-    if extra:
-        ids_T, pos_T = F.pad(ids_T, (0, extra)), F.pad(pos_T, (0, extra))
-        labels_T = None if labels_T is None else F.pad(labels_T, (0, extra))
-        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total])])
-        max_seqlen = max(max_seqlen, extra)
-    attention = plan_packed(cu_seqlens, max_seqlen, total, dtype)
-    return PackedBatch(ids_T[None], pos_T[None], attention, None if labels_T is None else labels_T[:, None],
-                       indices_T, num_valid, batch, seq)
-
-
-@dataclass
-class PaddedBatch:
-    """A padded batch, its sequence length rounded up to ``multiple`` (TP under SP)."""
-
-    input_ids_BS: torch.Tensor
-    position_ids_BS: torch.Tensor
-    attention_mask_BS: torch.Tensor
-    allowed_B1SS: torch.Tensor
-    labels_SB: torch.Tensor | None
-    seq: int
-
-    def hidden(self, trunk: ParallelCustomSplitLLamaModel) -> torch.Tensor:
-        return trunk(self.input_ids_BS, self.position_ids_BS, self.allowed_B1SS)
-
-    def restore(self, out_SBX: torch.Tensor) -> torch.Tensor:
-        """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
-        out = out_SBX[: self.seq].transpose(0, 1)
-        mask = self.attention_mask_BS[:, : self.seq].reshape(*out.shape[:2], *([1] * (out.dim() - 2)))
-        # where, not a product: vocab-parallel logits hold -inf at padded vocabulary columns
-        return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
-              vocab: int, dtype: torch.dtype) -> PaddedBatch:
-    mask_BS = attention_mask_BS.bool()
-    _, _, _, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
-    _check_range("input_ids", ranges[0], ranges[1], vocab)
-    if labels_BS is not None:
-        _check_range("labels", ranges[2], ranges[3], vocab)
-    seq = input_ids_BS.shape[1]
-    if position_ids_BS is None:
-        position_ids_BS = default_position_ids(mask_BS)
-    pad = (0, _round_up(seq, multiple) - seq)
-    mask_BS = F.pad(mask_BS, pad)
-    # Labels at padded positions may be anything (-100 is common); the head needs token ids
-    # there too, and their outputs are zeroed by restore.
-    labels_SB = None
-    if labels_BS is not None:
-        labels_SB = F.pad(torch.where(mask_BS[:, :seq], labels_BS, 0), pad).transpose(0, 1)
-    return PaddedBatch(F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad), mask_BS,
-                       plan_padded(mask_BS), labels_SB, seq)
+from splitllama.options import ModelOptions, model_options
 
 
 # ---- trunks ----------------------------------------------------------------------------
 class ParallelCustomSplitLLamaModel(torch.nn.Module):
     """Trunk: embedding -> lower layers -> adapter -> upper layers -> final norm, or the
-    part of it that ``layout`` places on this pipeline stage. Input ``[B, S]`` ids and
+    part of it that ``stage`` (a ``layout.StageLayout``) holds. Input ``[B, S]`` ids and
     positions and ``attention.plan_padded``'s mask; output ``[S(/tp under SP), B, hidden]``."""
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 layout: StageLayout, recompute: str = "none", padded_vocab_size: int | None = None):
+                 stage: StageLayout, recompute: str = "none", padded_vocab_size: int | None = None):
         super().__init__()
-        self.layout = layout
+        self.stage = stage
         self.sequence_parallel = megatron_config.sequence_parallel
         self.lower_config = stack_config(config.lower, megatron_config, config.num_lower, recompute)
         self.upper_config = stack_config(config.upper, megatron_config, config.num_upper, recompute)
         self.embed_tokens = self.lower = self.rotary_lower = None
         self.adapter = self.upper = self.rotary_upper = self.norm = None
-        if layout.has_embedding:
+        if stage.has_embedding:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
                 # padded rows are zero and never looked up (ids < vocab_size are validated)
                 num_embeddings=padded_vocab_size or config.vocab_size, embedding_dim=config.h_lo,
                 init_method=self.lower_config.init_method, config=self.lower_config,
                 reduce_scatter_embeddings=self.sequence_parallel,
             )
-        if len(layout.lower_layers):
-            self.lower = decoder_stack(self.lower_config, len(layout.lower_layers))
+        if len(stage.lower_layers):
+            self.lower = decoder_stack(self.lower_config, len(stage.lower_layers))
             self.rotary_lower = RotaryPositions(config.lower, self.lower_config)
-        if layout.has_adapter:
+        if stage.has_adapter:
             self.adapter = Adapter(self.upper_config, config.h_lo, config.h_hi, config.mlp)
-        if len(layout.upper_layers):
-            self.upper = decoder_stack(self.upper_config, len(layout.upper_layers))
+        if len(stage.upper_layers):
+            self.upper = decoder_stack(self.upper_config, len(stage.upper_layers))
             self.rotary_upper = RotaryPositions(config.upper, self.upper_config)
-        if layout.has_head:
+        if stage.has_head:
             self.norm = RMSNorm(self.upper_config, config.h_hi, eps=config.rms_norm_eps)
         self.input_tensor = None
 
@@ -271,32 +120,20 @@ def schedule_config(trunk: ParallelCustomSplitLLamaModel, megatron_config: Model
     return config
 
 
-def _recompute_of(megatron_config, recompute: str | None) -> str:
-    """The recompute choice: the argument, else the caller's megatron TransformerConfig's."""
-    if recompute is None:
-        recompute = getattr(megatron_config, "recompute_granularity", None) or "none"
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute={recompute!r} is not one of {sorted(RECOMPUTE)}")
-    return recompute
-
-
 class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     """Padded TP(+SP) causal LM: ``forward(input_ids, attention_mask, position_ids=None)``
     -> fp32 logits ``[B, S, V]`` (zeros at padded positions).
 
-    Options: ``layers_per_stage`` (pipeline split, see ``layout.ParallelLayout``),
-    ``recompute`` (``none | selective | full`` activation recompute; default: the
-    ``recompute_granularity`` of a megatron ``TransformerConfig`` passed in, else none) and
-    ``log_probs`` (``fused | materialise``: how the LM head computes log-probabilities and
-    entropy, ``heads.LMHead``; default fused) and
-    ``make_vocab_size_divisible_by`` (megatron's name): the embedding and LM head get
-    ``padded_vocab_size`` rows, the vocabulary rounded up to a multiple of this times TP, so
-    any vocabulary (e.g. 128,257 after adding special tokens) runs at any TP. Default 1:
-    padding only where TP does not divide the vocabulary (checkpoints, shapes and results
-    of a divisible vocabulary stay exactly as without padding; megatron's default 128 aligns
-    GEMM shapes for speed at the cost of up to ``128 tp - 1`` extra rows). Padded rows are
-    zero, never looked up, excluded from logits, log-probs, entropy and gradients, and never
-    loaded or saved: checkpoints hold exactly ``vocab_size`` rows."""
+    ``options``: a ``ModelOptions`` (activation recompute, the LM head's log-prob path,
+    vocabulary padding, the pipeline split), validated when it was made; default
+    ``ModelOptions()``. ``stage``: the pipeline stage this object holds (the pipeline
+    classes pass it; default the whole model).
+
+    Configs it carries: ``hf_config`` (the split architecture, what checkpoints hold),
+    ``megatron_config`` (the caller's parallel settings), ``config`` (megatron's schedule
+    config, under the name megatron's pipeline schedules read; ``schedule_config``); each
+    stack's megatron config is its trunk's (``model.lower_config`` / ``model.upper_config``:
+    the head follows the upper stack and uses its config)."""
 
     trunk_class = ParallelCustomSplitLLamaModel
     packed = False
@@ -304,13 +141,13 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     vocab_parallel_output = False
 
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
-                 stage: StageLayout | None = None, layers_per_stage=None, recompute: str | None = None,
-                 log_probs: str = "fused", make_vocab_size_divisible_by: int = 1):
+                 stage: StageLayout | None = None, options: ModelOptions | None = None):
         super().__init__()
         config.validate()
         self.hf_config = config
         self.megatron_config = megatron_config
-        self.parallel_layout = ParallelLayout.from_megatron(megatron_config, layers_per_stage)
+        self.options = model_options(options).resolve(megatron_config)
+        self.parallel_layout = ParallelLayout.from_megatron(megatron_config, self.options.layers_per_stage)
         stages = self.parallel_layout.validate(config)
         if stage is None:
             if self.parallel_layout.pp != 1:
@@ -320,13 +157,10 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
                     "classes (ModelRegistry.load_model_cls)"
                 )
             (stage,) = stages
-        self.recompute = _recompute_of(megatron_config, recompute)
-        self.log_probs = check_log_probs(log_probs)
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, self.parallel_layout.tp,
-                                                   make_vocab_size_divisible_by)
-        self.model = self.trunk_class(config, megatron_config, stage, self.recompute, self.padded_vocab_size)
-        self.layout = stage
-        self.head_config = self.model.upper_config
+                                                   self.options.make_vocab_size_divisible_by)
+        self.model = self.trunk_class(config, megatron_config, stage, self.options.recompute, self.padded_vocab_size)
+        self.stage = stage
         self.config = schedule_config(self.model, megatron_config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask
         self.tp_multiple = self.parallel_layout.tp if self.parallel_layout.sp else 1
@@ -334,33 +168,31 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.lm_head = LMHead(self.head_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
-                              self.log_probs)
+        self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
+                              self.options.log_probs)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.lm_head(hidden_SBH, scores, vocab_parallel=self.vocab_parallel_output)
 
-    def _batch(self, input_ids, attention_mask, position_ids, labels):
-        check_input_shapes(input_ids, attention_mask, position_ids, labels)
-        device = next(self.parameters()).device
-        if input_ids.device != device:
-            raise ValueError(f"input_ids is on {input_ids.device} but the model on {device}: move the "
-                             "inputs to the model's device")
-        prepare = pack_batch if self.packed else pad_batch
-        return prepare(input_ids, attention_mask, position_ids, labels, multiple=self.tp_multiple,
-                       vocab=self.hf_config.vocab_size, dtype=self.head_config.params_dtype)
+    def prepare_batch(self, input_ids, attention_mask, position_ids=None, labels=None) -> PackedBatch | PaddedBatch:
+        """The batch object this model runs on (``batches.prepare_batch``): inputs validated,
+        padding removed (packed classes) or kept, the attention plan made. ``batch.hidden(
+        model.model)`` runs the trunk on it and ``batch.restore`` brings outputs back to
+        ``[B, S, ...]``."""
+        return prepare_batch(input_ids, attention_mask, position_ids, labels, packed=self.packed,
+                             multiple=self.tp_multiple, vocab=self.hf_config.vocab_size,
+                             dtype=self.model.upper_config.params_dtype, device=next(self.parameters()).device)
 
     def forward(self, input_ids, attention_mask, position_ids=None, *, labels=None, entropy: bool = True):
         """Outputs ``[B, S, ...]`` (zeros at padding): logits, or values for a value model;
         with ``labels`` (``[B, S]`` token ids, already shifted by the caller), ``[B, S, 2]``
         = (log-probability of the label, entropy; zeros when ``entropy=False``). A pipeline
         stage without the head returns its hidden states for the next stage."""
-        batch = self._batch(input_ids, attention_mask, position_ids, labels)
+        batch = self.prepare_batch(input_ids, attention_mask, position_ids, labels)
         hidden = batch.hidden(self.model)
-        if not self.layout.has_head:
+        if not self.stage.has_head:
             return hidden
-        labels_SB = batch.labels_T1 if self.packed else batch.labels_SB
-        scores = None if labels is None else TokenScores(labels_SB, entropy)
+        scores = None if labels is None else TokenScores(batch.labels_SB, entropy)
         return batch.restore(self._forward_head(hidden, scores))
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
@@ -369,7 +201,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         shifted by the caller) and the entropy of the next-token distribution (None when
         ``entropy=False``), ``[B, S]`` float32 with zeros at padding. The vocabulary stays
         split over TP: this is what an RL actor needs, without the ``[B, S, V]`` logits."""
-        if not self.layout.has_head:
+        if not self.stage.has_head:
             raise ValueError("log_probs_and_entropy runs on the pipeline stage that holds the head")
         if labels is None:
             raise ValueError("labels must be a [batch, seq] tensor of token ids, got None")
@@ -389,7 +221,7 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     """Packed critic: fp32 values ``[B, S]``. Only the head differs from the causal LM."""
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.value_head = ValueHead(self.head_config, config.h_hi)
+        self.value_head = ValueHead(self.model.upper_config, config.h_hi)
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None) -> torch.Tensor:
         return self.value_head(hidden_SBH, scores)

@@ -29,6 +29,7 @@ from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
 )
+from splitllama.options import ModelOptions, model_options
 
 
 class PipelineStageMixin:
@@ -40,8 +41,7 @@ class PipelineStageMixin:
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,
                  share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None,
-                 layers_per_stage=None, recompute: str | None = None, log_probs: str = "fused",
-                 make_vocab_size_divisible_by: int = 1):
+                 options: ModelOptions | None = None):
         if share_embeddings_and_output_weights:
             raise ValueError(
                 "share_embeddings_and_output_weights must be False: the embedding comes from "
@@ -51,8 +51,9 @@ class PipelineStageMixin:
         vpp = megatron_config.virtual_pipeline_model_parallel_size
         if vp_stage is None:
             vp_stage = (parallel_state.get_virtual_pipeline_model_parallel_rank() or 0) if vpp else 0
+        options = model_options(options)
         stage = stage_layout(config, pp, vpp, parallel_state.get_pipeline_model_parallel_rank(), vp_stage,
-                             layers_per_stage)
+                             options.layers_per_stage)
         if (pre_process, post_process) != (stage.has_embedding, stage.has_head):
             raise ValueError(
                 f"pre_process={pre_process}, post_process={post_process} disagree with the stage "
@@ -60,9 +61,7 @@ class PipelineStageMixin:
                 f"{'holds' if stage.has_embedding else 'does not hold'} the embedding and "
                 f"{'holds' if stage.has_head else 'does not hold'} the head"
             )
-        super().__init__(config, megatron_config, stage=stage, layers_per_stage=layers_per_stage,
-                         recompute=recompute, log_probs=log_probs,
-                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        super().__init__(config, megatron_config, stage=stage, options=options)
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage if vpp else None
 
@@ -84,17 +83,18 @@ class ParallelCustomSplitLLamaForValueRmPadPP(PipelineStageMixin, ParallelCustom
 
 
 def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 **options) -> list[torch.nn.Module]:
+                 options: ModelOptions | None = None) -> list[torch.nn.Module]:
     """All model chunks of this pipeline rank (one per virtual stage), as megatron's
-    interleaved schedule expects them. ``options``: the model options (``layers_per_stage``,
-    ``recompute``, ``log_probs``, ``make_vocab_size_divisible_by``)."""
+    interleaved schedule expects them, each built with ``options``."""
+    options = model_options(options)
     vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
     pp = megatron_config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for chunk in range(vpp):
-        layout = stage_layout(config, pp, vpp, pp_rank, chunk, options.get("layers_per_stage"))
-        chunks.append(cls(config, megatron_config, layout.has_embedding, layout.has_head, vp_stage=chunk, **options))
+        stage = stage_layout(config, pp, vpp, pp_rank, chunk, options.layers_per_stage)
+        chunks.append(cls(config, megatron_config, stage.has_embedding, stage.has_head, vp_stage=chunk,
+                          options=options))
     return chunks
 
 

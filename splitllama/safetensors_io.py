@@ -31,6 +31,8 @@ INDEX_FILE = SAFETENSORS_INDEX_FILE  # "model.safetensors.index.json"
 SHARD_FILE = "model-{number:05d}-of-{count:05d}.safetensors"  # number counts from 1
 # What save_file writes into every header; transformers reads "pt" as a PyTorch checkpoint.
 METADATA = {"format": "pt"}
+# The floating dtypes a checkpoint's weights may have, by the name safetensors' headers use.
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # ---- sizes ---------------------------------------------------------------------------------
 

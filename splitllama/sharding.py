@@ -1,7 +1,7 @@
 """How every weight is sharded over tensor parallelism: declared ONCE, here.
 
 Each ``WeightSpec`` ties one production parameter (its path in the model) to the
-checkpoint tensor(s) it holds and a layout:
+checkpoint tensor(s) it holds and how it is sharded (its ``sharding``):
 
 * ``Replicated``   every TP rank holds the whole tensor (norms, the value head);
 * ``Split(dim)``   contiguous 1/tp slices along ``dim`` (0: column-parallel outputs;
@@ -30,7 +30,7 @@ from transformers import LlamaConfig
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.layout import StageLayout
+from splitllama.layout import StageLayout, real_vocab_rows
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,14 @@ class FusedGateUp:
     pass
 
 
-Layout = Replicated | Split | VocabSplit | FusedQKV | FusedGateUp
+Sharding = Replicated | Split | VocabSplit | FusedQKV | FusedGateUp
 
 
 @dataclass(frozen=True)
 class WeightSpec:
     param: str  # production parameter path, e.g. "model.lower.layers.0.mlp.linear_fc1.weight"
     names: tuple[str, ...]  # checkpoint tensors, in fusion order
-    layout: Layout
+    sharding: Sharding
 
 
 def _layer_specs(param_prefix: str, name_of, sub: LlamaConfig) -> list[WeightSpec]:
@@ -91,25 +91,25 @@ def _layer_specs(param_prefix: str, name_of, sub: LlamaConfig) -> list[WeightSpe
     ]
 
 
-def weight_specs(config: CustomSplitLlamaConfig, layout: StageLayout, head: wn.Head,
+def weight_specs(config: CustomSplitLlamaConfig, stage: StageLayout, head: wn.Head,
                  padded_vocab: int | None = None) -> list[WeightSpec]:
     """Every parameter of one (virtual) pipeline stage, in model order. ``padded_vocab``:
     the model's embedding/LM-head rows (default: no padding)."""
     vocab = VocabSplit(config.vocab_size, padded_vocab or config.vocab_size)
     specs: list[WeightSpec] = []
-    if layout.has_embedding:
+    if stage.has_embedding:
         specs.append(WeightSpec("model.embed_tokens.weight", (wn.EMBED,), vocab))
-    for k, i in enumerate(layout.lower_layers):
+    for k, i in enumerate(stage.lower_layers):
         specs += _layer_specs(f"model.lower.layers.{k}", lambda s, i=i: wn.lower_layer(i, s), config.lower)
-    if layout.has_adapter:
+    if stage.has_adapter:
         if config.mlp:
             specs.append(WeightSpec("model.adapter.linear_1.weight", (wn.ADAPTER_MLP_1,), Split(0)))
             specs.append(WeightSpec("model.adapter.linear_2.weight", (wn.ADAPTER_MLP_2,), Split(1)))
         else:
             specs.append(WeightSpec("model.adapter.proj.weight", (wn.ADAPTER_LINEAR,), Split(0)))
-    for k, j in enumerate(layout.upper_layers):
+    for k, j in enumerate(stage.upper_layers):
         specs += _layer_specs(f"model.upper.layers.{k}", lambda s, j=j: wn.upper_layer(j, s), config.upper)
-    if layout.has_head:
+    if stage.has_head:
         specs.append(WeightSpec("model.norm.weight", (wn.FINAL_NORM,), Replicated()))
         if head == "lm":
             specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), vocab))
@@ -127,45 +127,46 @@ def _part(size: int, tp_rank: int, tp: int, what: str) -> slice:
 
 def local_slices(spec: WeightSpec, shapes: list[tuple[int, ...]], tp_rank: int, tp: int) -> list[tuple[slice, ...]]:
     """For each checkpoint tensor of ``spec``, the index that TP rank ``tp_rank`` needs."""
-    layout = spec.layout
-    if isinstance(layout, Replicated):
+    kind = spec.sharding
+    if isinstance(kind, Replicated):
         return [(slice(None),) for _ in shapes]
-    if isinstance(layout, Split):
+    if isinstance(kind, Split):
         (shape,) = shapes
         index = [slice(None)] * len(shape)
-        index[layout.dim] = _part(shape[layout.dim], tp_rank, tp, spec.names[0])
+        index[kind.dim] = _part(shape[kind.dim], tp_rank, tp, spec.names[0])
         return [tuple(index)]
-    if isinstance(layout, VocabSplit):
-        rows = _part(layout.padded, tp_rank, tp, f"{spec.names[0]} (padded vocabulary)")
-        return [(slice(min(rows.start, layout.vocab), min(rows.stop, layout.vocab)),)]
-    if isinstance(layout, FusedQKV):
+    if isinstance(kind, VocabSplit):
+        rows = _part(kind.padded, tp_rank, tp, f"{spec.names[0]} (padded vocabulary)")
+        real = real_vocab_rows(rows.start, rows.stop - rows.start, kind.vocab)
+        return [(slice(real.start, real.stop),)]
+    if isinstance(kind, FusedQKV):
         # Whole query groups per rank: rank r holds groups [r*g/tp, (r+1)*g/tp).
-        group_part = _part(layout.groups, tp_rank, tp, f"{spec.names[1]} query groups")
-        q_rows = layout.heads // layout.groups * layout.head_dim
+        group_part = _part(kind.groups, tp_rank, tp, f"{spec.names[1]} query groups")
+        q_rows = kind.heads // kind.groups * kind.head_dim
         return [
             (slice(group_part.start * rows, group_part.stop * rows),)
-            for rows in (q_rows, layout.head_dim, layout.head_dim)
+            for rows in (q_rows, kind.head_dim, kind.head_dim)
         ]
-    if isinstance(layout, FusedGateUp):
+    if isinstance(kind, FusedGateUp):
         return [(_part(shape[0], tp_rank, tp, name),) for shape, name in zip(shapes, spec.names)]
-    raise AssertionError(f"unknown layout {layout!r}")
+    raise AssertionError(f"unknown sharding {kind!r}")
 
 
 def fuse(spec: WeightSpec, pieces: list[torch.Tensor], tp: int = 1) -> torch.Tensor:
     """Checkpoint slices (from ``local_slices``) -> the local production tensor."""
-    layout = spec.layout
-    if isinstance(layout, VocabSplit):
+    kind = spec.sharding
+    if isinstance(kind, VocabSplit):
         (piece,) = pieces
-        return torch.nn.functional.pad(piece, (0, 0, 0, layout.padded // tp - piece.shape[0]))
-    if isinstance(layout, FusedQKV):
+        return torch.nn.functional.pad(piece, (0, 0, 0, kind.padded // tp - piece.shape[0]))
+    if isinstance(kind, FusedQKV):
         q, k, v = pieces
-        d, hidden = layout.head_dim, q.shape[-1]
+        d, hidden = kind.head_dim, q.shape[-1]
         groups = k.shape[0] // d
         fused = torch.cat(
             [q.reshape(groups, -1, hidden), k.reshape(groups, d, hidden), v.reshape(groups, d, hidden)], dim=1
         )
         return fused.reshape(-1, hidden)
-    if isinstance(layout, FusedGateUp):
+    if isinstance(kind, FusedGateUp):
         return torch.cat(pieces, dim=0)
     (piece,) = pieces
     return piece
@@ -173,31 +174,25 @@ def fuse(spec: WeightSpec, pieces: list[torch.Tensor], tp: int = 1) -> torch.Ten
 
 def unfuse(spec: WeightSpec, local: torch.Tensor) -> list[torch.Tensor]:
     """The local production tensor -> its slice of each checkpoint tensor (inverse of fuse)."""
-    layout = spec.layout
-    if isinstance(layout, FusedQKV):
-        d, hidden = layout.head_dim, local.shape[-1]
-        per_group = layout.heads // layout.groups * d
+    kind = spec.sharding
+    if isinstance(kind, FusedQKV):
+        d, hidden = kind.head_dim, local.shape[-1]
+        per_group = kind.heads // kind.groups * d
         grouped = local.reshape(-1, per_group + 2 * d, hidden)
         q, k, v = grouped.split([per_group, d, d], dim=1)
         return [t.reshape(-1, hidden) for t in (q, k, v)]
-    if isinstance(layout, FusedGateUp):
+    if isinstance(kind, FusedGateUp):
         return list(local.chunk(2, dim=0))
     return [local]
 
 
 def concat_dim(spec: WeightSpec) -> int | None:
     """Dimension along which per-rank pieces concatenate back (None: replicated)."""
-    if isinstance(spec.layout, Replicated):
+    if isinstance(spec.sharding, Replicated):
         return None
-    if isinstance(spec.layout, Split):
-        return spec.layout.dim
+    if isinstance(spec.sharding, Split):
+        return spec.sharding.dim
     return 0  # VocabSplit, FusedQKV, FusedGateUp
-
-
-def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
-    """Full checkpoint tensors -> TP rank ``tp_rank``'s production tensor."""
-    slices = local_slices(spec, [tuple(t.shape) for t in full], tp_rank, tp)
-    return fuse(spec, [t[s] for t, s in zip(full, slices)], tp)
 
 
 def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,7 +202,7 @@ def unshard(spec: WeightSpec, locals_by_rank: list[torch.Tensor]) -> list[torch.
         return unfuse(spec, locals_by_rank[0])
     per_rank = [unfuse(spec, t) for t in locals_by_rank]
     full = [torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(len(spec.names))]
-    if isinstance(spec.layout, VocabSplit):
-        assert full[0].shape[0] == spec.layout.padded, f"{spec.param}: {tuple(full[0].shape)} vs {spec.layout}"
-        return [full[0][: spec.layout.vocab]]
+    if isinstance(spec.sharding, VocabSplit):
+        assert full[0].shape[0] == spec.sharding.padded, f"{spec.param}: {tuple(full[0].shape)} vs {spec.sharding}"
+        return [full[0][: spec.sharding.vocab]]
     return full

@@ -11,8 +11,10 @@ import torch.distributed as dist
 
 from splitllama import weight_names as wn
 from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
+from splitllama.options import ModelOptions
 from splitllama.verify.batches import check_microbatches
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 from splitllama.verify.rules import Report
@@ -20,19 +22,17 @@ from splitllama.verify.runner import run_parity
 
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
-              device: str, *, seed: int = 0, mlp: bool = False, recompute: str = "none",
-              log_probs: str = "fused", fresh_value_head: bool = False) -> Report:
-    """Collective over the world (``tp * pp`` ranks). Without ``checkpoint``, rank 0 writes
+              device: str, *, seed: int = 0, mlp: bool = False,
+              options: ModelOptions | None = None, fresh_value_head: bool = False) -> Report:
+    """Collective over the world, which holds ``tp * pp`` ranks (the command line checks
+    it before calling). Without ``checkpoint``, rank 0 writes
     the built-in tiny model (``mlp``: with the mlp adapter) to a temporary directory.
-    ``log_probs``: the LM head's path the ``log_probs_entropy`` micro-batch checks.
-    ``fresh_value_head`` (value head, CausalLM checkpoint): both models get the same
-    freshly initialised value head, drawn from ``seed``.
+    ``options``: the production model's (its ``log_probs`` is the path the
+    ``log_probs_entropy`` micro-batch checks). ``fresh_value_head`` (value head, CausalLM
+    checkpoint): both models get the same freshly initialised value head, drawn from ``seed``.
 
     A given checkpoint is first read by rank 0 for NaN and Inf (``BrokenCheckpointError``
     on every rank): a broken checkpoint is not a difference between the two models."""
-    if dist.get_world_size() != layout.world_size:
-        raise ValueError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
-                         f"torchrun --nproc-per-node {layout.world_size}")
     with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
         if checkpoint is None:
             holder = [local if dist.get_rank() == 0 else None]
@@ -54,7 +54,7 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
                 raise BrokenCheckpointError(holder[0])
         config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
         batches = check_microbatches(config.vocab_size, head, seed, multiple_of=layout.pp if layout.vpp else 1)
-        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, recompute=recompute,
-                            log_probs=log_probs, fresh_value_head_seed=seed if fresh_value_head else None)
+        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, options,
+                            fresh_value_head_seed=seed if fresh_value_head else None)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
     return report

@@ -10,6 +10,7 @@ by all-reduce, so a failure fails every rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -17,16 +18,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import fresh_value_head_weight, gather_full_state, load_checkpoint
+from splitllama.checkpoints import fresh_value_head_weight, iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
-from splitllama.layout import ParallelLayout
+from splitllama.layout import ParallelLayout, real_vocab_rows
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLM,
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
 )
+from splitllama.options import ModelOptions, model_options
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
     ParallelCustomSplitLLamaForValueRmPadPP,
@@ -39,26 +41,27 @@ from splitllama.verify.rules import Report, Row, bf16_allowed_error, compare
 
 
 def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, head: wn.Head,
-                     dtype: torch.dtype, device: str, recompute: str = "none",
-                     padded: bool = False, log_probs: str = "fused",
-                     make_vocab_size_divisible_by: int = 1) -> list[torch.nn.Module]:
-    """The production model chunks of this rank (one unless VPP). ``padded``: the padded
-    seed class ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP,
-    no pipeline, LM head). ``log_probs``: the LM head's log-prob path (``heads.LMHead``).
-    ``make_vocab_size_divisible_by``: the model option of that name."""
+                     dtype: torch.dtype, device: str, options: ModelOptions | None = None,
+                     padded: bool = False) -> list[torch.nn.Module]:
+    """The production model chunks of this rank (one unless VPP), built with ``options``
+    and the pipeline split of ``layout``. ``padded``: the padded class
+    ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP, no
+    pipeline, LM head)."""
     mc = megatron_config(layout, dtype, device)
-    options = dict(layers_per_stage=layout.layers_per_stage, recompute=recompute, log_probs=log_probs,
-                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    options = model_options(options)
+    if options.layers_per_stage is not None:
+        raise ValueError("options.layers_per_stage must be None here: the layout's layers_per_stage is used")
+    options = dataclasses.replace(options, layers_per_stage=layout.layers_per_stage)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
-        chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, **options)]
+        chunks = [ParallelCustomSplitLLamaForCausalLM(config, mc, options=options)]
     elif layout.pp == 1:
         cls = ParallelCustomSplitLLamaForCausalLMRmPad if head == "lm" else ParallelCustomSplitLLamaForValueRmPad
-        chunks = [cls(config, mc, **options)]
+        chunks = [cls(config, mc, options=options)]
     else:
         cls = ParallelCustomSplitLLamaForCausalLMRmPadPP if head == "lm" else ParallelCustomSplitLLamaForValueRmPadPP
-        chunks = build_chunks(cls, config, mc, **options)
+        chunks = build_chunks(cls, config, mc, options)
     return [chunk.to(device) for chunk in chunks]
 
 
@@ -119,15 +122,6 @@ def run_oracle(model, microbatches: list[Microbatch],
     return observed, grads
 
 
-def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
-
-
 def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
     ``[B, S, Vp/tp]`` (padded columns ``-inf``, left out of both), values ``[B, S]``, or
@@ -135,10 +129,9 @@ def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, tor
     probe = masked_probe(mb, output)
     if mb.labels is None and output.dim() == 3:  # this rank's slice of the (padded) vocabulary
         width, vocab = output.shape[-1], probe.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * width
-        real = max(0, min(width, vocab - start))
-        loss = (output[..., :real] * probe[..., start:start + real]).sum()
-        return loss, _gather_vocab(output.detach())[..., :vocab]
+        real = real_vocab_rows(parallel_state.get_tensor_model_parallel_rank() * width, width, vocab)
+        loss = (output[..., :len(real)] * probe[..., real.start:real.stop]).sum()
+        return loss, torch.cat(tp_all_gather(output.detach()), dim=-1)[..., :vocab]
     return (output * probe).sum(), output
 
 
@@ -148,7 +141,7 @@ def trunk_hidden(model, mb: Microbatch) -> torch.Tensor:
     ``...ModelRmPad`` (packed) run on the batch object the model itself builds. Under SP
     the trunk's sequence shards are gathered; every rank then holds the same loss, so the
     backward only takes each rank's own shard (``tensor_parallel_output_grad=False``)."""
-    batch = model._batch(mb.input_ids, mb.attention_mask, mb.position_ids, None)
+    batch = model.prepare_batch(mb.input_ids, mb.attention_mask, mb.position_ids)
     hidden = batch.hidden(model.model)
     if model.parallel_layout.sp:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
@@ -185,6 +178,18 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
     return observed, gather_full_state(chunks, "grad")
 
 
+def gather_full_state(chunks: list[torch.nn.Module], source: str = "param") -> dict[str, torch.Tensor]:
+    """Every tensor of the model (this rank's ``chunks`` and the other pipeline ranks')
+    under its checkpoint name, on EVERY rank (CPU copies): parameters or gradients
+    (``source``). For small models: the whole model is materialised per rank."""
+    mine = {name: t.cpu() for name, t in iter_stage_tensors(chunks, source)}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return mine
+    parts: list[dict] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]:
     count = len(microbatches)
 
@@ -207,18 +212,16 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
-               microbatches: list[Microbatch], recompute: str = "none", padded: bool = False,
-               trunk: bool = False, log_probs: str = "fused", make_vocab_size_divisible_by: int = 1,
-               fresh_value_head_seed: int | None = None) -> Report:
+               microbatches: list[Microbatch], options: ModelOptions | None = None, padded: bool = False,
+               trunk: bool = False, fresh_value_head_seed: int | None = None) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
-    rank. ``recompute``, ``padded``, ``log_probs`` and ``make_vocab_size_divisible_by``
-    choose the production model (``build_production``). ``trunk``: compare the trunk's
+    rank. ``options`` and ``padded`` choose the production model (``build_production``).
+    ``trunk``: compare the trunk's
     final hidden states (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``,
     probes ``[B, S, h_hi]``. ``fresh_value_head_seed``: value head, CausalLM checkpoint; both
     models start from the same fresh value head of that seed."""
     setup_parallel(layout, device)
-    chunks = build_production(config, layout, head, dtype, device, recompute, padded, log_probs,
-                              make_vocab_size_divisible_by)
+    chunks = build_production(config, layout, head, dtype, device, options, padded)
     fresh = fresh_value_head_seed is not None
     load_checkpoint(chunks, checkpoint_dir, progress=False, fresh_value_head=fresh,
                     seed=fresh_value_head_seed if fresh else 0)

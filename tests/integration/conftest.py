@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.distributed import init_distributed
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 

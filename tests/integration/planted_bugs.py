@@ -18,8 +18,10 @@ from collections.abc import Callable
 import torch
 from megatron.core import tensor_parallel
 
-from splitllama import heads, layers, layout as layout_module, logprobs, model, sharding
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
+from splitllama.options import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,8 @@ class PlantedBug:
     mlp: bool = False
     config: Callable[[], CustomSplitLlamaConfig] | None = None
     check: str = "parity"  # or "log_probs", "large_logits", "round_trip", "fused_head", "loader_config", "input_range"
-    recompute: str = "none"  # the production model's activation recompute
+    options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
-    log_probs: str = "fused"  # the LM head's log-prob path (heads.LOG_PROBS)
 
 
 def _two_projection_adapter(mp):
@@ -73,12 +74,12 @@ def _qkv_concatenated(mp):
     fuse, unfuse = sharding.fuse, sharding.unfuse
 
     def plain_fuse(spec, pieces, tp=1):
-        return torch.cat(pieces, 0) if isinstance(spec.layout, sharding.FusedQKV) else fuse(spec, pieces, tp)
+        return torch.cat(pieces, 0) if isinstance(spec.sharding, sharding.FusedQKV) else fuse(spec, pieces, tp)
 
     def plain_unfuse(spec, local):
-        if not isinstance(spec.layout, sharding.FusedQKV):
+        if not isinstance(spec.sharding, sharding.FusedQKV):
             return unfuse(spec, local)
-        q_rows = local.shape[0] * spec.layout.heads // (spec.layout.heads + 2 * spec.layout.groups)
+        q_rows = local.shape[0] * spec.sharding.heads // (spec.sharding.heads + 2 * spec.sharding.groups)
         kv_rows = (local.shape[0] - q_rows) // 2
         return list(local.split([q_rows, kv_rows, kv_rows], 0))
 
@@ -102,12 +103,12 @@ def _value_head_gathered_twice(mp):
 
 
 def _position_ids_ignored(mp):
-    pack = model.pack_batch
+    pack = batches.pack_batch
 
     def ignoring(input_ids, attention_mask, position_ids, labels, **kwargs):
         return pack(input_ids, attention_mask, None, labels, **kwargs)
 
-    mp.setattr(model, "pack_batch", ignoring)
+    mp.setattr(batches, "pack_batch", ignoring)
 
 
 def _stage_boundary_drops_adapter(mp):
@@ -133,7 +134,7 @@ def _upper_layer_misoffset(mp):
         start = stage.upper_layers.start
         return [
             sharding.WeightSpec(s.param, tuple(upper.sub(lambda m: f"model.layers_last.{int(m.group(1)) - start}.", n)
-                                         for n in s.names), s.layout)
+                                         for n in s.names), s.sharding)
             for s in weight_specs(config, stage, head, padded_vocab)
         ]
 
@@ -147,7 +148,7 @@ def _gate_up_saved_without_stride(mp):
 
     def plain(spec, locals_by_rank):
         # ranks' [gate_r; up_r] joined as if [gate; up] were split plainly over TP
-        if isinstance(spec.layout, sharding.FusedGateUp):
+        if isinstance(spec.sharding, sharding.FusedGateUp):
             return list(torch.cat(locals_by_rank, 0).chunk(2, 0))
         return unshard(spec, locals_by_rank)
 
@@ -201,8 +202,8 @@ def _padded_attention_ignores_padding(mp):
         causal = torch.ones(seq, seq, dtype=torch.bool, device=mask_BS.device).tril()
         return causal[None, None].expand(mask_BS.shape[0], 1, seq, seq)
 
-    # model.py imported the name
-    mp.setattr(model, "plan_padded", causal_only)
+    # batches.py imported the name
+    mp.setattr(batches, "plan_padded", causal_only)
 
 
 def _after_trunk_init(mp, change):
@@ -265,7 +266,7 @@ def _loader_skips_eps(mp):
 
 
 def _input_range_check_removed(mp):
-    mp.setattr(model, "_check_range", lambda name, low, high, vocab: None)
+    mp.setattr(batches, "_check_range", lambda name, low, high, vocab: None)
 
 
 def _fused_head_input_grad_not_reduced(mp):
@@ -320,7 +321,7 @@ def _padded_vocab_saved(mp):
     unshard = sharding.unshard
 
     def keeping_padding(spec, locals_by_rank):
-        if isinstance(spec.layout, sharding.VocabSplit):
+        if isinstance(spec.sharding, sharding.VocabSplit):
             return [torch.cat(locals_by_rank, 0)]
         return unshard(spec, locals_by_rank)
 
@@ -333,7 +334,7 @@ PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
     PlantedBug("recompute_detaches_input", "full activation recompute drops the gradient of its input",
-               ("tp1", "tp2_sp"), _recompute_detaches_input, recompute="full"),
+               ("tp1", "tp2_sp"), _recompute_detaches_input, options=ModelOptions(recompute="full")),
     PlantedBug("two_projection_adapter", "defect 1: mlp=false applied two projections",
                ("tp1", "tp2"), _two_projection_adapter),
     # megatron's MLP defaults to GELU; near 0 GELU and ReLU differ by a few percent, where
@@ -365,7 +366,7 @@ PLANTED = [
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
-    # The tiny model's stacks differ in every non-shape setting (config.TINY_*_SETTINGS), so
+    # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
     # reading one from the wrong place moves the outputs.
     PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",
                ("tp1", "pp2_cut_lower"), _lower_rope_theta_from_upper),
@@ -390,7 +391,7 @@ PLANTED = [
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
     PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "
                "log-sum-exp and entropy", ("tp2",), _padded_vocab_not_masked, check="odd_vocab",
-               log_probs="materialise"),
+               options=ModelOptions(log_probs="materialise")),
     PlantedBug("fused_head_counts_padded_rows", "fused head: padded vocabulary rows (vocab 301 at TP=2) "
                "inside its tiles", ("tp2",), _fused_head_counts_padded_rows, check="odd_vocab"),
     PlantedBug("padded_vocab_saved", "saver writes the padded vocabulary rows", ("tp2",), _padded_vocab_saved,

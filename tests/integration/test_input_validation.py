@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from splitllama.checkpoints import load_checkpoint
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.layout import ParallelLayout
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
+from splitllama.options import ModelOptions
 from splitllama.verify.runner import build_production
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
@@ -99,11 +101,13 @@ def _mc(layout: ParallelLayout | None = None):
 @pytest.mark.parametrize("build,message", [
     (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc(ParallelLayout(tp=3))),
      "num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"),
-    (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc(), recompute="sometimes"),
+    (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc(),
+                                                             options=ModelOptions(recompute="sometimes")),
      "recompute='sometimes' is not one of"),
     (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc(ParallelLayout(pp=2))),
      "runs without pipeline parallelism; got pipeline_model_parallel_size=2"),
-    (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc(), make_vocab_size_divisible_by=0),
+    (lambda: ParallelCustomSplitLLamaForCausalLMRmPad(
+        tiny_split_config(), _mc(), options=ModelOptions(make_vocab_size_divisible_by=0)),
      "make_vocab_size_divisible_by must be a positive int"),
 ], ids=["tp_not_dividing_heads", "recompute", "pp_for_non_pp_class", "vocab_multiple"])
 @pytest.mark.parametrize("layout", layouts("tp1"))
@@ -118,7 +122,7 @@ def test_any_vocabulary_builds_at_any_tp_multiple(layout):
     setup_parallel(layout, DEVICE)
     config = tiny_split_config()
     config.vocab_size = 301
-    model = ParallelCustomSplitLLamaForCausalLMRmPad(config, _mc(), make_vocab_size_divisible_by=128)
+    model = ParallelCustomSplitLLamaForCausalLMRmPad(config, _mc(), options=ModelOptions(make_vocab_size_divisible_by=128))
     assert model.padded_vocab_size == 384
     assert model.lm_head.weight.shape[0] == model.model.embed_tokens.weight.shape[0] == 384
 

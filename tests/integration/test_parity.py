@@ -14,7 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+
+from splitllama.verify.tiny import tiny_split_config
+from splitllama.options import ModelOptions
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.runner import run_parity
 from tests.cases import EDGE_MASKS, caller_position_ids, long_row_mask, masks, random_input_ids
@@ -66,7 +69,7 @@ def test_edge_cases(layout, head, mlp, checkpoint_factory):
     assert_passed(run_parity(ckpt, config, layout, head, DTYPE, DEVICE, edge_case_microbatches(head)))
 
 
-# The seed classes without pipeline stages (the PP classes are the pp* layouts above).
+# The registry's classes without pipeline stages (the PP classes are the pp* layouts above).
 NO_PP_LAYOUTS = ("tp1", "tp2", "tp2_sp")
 
 
@@ -116,7 +119,7 @@ def test_log_probs_and_entropy(layout, log_probs, checkpoint_factory):
     ckpt = checkpoint_factory("lm", False)
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, log_prob_microbatches(),
-                             log_probs=log_probs))
+                             ModelOptions(log_probs=log_probs)))
 
 
 @pytest.mark.parametrize("log_probs", ["fused", "materialise"])
@@ -129,8 +132,8 @@ def test_log_probs_of_the_padded_class(layout, log_probs, checkpoint_factory):
     batches = log_prob_microbatches()
     for mb in batches:
         mb.labels = torch.where(mb.attention_mask, mb.labels, -100)
-    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, padded=True,
-                             log_probs=log_probs))
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches,
+                             ModelOptions(log_probs=log_probs), padded=True))
 
 
 @st.composite
@@ -169,7 +172,7 @@ def test_activation_recompute(layout, recompute, checkpoint_factory):
     ckpt = checkpoint_factory("lm", True)
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     batches = edge_case_microbatches("lm")
-    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, recompute=recompute))
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, ModelOptions(recompute=recompute)))
 
 
 def long_row_config() -> CustomSplitLlamaConfig:
@@ -250,4 +253,5 @@ def test_odd_vocabulary_padded_as_megatron_does(layout, checkpoint_factory):
     batches = [microbatch(EDGE_MASKS["left_right_inside"], "lm", 5, "mixed", vocab=ODD_VOCAB),
                microbatch(EDGE_MASKS["empty_row"], "lm", 6, "empty_row", vocab=ODD_VOCAB),
                *odd_vocab_log_prob_microbatches()[:2]]
-    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, make_vocab_size_divisible_by=128))
+    assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches,
+                             ModelOptions(make_vocab_size_divisible_by=128)))

@@ -60,7 +60,7 @@ def _parity_agrees(bug, layout, ckpt, scratch_dir) -> bool:
     # "log_probs": the models' log-prob path (the fused head by default) on labelled batches
     batches = log_prob_microbatches() if bug.check == "log_probs" else edge_case_microbatches(bug.head)
     report = run_parity(ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, bug.head, DTYPE, DEVICE,
-                        batches, recompute=bug.recompute, padded=bug.padded, log_probs=bug.log_probs)
+                        batches, bug.options, padded=bug.padded)
     return report.passed  # already agreed by every rank
 
 
@@ -89,7 +89,7 @@ CHECKS = {
                                                                                                scratch))),
     "odd_vocab": (_odd_vocab_checkpoint, lambda bug, layout, ckpt, scratch: run_parity(
         ckpt, CustomSplitLlamaConfig.from_pretrained(ckpt), layout, "lm", DTYPE, DEVICE,
-        odd_vocab_log_prob_microbatches(), log_probs=bug.log_probs).passed),
+        odd_vocab_log_prob_microbatches(), bug.options).passed),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
     "loader_config": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(

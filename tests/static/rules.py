@@ -1,7 +1,7 @@
 """Static rules specific to this project, checked with LibCST (files are parsed, never imported).
 
 Generic lint (bare except, print, unused names, ...) is ruff's job, configured in
-pyproject.toml. The rules here know this project: the seed class hierarchy and registry the
+pyproject.toml. The rules here know this project: the registry class hierarchy and registry the
 RL trainer relies on, the import boundaries between product, harness and oracle, where
 flash-attn may be imported, no pickle loads, where collectives may be called, no citations
 of documents users do not have, and no import cycles in the package.
@@ -31,7 +31,7 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("splitllama/**/*.py", "oracle/**/*.py", "tests/**/*.py", "benchmarks/**/*.py", "conftest.py")
 
-# ---- the seed classes: the trainer's registry and splitllama/__init__.py name them -----
+# ---- the registry classes: the trainer's registry and splitllama/__init__.py name them -
 MODEL = "ParallelCustomSplitLLamaModel"
 CAUSAL = "ParallelCustomSplitLLamaForCausalLM"
 MODEL_RMPAD = "ParallelCustomSplitLLamaModelRmPad"
@@ -39,8 +39,8 @@ CAUSAL_RMPAD = "ParallelCustomSplitLLamaForCausalLMRmPad"
 VALUE_RMPAD = "ParallelCustomSplitLLamaForValueRmPad"
 CAUSAL_PP = "ParallelCustomSplitLLamaForCausalLMRmPadPP"
 VALUE_PP = "ParallelCustomSplitLLamaForValueRmPadPP"
-# class -> (its module, the seed class it must list among its direct bases)
-SEED = {
+# class -> (its module, the registry class it must list among its direct bases)
+REGISTRY_CLASSES = {
     MODEL: ("splitllama.model", None),
     CAUSAL: ("splitllama.model", None),
     MODEL_RMPAD: ("splitllama.model", MODEL),
@@ -58,7 +58,7 @@ REGISTRY_ROLES = (CAUSAL_PP, VALUE_PP, CAUSAL_RMPAD)  # the trainer reads the en
 
 
 def qualify(name: str) -> str:
-    return f"{SEED[name][0]}.{name}"
+    return f"{REGISTRY_CLASSES[name][0]}.{name}"
 
 
 # ---- allow-lists ------------------------------------------------------------------------
@@ -315,20 +315,20 @@ def rule(name: str):
     return register
 
 
-@rule("seed-classes")
-def seed_classes(project: Project) -> list[Violation]:
-    """The seven seed classes exist where the registry and lazy exports look, with their seed
+@rule("registry-classes")
+def registry_classes(project: Project) -> list[Violation]:
+    """The seven registry classes exist where the registry and lazy exports look, with their
     bases; the value model changes only the head; the PP classes take the pipeline
     constructor and set_input_tensor from pipeline code and the head of their own kind."""
     out: list[Violation] = []
-    for name, (module, base) in SEED.items():
+    for name, (module, base) in REGISTRY_CLASSES.items():
         path = module.replace(".", "/") + ".py"
         if qualify(name) not in project.classes:
-            out.append(Violation(path, 1, "seed-classes", f"{name} is not defined at the top of {path}; "
+            out.append(Violation(path, 1, "registry-classes", f"{name} is not defined at the top of {path}; "
                                  "the registry and splitllama/__init__.py import it from there"))
         elif base and qualify(base) not in project.bases(qualify(name)):
             source, node = project.classes[qualify(name)]
-            out.append(Violation(path, source.line(node), "seed-classes",
+            out.append(Violation(path, source.line(node), "registry-classes",
                                  f"{name} must list {base} among its direct bases"))
     if out:
         return out
@@ -339,12 +339,12 @@ def seed_classes(project: Project) -> list[Violation]:
             isinstance(s, cst.Pass) or (isinstance(s, cst.Expr) and isinstance(s.value, cst.SimpleString))
             for s in statement.body)
         if not is_doc and getattr(getattr(statement, "name", None), "value", None) not in HEAD_METHODS:
-            out.append(Violation(source.path, source.line(statement), "seed-classes",
+            out.append(Violation(source.path, source.line(statement), "registry-classes",
                                  f"{VALUE_RMPAD} may define only {' and '.join(HEAD_METHODS)}; "
                                  f"move the rest to {CAUSAL_RMPAD}"))
     for method in HEAD_METHODS:
         if method not in members(value) or project.owner(qualify(CAUSAL_RMPAD), method) is None:
-            out.append(Violation(source.path, source.line(value), "seed-classes",
+            out.append(Violation(source.path, source.line(value), "registry-classes",
                                  f"{method} must be defined by both {CAUSAL_RMPAD} and {VALUE_RMPAD} "
                                  "(the value model swaps the head through it)"))
     for pp, non_pp in ((CAUSAL_PP, CAUSAL_RMPAD), (VALUE_PP, VALUE_RMPAD)):
@@ -353,21 +353,21 @@ def seed_classes(project: Project) -> list[Violation]:
             non_pp_mro = set(project.mro(qualify(non_pp)))
             owners = {m: project.owner(qualify(pp), m) for m in ("__init__", "set_input_tensor", *HEAD_METHODS)}
         except ValueError as error:
-            out.append(Violation(source.path, source.line(node), "seed-classes", str(error)))
+            out.append(Violation(source.path, source.line(node), "registry-classes", str(error)))
             continue
         for method in ("__init__", "set_input_tensor"):
             if owners[method] is None or owners[method] in non_pp_mro:
-                out.append(Violation(source.path, source.line(node), "seed-classes",
+                out.append(Violation(source.path, source.line(node), "registry-classes",
                                      f"{pp}.{method} comes from {owners[method]}, not from pipeline code "
                                      "(an empty subclass); define it in the class or a pipeline mixin"))
         init = owners["__init__"] not in non_pp_mro and pp_init_problem(project, owners["__init__"])
         if init:
-            out.append(Violation(source.path, source.line(node), "seed-classes",
+            out.append(Violation(source.path, source.line(node), "registry-classes",
                                  f"{pp}.__init__ {init}; the trainer calls {pp}{PP_INIT_SIGNATURE}"))
         for method in HEAD_METHODS:
             from_value = qualify(VALUE_RMPAD) in project.mro(owners[method])
             if from_value != (pp == VALUE_PP):
-                out.append(Violation(source.path, source.line(node), "seed-classes",
+                out.append(Violation(source.path, source.line(node), "registry-classes",
                                      f"{pp}.{method} comes from {owners[method]}, the wrong head kind"))
     return out
 
@@ -376,7 +376,7 @@ PP_INIT_SIGNATURE = "(" + ", ".join(PP_INIT[:-1]) + f", {PP_INIT[-1]}=False)"
 
 
 def pp_init_problem(project: Project, owner: str | None) -> str | None:
-    """Why the __init__ of ``owner`` lacks the seed signature, or None."""
+    """Why the __init__ of ``owner`` lacks the pipeline constructor signature, or None."""
     if owner is None:
         return "is not defined"
     init = next((s for s in project.classes[owner][1].body.body
@@ -396,7 +396,7 @@ def pp_init_problem(project: Project, owner: str | None) -> str | None:
 @rule("registry")
 def registry(project: Project) -> list[Violation]:
     """registry._MODELS maps the architecture to (CausalLM PP, value PP, CausalLM), the order the
-    trainer reads (seed-classes checks that those classes exist)."""
+    trainer reads (registry-classes checks that those classes exist)."""
     out = []
     source = project.files.get("splitllama/registry.py")
     mapping = top_level_value(source, "_MODELS") if source else None

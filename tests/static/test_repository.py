@@ -43,7 +43,7 @@ def test_registry_and_lazy_exports_resolve_at_import() -> None:
     assert tuple(map(_load, _MODELS[rules.REGISTRY_ARCH])) == tuple(
         _load(rules.qualify(n)) for n in rules.REGISTRY_ROLES)
     assert ModelRegistry.load_model_cls(rules.REGISTRY_ARCH, value=True) is _load(rules.qualify(rules.VALUE_PP))
-    for pp in (rules.CAUSAL_PP, rules.VALUE_PP):  # what seed-classes parses, on the real classes
+    for pp in (rules.CAUSAL_PP, rules.VALUE_PP):  # what registry-classes parses, on the real classes
         params = list(inspect.signature(_load(rules.qualify(pp)).__init__).parameters.values())
         assert tuple(p.name for p in params[:len(rules.PP_INIT)]) == rules.PP_INIT
         assert params[len(rules.PP_INIT) - 1].default is False

@@ -19,7 +19,7 @@ def variant(base: str, old: str, new: str) -> str:
     return base.replace(old, new)
 
 
-# ---- a compliant seed hierarchy, shaped like splitllama/model.py and pipeline.py --------------
+# ---- a compliant registry class hierarchy, shaped like splitllama/model.py and pipeline.py --------------
 MODEL = src('''
     import torch
 
@@ -85,7 +85,7 @@ REGISTRY = src('''
 ''')
 
 
-def seed(model: str = MODEL, pipeline: str = PIPELINE) -> dict[str, str]:
+def hierarchy(model: str = MODEL, pipeline: str = PIPELINE) -> dict[str, str]:
     return {"splitllama/model.py": model, "splitllama/pipeline.py": pipeline}
 
 
@@ -99,35 +99,35 @@ VALUE_PP_AFTER_CAUSAL_PP = variant(
 
 # (rule, files, words the first violation says; None: the files follow the rule)
 CASES = {
-    # -- seed-classes
-    "seed-ok": ("seed-classes", seed(), None),
-    "seed-value-pp-after-causal-pp-ok": ("seed-classes", seed(pipeline=VALUE_PP_AFTER_CAUSAL_PP), None),
-    "seed-class-renamed": ("seed-classes", seed(model=variant(
+    # -- registry-classes
+    "classes-ok": ("registry-classes", hierarchy(), None),
+    "classes-value-pp-after-causal-pp-ok": ("registry-classes", hierarchy(pipeline=VALUE_PP_AFTER_CAUSAL_PP), None),
+    "classes-class-renamed": ("registry-classes", hierarchy(model=variant(
         MODEL, "class ParallelCustomSplitLLamaModelRmPad(", "class SplitModelRmPad(")),
         "ParallelCustomSplitLLamaModelRmPad is not defined"),
-    "seed-wrong-base": ("seed-classes", seed(model=variant(
+    "classes-wrong-base": ("registry-classes", hierarchy(model=variant(
         MODEL, "RmPad(ParallelCustomSplitLLamaForCausalLMRmPad):", "RmPad(torch.nn.Module):")),
         "must list ParallelCustomSplitLLamaForCausalLMRmPad among its direct bases"),
-    "seed-value-defines-forward": ("seed-classes", seed(model=variant(
+    "classes-value-defines-forward": ("registry-classes", hierarchy(model=variant(
         MODEL, "        return hidden[..., 0]\n",
         "        return hidden[..., 0]\n\n    def forward(self, input_ids):\n        return input_ids\n")),
         "may define only _init_head and _forward_head"),
-    "seed-causal-has-no-head": ("seed-classes", seed(model=variant(
+    "classes-causal-has-no-head": ("registry-classes", hierarchy(model=variant(
         MODEL, "    def _init_head(self, config):\n        self.lm_head = None\n", "")),
         "_init_head must be defined by both"),
-    "seed-empty-value-pp": ("seed-classes", seed(pipeline=variant(
+    "classes-empty-value-pp": ("registry-classes", hierarchy(pipeline=variant(
         PIPELINE, "PP(PipelineStageMixin, m.ParallelCustomSplitLLamaForValueRmPad)",
         "PP(m.ParallelCustomSplitLLamaForValueRmPad)")), "an empty subclass"),
-    "seed-pp-share-default-true": ("seed-classes", seed(pipeline=variant(
+    "classes-pp-share-default-true": ("registry-classes", hierarchy(pipeline=variant(
         PIPELINE, "share_embeddings_and_output_weights=False", "share_embeddings_and_output_weights=True")),
         "__init__ defaults share_embeddings_and_output_weights"),
-    "seed-pp-parameters-reordered": ("seed-classes", seed(pipeline=variant(
+    "classes-pp-parameters-reordered": ("registry-classes", hierarchy(pipeline=variant(
         PIPELINE, "pre_process, post_process,", "post_process, pre_process,")), "has parameters"),
-    "seed-value-pp-runs-lm-head": ("seed-classes", seed(pipeline=variant(
+    "classes-value-pp-runs-lm-head": ("registry-classes", hierarchy(pipeline=variant(
         VALUE_PP_AFTER_CAUSAL_PP, "RmPadPP(PipelineStageMixin, m.ParallelCustomSplitLLamaForCausalLMRmPad):\n    pass",
         "RmPadPP(PipelineStageMixin, m.ParallelCustomSplitLLamaForCausalLMRmPad):\n"
         "    def _forward_head(self, hidden):\n        return hidden")), "_forward_head comes from"),
-    "seed-inconsistent-mro": ("seed-classes", seed(pipeline=variant(
+    "classes-inconsistent-mro": ("registry-classes", hierarchy(pipeline=variant(
         VALUE_PP_AFTER_CAUSAL_PP, "PP(ParallelCustomSplitLLamaForCausalLMRmPadPP, m.",
         "PP(m.ParallelCustomSplitLLamaForCausalLMRmPad, m.")), "no consistent method resolution order"),
     # -- registry

@@ -3,15 +3,13 @@ figures of docs/verification.md, and the workload, pairing, profiler sorting and
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from splitllama.bench import (
-    ENTROPY_COEF, MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, actor_step, bench_config, head_pairs, kernel_kind,
-    make_batch, max_tokens_row, rl_lengths, speedup_pairs, summary, useful_flops,
-)
+from splitllama.options import ModelOptions
+from splitllama.bench import MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, BenchSettings, kernel_kind, max_tokens_row
+from splitllama.bench_report import head_pairs, speedup_pairs, summary
+from splitllama.bench_workload import ENTROPY_COEF, actor_step, bench_config, make_batch, rl_lengths, useful_flops
 
 
 def test_flops_per_token_match_the_published_figures():
@@ -125,7 +123,7 @@ def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
     fits = {"fused": 70000, "materialise": 20000}
     built = []
 
-    def fake_measure(name, step, batch, config, ceiling, args, gpus=1):
+    def fake_measure(name, step, batch, config, ceiling, settings, gpus=1):
         path = name.split("/")[1].split("[")[0]
         tokens = sum(batch.lengths)
         if tokens > fits[path]:
@@ -134,11 +132,10 @@ def test_max_tokens_doubles_until_out_of_memory(monkeypatch):
                 "real_tokens": tokens}
 
     monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(bench, "build", lambda cls, config, layout, recompute, path: built.append(path))
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, options: built.append(options.log_probs))
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
-    args = argparse.Namespace(tokens=8192, seed=0, repeats=10, warmup=3, recompute="none")
-    rows = bench.part_max_tokens(bench_config("8b", 1, 1), 700.0, args, None)
+    rows = bench.part_max_tokens(bench_config("8b", 1, 1), 700.0, BenchSettings(tokens=8192), None)
     assert built == ["fused", "materialise"]
     fused, materialise = rows
     # 8192, 16384, ... ; documents are drawn until the target count, so the real count overshoots a little
@@ -151,23 +148,34 @@ def test_head_and_recompute_parts_time_each_variant_on_one_batch(monkeypatch):
 
     built, batches = [], []
 
-    def fake_measure(name, step, batch, config, ceiling, args, gpus=1):
+    def fake_measure(name, step, batch, config, ceiling, settings, gpus=1):
         batches.append(batch)
         return {"name": name, "ms": 100.0 + len(batches), "activation_memory_gib": 10.0 / len(batches),
                 "peak_memory_gib": 20.0, "real_tokens": sum(batch.lengths)}
 
     monkeypatch.setattr(bench.dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(bench, "build", lambda cls, config, layout, **options: built.append(options))
+    monkeypatch.setattr(bench, "build", lambda cls, config, layout, options: built.append(options))
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "make_batch", lambda lengths, vocab, gen, device: make_batch(lengths, vocab, gen, "cpu"))
-    args = argparse.Namespace(tokens=2048, seed=0, repeats=1, warmup=0, recompute="none")
+    settings = BenchSettings(tokens=2048, repeats=1, warmup=0)
     config = bench_config("8b", 1, 1)
-    head = bench.part_head(config, 700.0, args, torch.Generator().manual_seed(0))
+    head = bench.part_head(config, 700.0, settings, torch.Generator().manual_seed(0))
     assert [r["name"] for r in head] == ["head/fused", "head/materialise"]
-    assert built == [{"recompute": "none", "log_probs": "fused"}, {"recompute": "none", "log_probs": "materialise"}]
+    assert built == [ModelOptions(recompute="none", log_probs="fused"),
+                     ModelOptions(recompute="none", log_probs="materialise")]
     assert batches[0] is batches[1], "both paths must run on the same documents"
-    assert [(f["name"], m["name"]) for f, m in bench.head_pairs(head)] == [("head/fused", "head/materialise")]
-    rows = bench.part_recompute(config, 700.0, args, torch.Generator().manual_seed(0))
+    assert [(f["name"], m["name"]) for f, m in head_pairs(head)] == [("head/fused", "head/materialise")]
+    rows = bench.part_recompute(config, 700.0, settings, torch.Generator().manual_seed(0))
     assert [(r["name"], r["recompute"]) for r in rows] == [
         ("recompute/none", "none"), ("recompute/selective", "selective"), ("recompute/full", "full")]
     assert rows[0]["time_vs_none"] == 1.0 and rows[2]["activation_memory_vs_none"] == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(tokens=0), "tokens must be a positive int, got 0"),
+    (dict(warmup=-1), "warmup must be a non-negative int"),
+    (dict(recompute="sometimes"), "recompute='sometimes' is not one of"),
+])
+def test_bench_settings_are_refused_at_construction(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BenchSettings(**fields)

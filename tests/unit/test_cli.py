@@ -79,11 +79,10 @@ def test_check_batch_count_fits_the_interleaved_schedule(pp):
 
 def test_choices_mirror_the_library():
     from splitllama.bench import PARTS
-    from splitllama.cli import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES
-    from splitllama.heads import LOG_PROBS
     from splitllama.layers import RECOMPUTE
+    from splitllama.options import RECOMPUTE_CHOICES
 
-    assert LOG_PROBS_CHOICES == LOG_PROBS and set(RECOMPUTE_CHOICES) == set(RECOMPUTE)
+    assert tuple(RECOMPUTE) == RECOMPUTE_CHOICES  # megatron's settings exist for every choice
     assert build_parser().parse_args(["check", "--log-probs", "materialise"]).log_probs == "materialise"
     assert build_parser().parse_args(["check"]).log_probs == "fused"
     bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
@@ -127,9 +126,9 @@ def test_layers_per_stage_reaches_the_layout():
     args = build_parser().parse_args(["check", "--pp", "2", "--layers-per-stage", "1,3", "--device", "cpu"])
     layout, head, _, _ = _check_inputs(args)
     assert (layout.pp, layout.layers_per_stage, head) == (2, (1, 3), "lm")
-    from splitllama.config import tiny_split_config
+    from splitllama.verify.tiny import tiny_split_config
 
-    assert [stage.num_layers for stage in layout.validate(tiny_split_config())] == [1, 3]
+    assert [len(s.lower_layers) + len(s.upper_layers) for s in layout.validate(tiny_split_config())] == [1, 3]
 
 
 def test_check_value_model_from_a_causal_lm_checkpoint(tmp_path):
@@ -137,7 +136,7 @@ def test_check_value_model_from_a_causal_lm_checkpoint(tmp_path):
     oracle start from the same fresh value head (seeded by --seed) and are compared."""
     import torch
 
-    from splitllama.config import tiny_split_config
+    from splitllama.verify.tiny import tiny_split_config
     from splitllama.verify.random_checkpoints import random_split_checkpoint
 
     checkpoint = random_split_checkpoint(tiny_split_config(), str(tmp_path / "causal"), dtype=torch.float32)

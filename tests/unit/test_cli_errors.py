@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splitllama import weight_names as wn
-from splitllama.config import llama_preset, tiny_split_config
+from splitllama.config import llama_preset
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.safetensors_io import INDEX_FILE, SINGLE_FILE
 from splitllama.verify.random_checkpoints import random_split_checkpoint
 from tests.unit.hf_llama import random_llama, save_llama
@@ -165,7 +166,7 @@ CATALOGUE = [
     Row("extra_tensor", lambda b: ["check", str(b["extra_tensor"])], "has unexpected tensors: model.extra.weight"),
     Row("tp_not_dividing_heads", lambda b: ["check", "--tp", "3"],
         "--tp 3 --pp 1: lower_config.num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"),
-    Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive integer, got 0"),
+    Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive int, got 0"),
     Row("pp_larger_than_layers", lambda b: ["check", "--pp", "8"], "--tp 1 --pp 8: "),
     Row("vpp_without_pp", lambda b: ["check", "--vpp", "2"], "--vpp 2 needs --pp > 1"),
     Row("sp_without_tp", lambda b: ["check", "--sp"], "--sp needs --tp > 1"),

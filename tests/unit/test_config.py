@@ -17,8 +17,8 @@ from splitllama.config import (
     PRESETS,
     TINY_PRESETS,
     llama_preset,
-    tiny_split_config,
 )
+from splitllama.verify.tiny import tiny_split_config
 
 
 def _lower(**overrides) -> LlamaConfig:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import random_input_ids
 from tests.unit.hf_llama import (
     assembled_oracle,

@@ -11,7 +11,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from oracle import CustomSplitLLamaForCausalLM
-from splitllama.config import DERIVED_FIELDS, CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import DERIVED_FIELDS, CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import (
     assembled_oracle,

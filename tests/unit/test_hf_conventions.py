@@ -18,7 +18,8 @@ from transformers import AutoConfig, StaticCache
 
 from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification, CustomSplitLLamaModel
 from oracle.modeling import value_regression_loss
-from splitllama.config import CustomSplitLlamaConfig, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import random_oracle
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import random_oracle
 

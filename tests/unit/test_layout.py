@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, validate_tensor_parallel
 
 
@@ -47,8 +47,8 @@ def test_parallel_layout_sets_the_split():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(tp=0), "tp must be a positive int"),
-    (dict(sp=True), "sp=True needs tp > 1"),
-    (dict(vpp=2), "vpp > 1 needs pp > 1"),
+    (dict(sp=True), "sp needs tp > 1"),
+    (dict(vpp=2), "vpp 2 needs pp > 1"),
     (dict(pp=2, vpp=0), "vpp must be None or a positive int"),
 ])
 def test_parallel_layout_refuses_impossible_settings(kwargs, message):

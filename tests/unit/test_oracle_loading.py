@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaModel
 from splitllama import weight_names
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import random_oracle
 

@@ -16,7 +16,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from splitllama.config import CustomSplitLlamaConfig, llama_preset, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig, llama_preset
+
+from splitllama.verify.tiny import tiny_split_config
 from tests.cases import (
     EDGE_MASKS,
     caller_position_ids,

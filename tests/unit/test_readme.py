@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import splitllama
-from splitllama.config import tiny_split_config
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.verify.random_checkpoints import random_split_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from transformers import MistralConfig
 
 from splitllama.checkpoint_dir import read_split_config
 from splitllama.checkpoints import iter_stage_tensors, load_checkpoint
-from splitllama.config import CustomSplitLlamaConfig, llama_preset, tiny_split_config
+from splitllama.config import CustomSplitLlamaConfig, llama_preset
+from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, validate_tensor_parallel
 
 
@@ -73,7 +74,7 @@ def test_parallel_layout_validate_refuses_what_the_config_cannot_take():
 
 
 def test_stage_layouts_refuses_a_bad_virtual_size():
-    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size must be a positive int, got -1"):
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size must be None or a positive int, got -1"):
         stage_layouts(tiny_split_config(), pp=2, vpp=-1)
 
 

@@ -1,0 +1,205 @@
+"""Batches: what the model makes of its inputs, once per forward.
+
+The caller hands ``[B, S]`` tensors (``input_ids``, ``attention_mask``, optional
+``position_ids`` and ``labels``). ``prepare_batch`` validates them at the edge (types,
+dtypes, shapes, device, token id range: ValueErrors naming the argument) and builds ONE
+batch object that every layer receives. A batch kind has three parts: the tensors a trunk
+runs on, ``hidden(trunk)`` (run the trunk on them) and ``restore(out)`` (the head's output
+back to ``[B, S, ...]``, zeros at padded positions).
+
+Kinds:
+
+``PaddedBatch``  padding kept: sequence rounded up to a multiple of TP under SP, an
+                 explicit attention mask (``attention.plan_padded``);
+``PackedBatch``  padding removed (unpad -> ``cu_seqlens`` -> varlen attention): one row of
+                 ``T_pad`` tokens, the token count rounded up to a multiple of TP under SP.
+
+A third kind belongs here: input that arrives already packed ("thd": ``[1, T]`` tokens with
+the caller's ``cu_seqlens`` in ``packed_seq_params``, as verl hands it). It needs no
+unpadding; it validates the given ``cu_seqlens`` instead and restores to ``[1, T, ...]``.
+Add it as a dataclass with the same ``hidden``/``restore`` contract and a branch in
+``prepare_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from splitllama.attention import PackedAttention, gather_tokens, plan_packed, plan_padded, scatter_tokens
+
+if TYPE_CHECKING:
+    from splitllama.model import ParallelCustomSplitLLamaModel, ParallelCustomSplitLLamaModelRmPad
+
+
+def _shape(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_input_shapes(input_ids, attention_mask, position_ids, labels=None) -> None:
+    """Edge validation that needs no device sync: types, dtypes and shapes."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {_shape(input_ids)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
+    for name, value, dtypes in (
+        ("attention_mask", attention_mask, (torch.bool, torch.int32, torch.int64, torch.uint8)),
+        ("position_ids", position_ids, (torch.int32, torch.int64)),
+        ("labels", labels, (torch.int32, torch.int64)),
+    ):
+        if value is None and name != "attention_mask":
+            continue
+        if not isinstance(value, torch.Tensor) or value.shape != input_ids.shape:
+            raise ValueError(f"{name} must be a tensor of the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {_shape(value)}")
+        if value.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+        if value.device != input_ids.device:
+            raise ValueError(f"{name} is on {value.device} but input_ids on {input_ids.device}")
+
+
+def _batch_stats(input_ids_BS, mask_BS, labels_BS) -> list[int]:
+    """The batch's host-side numbers in ONE device sync: valid tokens, longest row,
+    non-empty rows, and the range of token ids (and labels) at valid positions."""
+    zero = input_ids_BS.new_zeros(1)
+    lengths = mask_BS.sum(-1)
+    stats = [lengths.sum(), torch.cat([lengths, zero]).max(), (lengths > 0).sum()]
+    for ids in (input_ids_BS, labels_BS):
+        if ids is not None:
+            valid = torch.cat([torch.where(mask_BS, ids, 0).flatten(), zero])
+            stats += [valid.min(), valid.max()]
+    return [int(v) for v in torch.stack([s.to(torch.int64) for s in stats]).tolist()]
+
+
+def _check_range(name: str, low: int, high: int, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{name} at valid positions must lie in [0, vocab_size={vocab}), got [{low}, {high}]")
+
+
+def default_position_ids(attention_mask_BS: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - 1`` clamped at 0."""
+    return (attention_mask_BS.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class PackedBatch:
+    """A padded batch with its padding removed: one packed row of ``T_pad`` tokens.
+
+    ``T_pad >= 1`` is the valid-token count rounded up to ``multiple`` (TP under SP); the
+    extra tokens form a document of their own, so no real token attends to them."""
+
+    input_ids_1T: torch.Tensor
+    position_ids_1T: torch.Tensor
+    attention: PackedAttention
+    labels_T1: torch.Tensor | None
+    indices_T: torch.Tensor
+    num_valid: int
+    batch: int
+    seq: int
+
+    @property
+    def labels_SB(self) -> torch.Tensor | None:
+        """The labels laid out like the trunk's output: the packed row is megatron's
+        ``[seq, batch]`` with seq = T_pad, batch = 1."""
+        return self.labels_T1
+
+    def hidden(self, trunk: ParallelCustomSplitLLamaModelRmPad) -> torch.Tensor:
+        return trunk(self.input_ids_1T, self.position_ids_1T, self.attention)
+
+    def restore(self, out_T1X: torch.Tensor) -> torch.Tensor:
+        """``[T_pad, 1, ...]`` -> ``[batch, seq, ...]``, zeros at padded positions."""
+        return scatter_tokens(out_T1X[: self.num_valid, 0], self.indices_T, self.batch, self.seq)
+
+
+def pack_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
+               vocab: int, dtype: torch.dtype) -> PackedBatch:
+    mask_BS = attention_mask_BS.bool()
+    batch, seq = input_ids_BS.shape
+    num_valid, max_seqlen, docs, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
+    _check_range("input_ids", ranges[0], ranges[1], vocab)
+    if labels_BS is not None:
+        _check_range("labels", ranges[2], ranges[3], vocab)
+    if position_ids_BS is None:
+        position_ids_BS = default_position_ids(mask_BS)
+    # Sizes known on the host, so neither selection syncs again.
+    indices_T = torch.nonzero_static(mask_BS.flatten(), size=num_valid).flatten()
+    lengths = mask_BS.sum(-1, dtype=torch.int32)
+    # rows with no valid token are dropped: zero-length documents break some varlen kernels
+    lengths = lengths[torch.nonzero_static(lengths, size=docs).flatten()]
+    total = _round_up(max(num_valid, 1), multiple)
+    extra = total - num_valid
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    ids_T, pos_T = gather_tokens(input_ids_BS, indices_T), gather_tokens(position_ids_BS, indices_T)
+    labels_T = None if labels_BS is None else gather_tokens(labels_BS, indices_T)
+    if extra:
+        ids_T, pos_T = F.pad(ids_T, (0, extra)), F.pad(pos_T, (0, extra))
+        labels_T = None if labels_T is None else F.pad(labels_T, (0, extra))
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total])])
+        max_seqlen = max(max_seqlen, extra)
+    attention = plan_packed(cu_seqlens, max_seqlen, total, dtype)
+    return PackedBatch(ids_T[None], pos_T[None], attention, None if labels_T is None else labels_T[:, None],
+                       indices_T, num_valid, batch, seq)
+
+
+@dataclass
+class PaddedBatch:
+    """A padded batch, its sequence length rounded up to ``multiple`` (TP under SP)."""
+
+    input_ids_BS: torch.Tensor
+    position_ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor
+    allowed_B1SS: torch.Tensor
+    labels_SB: torch.Tensor | None
+    seq: int
+
+    def hidden(self, trunk: ParallelCustomSplitLLamaModel) -> torch.Tensor:
+        return trunk(self.input_ids_BS, self.position_ids_BS, self.allowed_B1SS)
+
+    def restore(self, out_SBX: torch.Tensor) -> torch.Tensor:
+        """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
+        out = out_SBX[: self.seq].transpose(0, 1)
+        mask = self.attention_mask_BS[:, : self.seq].reshape(*out.shape[:2], *([1] * (out.dim() - 2)))
+        # where, not a product: vocab-parallel logits hold -inf at padded vocabulary columns
+        return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def pad_batch(input_ids_BS, attention_mask_BS, position_ids_BS, labels_BS, *, multiple: int,
+              vocab: int, dtype: torch.dtype) -> PaddedBatch:
+    mask_BS = attention_mask_BS.bool()
+    _, _, _, *ranges = _batch_stats(input_ids_BS, mask_BS, labels_BS)
+    _check_range("input_ids", ranges[0], ranges[1], vocab)
+    if labels_BS is not None:
+        _check_range("labels", ranges[2], ranges[3], vocab)
+    seq = input_ids_BS.shape[1]
+    if position_ids_BS is None:
+        position_ids_BS = default_position_ids(mask_BS)
+    pad = (0, _round_up(seq, multiple) - seq)
+    mask_BS = F.pad(mask_BS, pad)
+    # Labels at padded positions may be anything (-100 is common); the head needs token ids
+    # there too, and their outputs are zeroed by restore.
+    labels_SB = None
+    if labels_BS is not None:
+        labels_SB = F.pad(torch.where(mask_BS[:, :seq], labels_BS, 0), pad).transpose(0, 1)
+    return PaddedBatch(F.pad(input_ids_BS, pad), F.pad(position_ids_BS, pad), mask_BS,
+                       plan_padded(mask_BS), labels_SB, seq)
+
+
+def prepare_batch(input_ids, attention_mask, position_ids=None, labels=None, *, packed: bool, multiple: int,
+                  vocab: int, dtype: torch.dtype, device: torch.device) -> PackedBatch | PaddedBatch:
+    """The one way a batch is made: validate the inputs, then pack (``packed``) or pad.
+    ``multiple``: the token (packed) or sequence (padded) count is rounded up to it (TP
+    under SP, else 1); ``vocab``: ids and labels must lie in ``[0, vocab)``; ``dtype``: the
+    compute dtype of the attention plan; ``device``: where the model's weights are."""
+    check_input_shapes(input_ids, attention_mask, position_ids, labels)
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model on {device}: move the "
+                         "inputs to the model's device")
+    prepare = pack_batch if packed else pad_batch
+    return prepare(input_ids, attention_mask, position_ids, labels, multiple=multiple, vocab=vocab, dtype=dtype)
