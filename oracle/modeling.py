@@ -57,6 +57,13 @@ def _with_cache(output_cls: type, cache: Cache | None, **fields: Any):
 # Attention implementations: "eager" (the reference, default) and "sdpa"
 # (torch.nn.functional.scaled_dot_product_attention on the same boolean mask).
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def unsupported_attention(name: str) -> str:
+    """transformers' refusal of an attention implementation (PreTrainedModel.
+    get_correct_attn_implementation), for the two this model has."""
+    return (f'Specified `attn_implementation="{name}"` is not supported. The only possible arguments are '
+            '`attn_implementation="eager"`, `"attn_implementation=sdpa"`.')
 # Keyword arguments CausalLM.forward takes beyond its named ones: those of the loss
 # (transformers' Trainer passes num_items_in_batch). Anything else is refused, so that
 # e.g. packed-sequence arguments (cu_seq_lens_*) are never silently ignored.
@@ -178,8 +185,7 @@ class OracleAttention(nn.Module):
         only), the attention probabilities ``[B, H, Q, K]``."""
         implementation = self.config._attn_implementation or "eager"
         if implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation={implementation!r} is not supported by the oracle "
-                             f"(allowed: {list(ATTN_IMPLEMENTATIONS)})")
+            raise ValueError(unsupported_attention(implementation))
         if output_attentions and implementation != "eager":
             raise ValueError(f"output_attentions=True needs attn_implementation='eager' "
                              f"(this model uses {implementation!r})")
@@ -314,6 +320,10 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["OracleDecoderLayer"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # forward is captured as one graph by torch.compile(fullgraph=True), StaticCache
+    # included (prefill and decode; tests/unit/test_hf_conventions.py): transformers'
+    # tests read this flag as "supports the static cache"
+    _can_compile_fullgraph = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
@@ -326,9 +336,11 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
         """Eager unless another implementation is asked for: transformers would default to
         sdpa, but the eager path is the reference."""
         requested = "eager" if requested_attention is None else requested_attention
-        if requested not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation={requested!r} is not supported by the oracle "
-                             f"(allowed: {list(ATTN_IMPLEMENTATIONS)})")
+        # flash and flex attention: transformers' own refusal (this class does not declare
+        # them); any other name but eager and sdpa (unknown, paged, kernels from the Hub) in
+        # transformers' words, listing the two this class has
+        if requested not in ATTN_IMPLEMENTATIONS and not requested.startswith(("flash_attention", "flex_attention")):
+            raise ValueError(unsupported_attention(requested))
         return super().get_correct_attn_implementation(requested, is_init_check)
 
     @classmethod
@@ -366,12 +378,43 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
         # Mis-shaped tensors are refused below, by name, whatever the caller passed here:
         # transformers' own refusal names them only in a log table, not in the exception.
         kwargs.pop("ignore_mismatched_sizes", None)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True,
-            ignore_mismatched_sizes=True, **kwargs
-        )
+        # transformers logs a table of missing / unexpected tensors; here those are either
+        # asked for (fresh_value_head, the heads a trunk drops) or refused below by name,
+        # so the table is shown only when transformers itself fails after it.
+        held = _HeldRecords(lambda record: "LOAD REPORT" in record.getMessage())
+        report_logger = logging.getLogger("transformers.modeling_utils")
+        report_logger.addFilter(held)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception:
+            held.release(report_logger)
+            raise
+        finally:
+            report_logger.removeFilter(held)
         _check_loading_info(cls, pretrained_model_name_or_path, info, fresh_value_head)
         return (model, info) if return_info else model
+
+
+class _HeldRecords(logging.Filter):
+    """Holds back the log records ``matches`` selects; ``release`` logs them after all."""
+
+    def __init__(self, matches) -> None:
+        super().__init__()
+        self.matches, self.records = matches, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.matches(record):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self, target: logging.Logger) -> None:
+        target.removeFilter(self)
+        for record in self.records:
+            target.handle(record)
 
 
 def _check_loading_info(cls: type, source: Any, info: dict, fresh_value_head: bool) -> None:
@@ -648,17 +691,41 @@ class CustomSplitLLamaForTokenClassification(CustomSplitLLamaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple:
-        """Values ``[B, S, 1]`` (float32; float64 for a float64 model)."""
+        """Values ``[B, S, 1]`` (float32; float64 for a float64 model). ``labels [B, S]``
+        (target values, any real numbers): the loss is ``value_regression_loss``, the mean
+        squared error over the positions ``attention_mask`` marks valid (transformers'
+        regression convention for one output). ``output_attentions``,
+        ``output_hidden_states`` and ``return_dict`` as on the CausalLM; no KV cache (the
+        value of every token is computed at once)."""
         return_dict = _default(return_dict, self.config, "return_dict")
         trunk = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=False,
+            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = trunk.last_hidden_state
         values = self.score(hidden).to(_logits_dtype(hidden.dtype))
-        output = TokenClassifierOutput(logits=values, hidden_states=trunk.hidden_states)
+        loss = None if labels is None else value_regression_loss(values, labels, attention_mask)
+        output = TokenClassifierOutput(loss=loss, logits=values, hidden_states=trunk.hidden_states,
+                                       attentions=trunk.attentions)
         return output if return_dict else output.to_tuple()
+
+
+def value_regression_loss(values: torch.Tensor, labels: torch.Tensor,
+                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``(values[..., 0] - labels)^2`` over the valid positions of
+    ``attention_mask [B, S]`` (all positions when it is None), in the values' dtype."""
+    values = values[..., 0]
+    if labels.shape != values.shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(values.shape)} = (batch, "
+                         "sequence), one target value per token")
+    squared = (values - labels.to(device=values.device, dtype=values.dtype)) ** 2
+    if attention_mask is None:
+        return squared.mean()
+    valid = attention_mask.to(device=values.device, dtype=torch.bool)
+    return squared[valid].sum() / valid.sum().clamp(min=1)

@@ -15,6 +15,7 @@ is written.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
 from splitllama import weight_names as names
-from splitllama.config import CustomSplitLlamaConfig
+from splitllama.config import MODEL_TYPE, VALUE_ARCH, CustomSplitLlamaConfig, llama_config_errors
 from splitllama.safetensors_io import FLOAT_DTYPES, SafetensorsReader, parse_size, write_sharded
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,20 @@ class LlamaCheckpoint:
     def __init__(self, directory: str | Path, role: str) -> None:
         self.directory = Path(directory)
         self.role = role  # "lower" or "upper", for error messages
-        if not (self.directory / "config.json").is_file():
+        path = self.directory / "config.json"
+        if not path.is_file():
             raise ValueError(f"--{role} {self.directory} does not hold a config.json")
-        self.config = LlamaConfig.from_pretrained(self.directory)
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--{role} {path} is not valid JSON ({err})") from None
+        model_type = fields.get("model_type") if isinstance(fields, dict) else None
+        if model_type != "llama":
+            what = ("it is a split checkpoint already; pass the Llama checkpoints it is made from"
+                    if model_type == MODEL_TYPE else "a Hugging Face Llama checkpoint")
+            raise ValueError(f"--{role} {path} has model_type={model_type!r}, expected 'llama' ({what})")
+        with llama_config_errors(role, in_file=f"--{role} {path}"):
+            self.config = LlamaConfig.from_pretrained(self.directory)
         self.tensors = SafetensorsReader(self.directory, label=f"the {role} checkpoint")
 
     def __contains__(self, name: str) -> bool:
@@ -80,9 +92,9 @@ class PlannedTensor:
 
 
 def _source_plan(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint,
-                 upper: LlamaCheckpoint) -> list[tuple[str, LlamaCheckpoint, str]]:
+                 upper: LlamaCheckpoint, value_head: bool = False) -> list[tuple[str, LlamaCheckpoint, str]]:
     """(output name, source checkpoint, source name) of every copied tensor, in model order
-    with the adapter left out."""
+    with the adapter (and, for ``value_head``, the fresh value head) left out."""
     plan = [(names.EMBED, lower, names.EMBED)]
     for i in range(config.num_lower):
         plan += [(names.lower_layer(i, s), lower, names.llama_layer(i, s)) for s in names.LAYER_SUFFIXES]
@@ -91,6 +103,8 @@ def _source_plan(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint,
         plan += [(names.upper_layer(j, s), upper, names.llama_layer(offset + j, s))
                  for s in names.LAYER_SUFFIXES]
     plan.append((names.FINAL_NORM, upper, names.FINAL_NORM))
+    if value_head:
+        return plan
     head_source = names.LM_HEAD
     if names.LM_HEAD not in upper and upper.config.tie_word_embeddings:
         # A tied upper model stores no lm_head: its head IS its input embedding.
@@ -179,13 +193,25 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def fresh_value_head(config: CustomSplitLlamaConfig, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """A value head ``[1, h_hi]``: normal(0, upper initializer_range), drawn in float32 from
+    a generator of ``seed`` (its own, so it does not depend on the adapter's draws)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = names.split_checkpoint_shapes(config, "value")[names.VALUE_HEAD]
+    return (torch.randn(shape, generator=generator, dtype=torch.float32) * config.upper.initializer_range).to(dtype)
+
+
 def plan_split_checkpoint(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint, upper: LlamaCheckpoint,
-                          adapter: str | Path, seed: int) -> tuple[list[PlannedTensor], torch.dtype]:
-    """Validate every input and list the output tensors in model order (nothing written)."""
-    sources = _source_plan(config, lower, upper)
+                          adapter: str | Path, seed: int,
+                          value_head: bool = False) -> tuple[list[PlannedTensor], torch.dtype]:
+    """Validate every input and list the output tensors in model order (nothing written).
+    ``value_head``: a fresh value head (``fresh_value_head``) instead of the LM head."""
+    sources = _source_plan(config, lower, upper, value_head)
     dtype = _checked_dtype(config, sources)
     adapter_values = adapter_tensors(config, adapter, seed, dtype)
-    shapes = names.split_checkpoint_shapes(config, "lm")
+    if value_head:
+        adapter_values[names.VALUE_HEAD] = fresh_value_head(config, seed, dtype)
+    shapes = names.split_checkpoint_shapes(config, "value" if value_head else "lm")
 
     def copy_of(source: LlamaCheckpoint, src_name: str) -> Callable[[], torch.Tensor]:
         return lambda: source.read(src_name)
@@ -208,21 +234,27 @@ def assemble_split_checkpoint(
     mlp: bool = False,
     adapter: str | Path = "init",
     seed: int = 0,
+    value_head: bool = False,
     max_shard_size: int | str = "5GB",
     progress: bool = True,
 ) -> Path:
     """Write a split checkpoint to ``out_dir`` (which must not exist or be empty) and return
     its path. ``adapter``: ``"identity"`` (mlp=False, equal hidden sizes), ``"init"``
     (normal(0, upper initializer_range) seeded by ``seed``) or a ``.safetensors`` file with
-    exactly the adapter tensors. The adapter takes the dtype of the source checkpoints."""
+    exactly the adapter tensors. The adapter takes the dtype of the source checkpoints.
+    ``value_head``: a value (critic) checkpoint, ``score.weight [1, h_hi]`` drawn from
+    ``seed`` in place of the upper model's LM head (config: ``num_labels=1``)."""
     max_bytes = parse_size(max_shard_size)
     lower = LlamaCheckpoint(lower_dir, "lower")
     upper = LlamaCheckpoint(upper_dir, "upper")
     # Validates N and M against the layer counts and the two vocabularies (names the field).
     config = CustomSplitLlamaConfig.from_llama_configs(lower.config, upper.config, num_lower, num_upper, mlp=mlp)
     out = _prepare_out_dir(out_dir)
-    planned, dtype = plan_split_checkpoint(config, lower, upper, adapter, seed)
+    planned, dtype = plan_split_checkpoint(config, lower, upper, adapter, seed, value_head)
     config.dtype = dtype
+    if value_head:
+        config.num_labels = 1
+        config.architectures = [VALUE_ARCH]
 
     out.mkdir(parents=True, exist_ok=True)
     items = tqdm(planned, desc="assemble", unit="tensor", disable=not progress)

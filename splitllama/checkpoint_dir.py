@@ -2,6 +2,7 @@
 tensor's name and shape from the safetensors headers. Imports neither megatron nor the
 model, so the ``splitllama`` command refuses a bad directory in about a second, before it
 launches any process; ``checkpoints.load_checkpoint`` runs the same checks.
+``check_finite`` reads the weights, one tensor at a time, for NaN and Inf.
 """
 
 from __future__ import annotations
@@ -37,8 +38,33 @@ def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
                          f"{CustomSplitLlamaConfig.model_type!r}{hint}")
     try:
         return CustomSplitLlamaConfig.from_pretrained(directory)
-    except (TypeError, KeyError, AttributeError, ValueError) as err:
+    except ValueError as err:  # names the field
+        raise ValueError(f"{path}: {err}") from None
+    except (TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{path} is not a valid split config ({type(err).__name__}: {err})") from None
+
+
+class BrokenCheckpointError(ValueError):
+    """A checkpoint whose weights themselves are unusable (NaN or Inf in a tensor)."""
+
+
+def check_finite(directory: str | os.PathLike) -> None:
+    """Raise ``BrokenCheckpointError`` naming the first tensor (in name order) that holds
+    NaN or Inf. Reads every tensor once, one at a time."""
+    import torch
+
+    reader = SafetensorsReader(directory)
+    for name in sorted(reader.names()):
+        tensor = reader.read(name)
+        if not tensor.is_floating_point():
+            continue
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        if nan or inf:
+            found = " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "Inf")) if count)
+            raise BrokenCheckpointError(
+                f"checkpoint {reader.directory} is broken: tensor {name} {tuple(tensor.shape)} holds {found} "
+                f"of {tensor.numel()} values (in {reader.file_of(name).name})"
+            )
 
 
 def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
@@ -65,10 +91,12 @@ def check_tensors(reader: SafetensorsReader, config, head: wn.Head, fresh_value_
         ignored = {wn.LM_HEAD, wn.VALUE_HEAD}
     elif head == "value" and wn.VALUE_HEAD not in present and wn.LM_HEAD in present:
         raise ValueError(
-            f"{reader.directory} is a CausalLM checkpoint ({wn.LM_HEAD}, no {wn.VALUE_HEAD}): "
-            "pass fresh_value_head=True to start a value model (critic) from it with a "
-            "freshly initialised value head"
+            f"{reader.directory} is a CausalLM checkpoint ({wn.LM_HEAD}, no {wn.VALUE_HEAD}): to start "
+            "a value model (critic) from it with a freshly initialised value head, pass fresh_value_head=True"
         )
+    elif head == "lm" and wn.VALUE_HEAD in present and wn.LM_HEAD not in present:
+        raise ValueError(f"{reader.directory} is a value checkpoint ({wn.VALUE_HEAD}, no {wn.LM_HEAD}): "
+                         "load it into a value model (head 'value')")
     missing = set(expected) - present
     unexpected = present - set(expected) - ignored
     if missing:

@@ -88,8 +88,9 @@ def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None
                 )
 
 
-def _fresh_value_head(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
-    # Same seed on every rank: the value head is replicated over TP.
+def fresh_value_head_weight(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
+    """A fresh value head ``[1, h_hi]`` (float64): normal(0, upper initializer_range) drawn
+    from ``seed``. The same seed on every rank: the value head is replicated over TP."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(1, config.h_hi, generator=gen, dtype=torch.float64) * config.upper.initializer_range
 
@@ -112,7 +113,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     for chunk, spec in tqdm(todo, desc="load", unit="tensor", disable=not (progress and _is_rank0())):
         param = chunk.get_parameter(spec.param)
         if head == "value" and fresh_value_head and spec.names == (wn.VALUE_HEAD,):
-            local = _fresh_value_head(config, seed)
+            local = fresh_value_head_weight(config, seed)
         else:
             slices = local_slices(spec, [reader.shape(n) for n in spec.names], tp_rank, tp)
             local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices, strict=True)], tp)

@@ -60,7 +60,10 @@ def _add_assemble(sub: argparse._SubParsersAction) -> None:
         help="identity (needs equal hidden sizes, linear adapter), init (fresh normal init, "
              "seeded by --seed) or a safetensors file with the adapter tensors (default: init)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --adapter init (default 0)")
+    p.add_argument("--value", action="store_true",
+                   help="a value (critic) checkpoint: a fresh value head score.weight [1, hidden] (normal "
+                        "init seeded by --seed) instead of the upper model's LM head")
+    p.add_argument("--seed", type=int, default=0, help="seed of --adapter init and of the --value head (default 0)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
 
@@ -85,7 +88,15 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1 to matter)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    p.add_argument("--value", action="store_true", help="check the value (critic) model")
+    p.add_argument("--layers-per-stage", type=_counts, default=None, metavar="N,N,...",
+                   help="layers on each pipeline stage in model order, pp*vpp counts (default: an even "
+                        "split); e.g. --pp 2 --layers-per-stage 3,2 for 5 layers")
+    p.add_argument("--value", action="store_true",
+                   help="check the value (critic) model: CHECKPOINT must hold score.weight (`splitllama "
+                        "assemble --value`), or pass --fresh-value-head")
+    p.add_argument("--fresh-value-head", action="store_true",
+                   help="with --value: start from a CausalLM checkpoint (lm_head.weight) with a freshly "
+                        "initialised value head, seeded by --seed")
     p.add_argument("--mlp", action="store_true", help="built-in tiny model with the mlp adapter")
     p.add_argument(
         "--dtype", default=None, choices=("float32", "float64", "bfloat16"),
@@ -131,6 +142,50 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG summary plot")
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """``3,2`` -> (3, 2): the value of --layers-per-stage."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer counts, "
+                                         "e.g. 3,2") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every stage needs at least one layer")
+    return counts
+
+
+# How the library names what the user gave as a flag, per command: error messages from the
+# library are shown in the user's terms (longest names first, so `num_layers_8=` goes
+# before `num_layers_8`).
+USER_TERMS = {
+    "assemble": {
+        "num_layers_8=": "--num-lower ", "num_layers_8": "--num-lower",
+        "num_layers_70=": "--num-upper ", "num_layers_70": "--num-upper",
+        "out_dir": "--out", "adapter=": "--adapter ", "max_shard_size=": "--max-shard-size ",
+        "max_shard_size": "--max-shard-size", "(mlp=False; got mlp=True)": "(got --mlp)",
+    },
+    "check": {
+        "layers_per_stage=": "--layers-per-stage ", "layers_per_stage": "--layers-per-stage",
+        "load it into a value model (head 'value')": "check it with --value",
+        "pass fresh_value_head=True": "pass --fresh-value-head (or make a value checkpoint with "
+                                      "`splitllama assemble --value`)",
+    },
+}
+
+
+def in_flag_terms(command: str, message: str) -> str:
+    """``message`` with the library's argument names replaced by ``command``'s flags."""
+    import re
+
+    table = USER_TERMS.get(command, {})
+    if not table:
+        return message
+    # a name that ends in a word character must end there (num_layers_8 is not num_layers_80)
+    alternatives = [re.escape(n) + (r"(?!\w)" if n[-1].isalnum() or n[-1] == "_" else "")
+                    for n in sorted(table, key=len, reverse=True)]
+    return re.sub(rf"(?<![\w./-])(?:{'|'.join(alternatives)})", lambda m: table[m.group(0)], message)
+
+
 def emit(text: str = "") -> None:
     """User-facing output of every sub-command goes through here."""
     print(text, flush=True)
@@ -171,15 +226,16 @@ def _assemble(args) -> int:
     try:
         out = assemble_split_checkpoint(
             args.lower, args.upper, args.num_lower, args.num_upper, args.out,
-            mlp=args.mlp, adapter=args.adapter, seed=args.seed,
+            mlp=args.mlp, adapter=args.adapter, seed=args.seed, value_head=args.value,
             max_shard_size=args.max_shard_size, progress=sys.stderr.isatty(),
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
     files = SafetensorsReader(out).files()
     size = sum(f.stat().st_size for f in files)
+    head = "a fresh value head (score.weight)" if args.value else "the upper LM head"
     emit(f"assembled {out}: lower layers 0..{args.num_lower - 1}, the last {args.num_upper} upper "
-         f"layers, adapter {args.adapter}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)")
+         f"layers, adapter {args.adapter}, {head}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)")
     return 0
 
 
@@ -191,11 +247,17 @@ def _check_inputs(args):
         check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    _check_output_file("--json", args.json)
+    if args.fresh_value_head and not args.value:
+        raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
+    if args.fresh_value_head and not args.checkpoint:
+        raise UsageError("--fresh-value-head needs a CHECKPOINT (the built-in model with --value has a value head)")
     import torch
 
     from splitllama.layout import ParallelLayout
 
-    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
+    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None,
+                            layers_per_stage=args.layers_per_stage)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
@@ -206,23 +268,39 @@ def _check_inputs(args):
     head = "value" if args.value else "lm"
     from splitllama.verify.tiny import tiny_split_config
 
-    config = _checkpoint_config(args.checkpoint, head) if args.checkpoint else tiny_split_config(mlp=args.mlp)
+    config = (_checkpoint_config(args.checkpoint, head, args.fresh_value_head) if args.checkpoint
+              else tiny_split_config(mlp=args.mlp))
     try:
         layout.validate(config)
     except ValueError as err:
-        raise UsageError(f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}: {err}") from err
+        flags = f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}"
+        if args.layers_per_stage:
+            flags += f" --layers-per-stage {','.join(map(str, args.layers_per_stage))}"
+        raise UsageError(f"{flags}: {err}") from err
     return layout, head, dtype, device
 
 
-def _checkpoint_config(path: str, head: str):
+def _check_output_file(flag: str, path: str | None) -> None:
+    """A file the command writes at the end: refused now if it cannot be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; name a file")
+    if not target.resolve().parent.is_dir():
+        raise UsageError(f"{flag} {path}: the directory {target.parent} does not exist")
+
+
+def _checkpoint_config(path: str, head: str, fresh_value_head: bool):
     """The split config of checkpoint directory ``path``, after checking its tensors'
     names and shapes (safetensors headers only: no weight is read)."""
     from splitllama.checkpoint_dir import validate_checkpoint_dir
 
     try:
-        return validate_checkpoint_dir(path, head)
+        return validate_checkpoint_dir(path, head, fresh_value_head)
     except ValueError as err:
-        raise UsageError(f"CHECKPOINT {path}: {err}") from err
+        message = str(err)  # names the directory or a file in it, as the user wrote it
+        raise UsageError(message if str(Path(path)) in message else f"{path}: {message}") from err
 
 
 def _spawn_ranks(world: int, argv: list[str]) -> int:
@@ -283,7 +361,8 @@ def _check(args, argv: list[str]) -> int:
         raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
                          f"torchrun --nproc-per-node {layout.world_size}")
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
-                       options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs))
+                       options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs),
+                       fresh_value_head=args.fresh_value_head)
     if dist.get_rank() == 0:
         emit(report.table())
         if args.json:
@@ -296,6 +375,8 @@ def _check(args, argv: list[str]) -> int:
 def _bench(args) -> int:
     import torch
 
+    _check_output_file("--json", args.json)
+    _check_output_file("--plot", args.plot)
     if not torch.cuda.is_available():
         raise UsageError("bench needs CUDA (it times real Llama-3 shapes in bfloat16)")
     from splitllama.bench import PARTS, BenchSettings, run_bench
@@ -333,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    from splitllama.checkpoint_dir import BrokenCheckpointError
     rank = int(os.environ.get("RANK", "0"))
     try:
         if args.command == "assemble":
@@ -341,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args, argv)
         return _bench(args)
     except UsageError as err:
+        _report(args, rank, f"splitllama {args.command}: error: {in_flag_terms(args.command, str(err))}")
+        return 2
+    except BrokenCheckpointError as err:  # found inside the run (the check reads the weights there)
         _report(args, rank, f"splitllama {args.command}: error: {err}")
         return 2
     except Exception as err:  # a failure inside the run: reported once

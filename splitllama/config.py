@@ -22,14 +22,19 @@ This module is data only (no megatron import): the oracle reads it too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
+import re
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError, StrictDataclassFieldValidationError
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 
 MODEL_TYPE = "custom_split_llama"
 CAUSAL_LM_ARCH = "CustomSplitLLamaForCausalLM"
+VALUE_ARCH = "CustomSplitLLamaForTokenClassification"
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # The llama3 rope-scaling fields (meta-llama/Llama-3.1-*/config.json values); any values
@@ -92,6 +97,30 @@ DERIVED_FIELDS: dict[str, str] = {
 }
 
 
+class _OncePerProcess(logging.Filter):
+    """Lets each distinct message through once. transformers re-validates a Llama config's
+    rope settings every time one is built, and a split model builds its two stacks' configs
+    many times (load, save, each pipeline chunk, the oracle): a Llama-3.1 checkpoint whose
+    max_position_embeddings is at most original_max_position_embeddings got the same
+    warning 8 times per check, 34 times at TP=2 x PP=2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+ROPE_LOGGER = "transformers.modeling_rope_utils"
+if not any(isinstance(f, _OncePerProcess) for f in logging.getLogger(ROPE_LOGGER).filters):
+    logging.getLogger(ROPE_LOGGER).addFilter(_OncePerProcess())
+
+
 def llama_preset(name: str, **overrides: Any) -> LlamaConfig:
     """A ``LlamaConfig`` of a named preset (real or tiny), with optional overrides."""
     if name in PRESETS:
@@ -129,8 +158,28 @@ def _as_llama_config(value: Any, field: str) -> LlamaConfig | None:
         if model_type != "llama":
             raise ValueError(f"{field} must be a Llama config, got model_type={model_type!r}")
         kwargs.pop("transformers_version", None)
-        return LlamaConfig(**kwargs)
+        with llama_config_errors(field):
+            return LlamaConfig(**kwargs)
     raise ValueError(f"{field} must be a dict or LlamaConfig, got {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def llama_config_errors(field: str, in_file: str | None = None):
+    """Turn transformers' strict-dataclass errors about a Llama config (a field of the
+    wrong type, fields that contradict each other) into one ValueError naming the field
+    as it is written in the file: ``lower_config.num_attention_heads: ...``, or, for a
+    config of its own (``in_file``), ``<in_file>: num_attention_heads: ...``."""
+    try:
+        yield
+    except StrictDataclassError as err:
+        cause = err.__cause__ or err
+        detail = str(cause).splitlines()[-1].strip()
+        where = f"{in_file}: " if in_file else f"{field}."
+        if isinstance(err, StrictDataclassFieldValidationError):
+            name = re.search(r"field '([^']+)'", str(err))
+            detail = re.sub(r"^Field '[^']+' ", "", detail)
+            raise ValueError(f"{where}{name.group(1) if name else '?'}: {detail}") from None
+        raise ValueError(f"{in_file or field} is inconsistent: {detail}") from None
 
 
 class CustomSplitLlamaConfig(PreTrainedConfig):
@@ -171,6 +220,13 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
             self.lower_config = _read_llama_config(self.path8b, "path8b")
         if self.upper_config is None and self.path70b is not None:
             self.upper_config = _read_llama_config(self.path70b, "path70b")
+        for sub in (self.lower_config, self.upper_config):
+            if sub is not None:
+                # LlamaConfig's tensor/pipeline plans name `layers.*`, `embed_tokens`, `norm`
+                # of LlamaModel; no class here has that module tree (layers_first,
+                # layers_last, adapter) or shards like that, so none is declared.
+                sub.base_model_tp_plan = None
+                sub.base_model_pp_plan = None
         super().__post_init__(**kwargs)
         if self.lower_config is not None or self.upper_config is not None:
             self.validate()
@@ -185,6 +241,15 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
                 )
 
     def __setattr__(self, key: str, value: Any) -> None:
+        if key in DERIVED_FIELDS:
+            # `from_pretrained(path, num_hidden_layers=3)` and generic tools set these: the
+            # value is honoured only when it is what the architecture already gives.
+            if value != getattr(self, key):
+                raise ValueError(
+                    f"{key}={value!r} cannot be set: it is derived from {DERIVED_FIELDS[key]} "
+                    f"= {getattr(self, key)!r} (set those fields instead)"
+                )
+            return
         super().__setattr__(key, value)
         # One vocabulary for the embedding (lower) and the LM head (upper): a new vocab_size
         # (resize_token_embeddings sets it) applies to both sub-configs, so they never go stale.
@@ -323,6 +388,8 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
                 )
         if self.vocab_size is None:
             self.vocab_size = self.lower.vocab_size
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {self.vocab_size!r}")
         for field, sub in (("lower_config", self.lower), ("upper_config", self.upper)):
             if sub.vocab_size != self.vocab_size:
                 raise ValueError(
@@ -331,6 +398,9 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
                 )
         if self.rms_norm_eps is None:
             self.rms_norm_eps = self.upper.rms_norm_eps
+        if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool) \
+                or not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if not isinstance(self.mlp, bool):
             raise ValueError(f"mlp must be true or false, got {self.mlp!r}")
         if self.tie_word_embeddings:
@@ -346,7 +416,8 @@ def _read_llama_config(path: str, field: str) -> LlamaConfig:
             "by CustomSplitLlamaConfig.from_pretrained and against the working directory "
             "otherwise"
         )
-    return LlamaConfig.from_pretrained(path)
+    with llama_config_errors(field):
+        return LlamaConfig.from_pretrained(path)
 
 
 def _validate_llama(sub: LlamaConfig, field: str) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
+from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
@@ -22,12 +23,16 @@ from splitllama.verify.runner import run_parity
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
               device: str, *, seed: int = 0, mlp: bool = False,
-              options: ModelOptions | None = None) -> Report:
+              options: ModelOptions | None = None, fresh_value_head: bool = False) -> Report:
     """Collective over the world, which holds ``tp * pp`` ranks (the command line checks
     it before calling). Without ``checkpoint``, rank 0 writes
     the built-in tiny model (``mlp``: with the mlp adapter) to a temporary directory.
     ``options``: the production model's (its ``log_probs`` is the path the
-    ``log_probs_entropy`` micro-batch checks)."""
+    ``log_probs_entropy`` micro-batch checks). ``fresh_value_head`` (value head, CausalLM
+    checkpoint): both models get the same freshly initialised value head, drawn from ``seed``.
+
+    A given checkpoint is first read by rank 0 for NaN and Inf (``BrokenCheckpointError``
+    on every rank): a broken checkpoint is not a difference between the two models."""
     with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
         if checkpoint is None:
             holder = [local if dist.get_rank() == 0 else None]
@@ -37,8 +42,19 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
                 random_split_checkpoint(tiny_split_config(mlp=mlp), checkpoint, head, seed=seed,
                                         **TEST_CHECKPOINT_INIT[dtype])
             dist.barrier()
+        else:
+            holder = [None]
+            if dist.get_rank() == 0:
+                try:
+                    check_finite(checkpoint)
+                except BrokenCheckpointError as err:
+                    holder = [str(err)]
+            dist.broadcast_object_list(holder, src=0)
+            if holder[0] is not None:
+                raise BrokenCheckpointError(holder[0])
         config = CustomSplitLlamaConfig.from_pretrained(checkpoint)
         batches = check_microbatches(config.vocab_size, head, seed, multiple_of=layout.pp if layout.vpp else 1)
-        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, options)
+        report = run_parity(checkpoint, config, layout, head, dtype, device, batches, options,
+                            fresh_value_head_seed=seed if fresh_value_head else None)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
     return report

@@ -51,9 +51,9 @@ def bf16_allowed_error(oracle_bf16_error: float, scale: float) -> float:
 @dataclass
 class Row:
     name: str
-    max_abs: float
-    max_rel: float
-    bound: float  # the largest error allowed for this row (same unit as max_rel)
+    max_abs: float  # max |prod - ref| over the compared values
+    max_rel: float  # max_abs / max |ref| (the model's largest gradient where ref is all zero)
+    rel_bound: float  # the largest max_rel allowed for this row: the row passes iff max_rel <= rel_bound
     passed: bool
 
 
@@ -75,11 +75,13 @@ class Report:
         width = max([len(r.name) for r in self.rows] + [6])
         lines = [
             f"layout {self.layout}  head {self.head}  dtype {self.dtype}",
-            f"{'tensor':<{width}}  {'max_abs':>10}  {'max_rel':>10}  {'allowed':>10}  result",
+            "abs_err = max |production - oracle|; rel_err = abs_err / max |oracle|; a row passes "
+            "when rel_err <= rel_bound",
+            f"{'tensor':<{width}}  {'abs_err':>10}  {'rel_err':>10}  {'rel_bound':>10}  result",
         ]
         for r in self.rows:
             lines.append(
-                f"{r.name:<{width}}  {r.max_abs:10.3e}  {r.max_rel:10.3e}  {r.bound:10.3e}  "
+                f"{r.name:<{width}}  {r.max_abs:10.3e}  {r.max_rel:10.3e}  {r.rel_bound:10.3e}  "
                 f"{'pass' if r.passed else 'FAIL'}"
             )
         lines.append(f"{len(self.rows) - len(self.failures())}/{len(self.rows)} passed: "

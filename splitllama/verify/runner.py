@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import iter_stage_tensors, load_checkpoint, tp_all_gather
+from splitllama.checkpoints import fresh_value_head_weight, iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
@@ -67,13 +67,21 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
     return [chunk.to(device) for chunk in chunks]
 
 
-def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: str):
+def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: str,
+                fresh_value_head_seed: int | None = None):
+    """The oracle of ``head`` from a split checkpoint. ``fresh_value_head_seed``: a value
+    model from a CausalLM checkpoint, with production's fresh head of that seed."""
     from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
 
     if head == "lm":
         oracle = CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
     else:
-        oracle = CustomSplitLLamaForTokenClassification.from_pretrained(checkpoint_dir, dtype=dtype, num_labels=1)
+        fresh = fresh_value_head_seed is not None
+        oracle = CustomSplitLLamaForTokenClassification.from_pretrained(checkpoint_dir, dtype=dtype, num_labels=1,
+                                                                        fresh_value_head=fresh)
+        if fresh:
+            with torch.no_grad():
+                oracle.score.weight.copy_(fresh_value_head_weight(oracle.config, fresh_value_head_seed))
     # compared forwards are training-style: the config's default would fill a KV cache
     oracle.config.use_cache = False
     return oracle.to(device)
@@ -209,28 +217,31 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
                microbatches: list[Microbatch], options: ModelOptions | None = None, padded: bool = False,
-               trunk: bool = False) -> Report:
+               trunk: bool = False, fresh_value_head_seed: int | None = None) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
     rank. ``options`` and ``padded`` choose the production model (``build_production``).
     ``trunk``: compare the trunk's
     final hidden states (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``,
-    probes ``[B, S, h_hi]``."""
+    probes ``[B, S, h_hi]``. ``fresh_value_head_seed``: value head, CausalLM checkpoint; both
+    models start from the same fresh value head of that seed."""
     setup_parallel(layout, device)
     chunks = build_production(config, layout, head, dtype, device, options, padded)
-    load_checkpoint(chunks, checkpoint_dir, progress=False)
+    fresh = fresh_value_head_seed is not None
+    load_checkpoint(chunks, checkpoint_dir, progress=False, fresh_value_head=fresh,
+                    seed=fresh_value_head_seed if fresh else 0)
     # bf16 with the mlp adapter: ReLU ties at 0 take production's branch (adapter_ties says why)
     ties = None
     if dtype == torch.bfloat16 and config.mlp:
         ties = AdapterTies([mb.attention_mask.bool() for mb in microbatches], bf16_allowed_error)
     with ties.record_production(chunks, config.h_hi) if ties else contextlib.nullcontext():
         prod_out, prod_grads = run_production(chunks, microbatches, layout, trunk)
-    low_oracle = load_oracle(checkpoint_dir, head, dtype, device) if dtype == torch.bfloat16 else None
+    low_oracle = load_oracle(checkpoint_dir, head, dtype, device, fresh_value_head_seed) if dtype == torch.bfloat16 else None
     if ties:
         with ties.record_oracle_preactivations(low_oracle), torch.no_grad():
             for mb in microbatches:
                 _oracle_observe(low_oracle, mb.to(device), trunk)
     ref_dtype = torch.float64 if device == "cpu" else torch.float32
-    oracle = load_oracle(checkpoint_dir, head, ref_dtype, device)
+    oracle = load_oracle(checkpoint_dir, head, ref_dtype, device, fresh_value_head_seed)
     with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
         ref_out, ref_grads = run_oracle(oracle, microbatches, trunk)
     low_out = low_grads = None
@@ -241,9 +252,10 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
                      low_out, low_grads)
     if ties:
         for k, (mb, (beyond, tied, flipped)) in enumerate(zip(microbatches, ties.verdicts, strict=False)):
-            # max_abs: units on the other side of 0 beyond the rule's band; must be none
-            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] ({flipped} of {tied} ties "
-                                   f"on production's branch)", beyond, beyond, 0.0, beyond == 0))
+            # abs_err and rel_err: a count, the units on the other side of 0 beyond the rule's
+            # band; must be none
+            report.rows.append(Row(f"adapter relu gates[{mb.name or k}] (units beyond the band; {flipped} of "
+                                   f"{tied} ties on production's branch)", beyond, beyond, 0.0, beyond == 0))
     agreed = agree(report.passed)
     if report.passed and not agreed:
         report.rows.append(Row("another rank failed", math.inf, math.inf, 0.0, False))

@@ -56,7 +56,7 @@ def edge_case_microbatches(head: str, hidden: int | None = None) -> list[Microba
 
 def assert_passed(report) -> None:
     assert report.passed, "production differs from the oracle:\n" + "\n".join(
-        f"{r.name}: max_rel {r.max_rel:.3e} > allowed {r.bound:.3e}" for r in report.failures()
+        f"{r.name}: rel_err {r.max_rel:.3e} > rel_bound {r.rel_bound:.3e}" for r in report.failures()
     )
 
 

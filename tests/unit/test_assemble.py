@@ -291,7 +291,31 @@ def test_cli(sources, tmp_path, capsys):
 
     assert cli_main(argv) == 2  # out is not empty now
     captured = capsys.readouterr()
-    assert captured.out == "" and "splitllama assemble: error: out_dir" in captured.err
+    assert captured.out == "" and f"splitllama assemble: error: --out {out} exists" in captured.err
+
+
+def test_cli_value_checkpoint(sources, tmp_path, capsys):
+    """``--value``: the same trunk and adapter, a fresh value head in place of the LM head;
+    the value model loads it as it is (num_labels=1 from the config)."""
+    from oracle import CustomSplitLLamaForTokenClassification
+    from splitllama.checkpoint_dir import validate_checkpoint_dir
+
+    outs = {}
+    for head in ("lm", "value"):
+        outs[head] = tmp_path / head
+        argv = ["assemble", "--lower", str(sources["lower"]), "--upper", str(sources["upper"]),
+                "--num-lower", "2", "--num-upper", "1", "--seed", "3", "--out", str(outs[head])]
+        assert cli_main(argv + (["--value"] if head == "value" else [])) == 0
+    assert "a fresh value head (score.weight)" in capsys.readouterr().out
+    config = validate_checkpoint_dir(outs["value"], "value")
+    lm, value = (load_file(outs[h] / SINGLE_FILE) for h in ("lm", "value"))
+    assert set(lm) - set(value) == {names.LM_HEAD} and set(value) - set(lm) == {names.VALUE_HEAD}
+    for name in set(lm) & set(value):
+        assert torch.equal(lm[name], value[name]), name
+    head = value[names.VALUE_HEAD]
+    assert head.shape == (1, config.h_hi) and head.dtype == lm[names.EMBED].dtype and head.std() > 0
+    model = CustomSplitLLamaForTokenClassification.from_pretrained(outs["value"])
+    assert model.config.num_labels == 1 and torch.equal(model.score.weight, head)
 
 
 # ---- peak memory ---------------------------------------------------------------------------

@@ -116,3 +116,32 @@ def test_a_failure_on_one_rank_is_printed_once_with_its_cause(tmp_path):
     assert result.returncode == 1, result.stderr
     assert lines == ["splitllama check: error: RuntimeError: planted failure on rank 1 only "
                      "(--debug shows the traceback)"], result.stderr
+
+
+def test_layers_per_stage_reaches_the_layout():
+    """``--pp 2 --layers-per-stage 3,2`` on a 5-layer checkpoint: the flag the uneven-split
+    hint names gives the layout its stage counts (the run itself: the integration layouts)."""
+    from splitllama.cli import _check_inputs
+
+    args = build_parser().parse_args(["check", "--pp", "2", "--layers-per-stage", "1,3", "--device", "cpu"])
+    layout, head, _, _ = _check_inputs(args)
+    assert (layout.pp, layout.layers_per_stage, head) == (2, (1, 3), "lm")
+    from splitllama.verify.tiny import tiny_split_config
+
+    assert [len(s.lower_layers) + len(s.upper_layers) for s in layout.validate(tiny_split_config())] == [1, 3]
+
+
+def test_check_value_model_from_a_causal_lm_checkpoint(tmp_path):
+    """``check --value --fresh-value-head`` on a user's CausalLM checkpoint: production and
+    oracle start from the same fresh value head (seeded by --seed) and are compared."""
+    import torch
+
+    from splitllama.verify.tiny import tiny_split_config
+    from splitllama.verify.random_checkpoints import random_split_checkpoint
+
+    checkpoint = random_split_checkpoint(tiny_split_config(), str(tmp_path / "causal"), dtype=torch.float32)
+    result = run("check", "--value", "--fresh-value-head", "--seed", "3", checkpoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "head value" in result.stdout and "grad score.weight" in result.stdout and "passed: PASS" in result.stdout
+    # the fresh head was asked for: transformers' table of a missing score / unexpected lm_head is not shown
+    assert "LOAD REPORT" not in result.stdout + result.stderr

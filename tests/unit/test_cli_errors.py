@@ -1,11 +1,13 @@
 """The catalogue of bad inputs: each row runs the real ``splitllama`` command in a fresh
-process and must get ONE line ``splitllama <cmd>: error: ...`` naming the argument or file,
-exit code 2, no traceback, and no process launched (every row fails in the checks that
-run before ``check`` spawns ranks or imports megatron).
+process and must get ONE line ``splitllama <cmd>: error: ...`` naming the flag, the file or
+the config field as the user wrote it, exit code 2, no traceback, and no process launched
+(every row but the broken-weights ones fails in the checks that run before ``check``
+spawns ranks or imports megatron; those are found when the check reads the weights).
 
 The damaged checkpoints are copies of one tiny random split checkpoint: a shard missing
 from its index, a truncated file, overwritten header bytes, a tensor removed, reshaped or
-added. ``assemble`` rows use two tiny Hugging Face Llama checkpoints.
+added, a NaN in a weight (Inf, in process: the last test), a nested config field of the
+wrong type or contradicting another. ``assemble`` rows use tiny Hugging Face Llama checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / SINGLE_FILE)
+
+
+def _config_edited(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
+    shutil.copytree(source, target)
+    fields = json.loads((target / "config.json").read_text())
+    change(fields)
+    (target / "config.json").write_text(json.dumps(fields))
+    return target
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    """Set a (dotted) field of a config dict: ``_set("lower_config.num_attention_heads", "four")``."""
+    *parents, name = path.split(".")
+
+    def change(fields: dict) -> None:
+        for parent in parents:
+            fields = fields[parent]
+        fields[name] = value
+    return change
 
 
 def _rewritten(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
@@ -84,6 +105,19 @@ def bad(tmp_path_factory) -> dict[str, Path]:
     out["missing_tensor"] = _rewritten(good, root / "missing_tensor", lambda t: t.pop(wn.FINAL_NORM))
     out["extra_tensor"] = _rewritten(good, root / "extra_tensor", add)
 
+    def poison(value: float):
+        def change(t):
+            t[wn.upper_layer(1, "mlp.up_proj.weight")][3, :2] = value
+        return change
+
+    out["nan_weight"] = _rewritten(good, root / "nan_weight", poison(float("nan")))
+    out["nested_wrong_type"] = _config_edited(good, root / "nested_wrong_type",
+                                              _set("lower_config.num_attention_heads", "four"))
+    out["nested_inconsistent"] = _config_edited(good, root / "nested_inconsistent",
+                                                _set("upper_config.num_attention_heads", 6))
+    out["value_checkpoint"] = Path(random_split_checkpoint(tiny_split_config(), str(root / "value"), "value",
+                                                           dtype=torch.float32))
+
     out["llama"] = save_llama(random_llama(llama_preset("tiny-llama3.1-8b"), 1, torch.float32), root / "llama")
     out["llama_70b_shape"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b"), 2, torch.float32),
                                         root / "llama_70b_shape")
@@ -92,6 +126,10 @@ def bad(tmp_path_factory) -> dict[str, Path]:
     out["llama_yarn"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b", rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32768}),
         4, torch.float32), root / "llama_yarn")
+    out["llama_wrong_type"] = _config_edited(out["llama"], root / "llama_wrong_type",
+                                             _set("num_attention_heads", "four"))
+    out["llama_inconsistent"] = _config_edited(out["llama"], root / "llama_inconsistent",
+                                               _set("num_attention_heads", 6))
     out["existing_out"] = root / "existing_out"
     out["existing_out"].mkdir()
     (out["existing_out"] / "keep.txt").write_text("mine")
@@ -106,10 +144,10 @@ class Row:
     code: int = 2
 
 
-def _assemble(lower: str, upper: str, out: str = "") -> Callable[[dict], list[str]]:
+def _assemble(lower: str, upper: str, out: str = "", num_lower: int = 1) -> Callable[[dict], list[str]]:
     def argv(b):
-        return ["assemble", "--lower", str(b[lower]), "--upper", str(b[upper]), "--num-lower", "1",
-                "--num-upper", "1", "--out", str(b[out]) if out else str(b["good"].parent / f"out_{upper}")]
+        return ["assemble", "--lower", str(b[lower]), "--upper", str(b[upper]), "--num-lower", str(num_lower),
+                "--num-upper", "1", "--out", str(b[out]) if out else str(b["good"].parent / f"out_{lower}_{upper}")]
     return argv
 
 
@@ -139,7 +177,41 @@ CATALOGUE = [
     Row("assemble_different_vocabularies", _assemble("llama", "llama_vocab_300"), "vocab"),
     Row("assemble_rope_that_cannot_be_combined", _assemble("llama", "llama_yarn"), "rope"),
     Row("assemble_output_exists", _assemble("llama", "llama_70b_shape", "existing_out"),
-        "exists and is not empty; choose a new or empty directory"),
+        "--out "),
+    # nested config fields, as they are written in config.json
+    Row("nested_field_of_wrong_type", lambda b: ["check", str(b["nested_wrong_type"])],
+        "config.json: lower_config.num_attention_heads: expected int, got str (value: 'four')"),
+    Row("nested_fields_inconsistent", lambda b: ["check", str(b["nested_inconsistent"])],
+        "config.json: upper_config is inconsistent: The hidden size (128) is not a multiple of the number "
+        "of attention heads (6)"),
+    Row("assemble_source_field_of_wrong_type", _assemble("llama_wrong_type", "llama_70b_shape"),
+        "config.json: num_attention_heads: expected int, got str (value: 'four')"),
+    Row("assemble_source_fields_inconsistent", _assemble("llama_inconsistent", "llama_70b_shape"),
+        "config.json is inconsistent: The hidden size (64) is not a multiple of the number of attention heads (6)"),
+    # broken weights: named as such, with the tensor
+    Row("nan_in_a_weight", lambda b: ["check", str(b["nan_weight"])],
+        "is broken: tensor model.layers_last.1.mlp.up_proj.weight (448, 128) holds 2 NaN of 57344 values"),
+    # the flags the messages name, as the user typed them
+    Row("uneven_pipeline_split_names_the_flag", lambda b: ["check", "--pp", "3"],
+        "do not split evenly over 3 pipeline stages (pp=3 x vpp=1); pass --layers-per-stage, a list of 3 "
+        "counts summing to 4"),
+    Row("layers_per_stage_of_wrong_sum", lambda b: ["check", "--pp", "2", "--layers-per-stage", "3,2"],
+        "--tp 1 --pp 2 --layers-per-stage 3,2: --layers-per-stage [3, 2] must hold 2 (pp=2 x vpp=1) positive "
+        "counts summing to 4"),
+    Row("layers_per_stage_not_counts", lambda b: ["check", "--pp", "2", "--layers-per-stage", "2,two"],
+        "argument --layers-per-stage: '2,two' is not a comma-separated list of layer counts"),
+    Row("value_on_a_causal_lm_checkpoint", lambda b: ["check", "--value", str(b["good"])],
+        "pass --fresh-value-head (or make a value checkpoint with `splitllama assemble --value`)"),
+    Row("lm_check_of_a_value_checkpoint", lambda b: ["check", str(b["value_checkpoint"])],
+        "is a value checkpoint (score.weight, no lm_head.weight): check it with --value"),
+    Row("fresh_value_head_without_value", lambda b: ["check", "--fresh-value-head", str(b["good"])],
+        "--fresh-value-head needs --value"),
+    Row("json_in_a_missing_directory", lambda b: ["check", "--json", "/nonexistent/dir/report.json"],
+        "--json /nonexistent/dir/report.json: the directory /nonexistent/dir does not exist"),
+    Row("assemble_num_lower_out_of_range", _assemble("llama", "llama_70b_shape", num_lower=5),
+        "--num-lower 5 is out of range: the lower model has 4 layers (allowed 1..4)"),
+    Row("assemble_from_a_split_checkpoint", _assemble("good", "llama_70b_shape"),
+        "has model_type='custom_split_llama', expected 'llama' (it is a split checkpoint already"),
 ]
 
 
@@ -161,3 +233,20 @@ def test_debug_shows_the_traceback(bad):
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "is not valid JSON" in result.stderr.splitlines()[-1]
+
+
+def test_check_finite_names_the_tensor_holding_nan_or_inf(bad, tmp_path):
+    from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
+
+    check_finite(bad["good"])  # a sound checkpoint passes
+    name = wn.upper_layer(1, "mlp.up_proj.weight")
+
+    def inf_and_nan(t):
+        t[name][0, :3] = float("inf")
+        t[name][1, 0] = float("-inf")
+        t[name][2, 0] = float("nan")
+
+    broken = _rewritten(bad["good"], tmp_path / "inf", inf_and_nan)
+    with pytest.raises(BrokenCheckpointError, match=rf"is broken: tensor {name} \(448, 128\) holds 1 NaN and 4 Inf "
+                                                    r"of 57344 values \(in model.safetensors\)"):
+        check_finite(broken)

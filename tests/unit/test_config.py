@@ -213,3 +213,38 @@ def test_tiny_presets_keep_the_real_ratios(name):
 def test_unknown_preset_lists_the_allowed_names():
     with pytest.raises(ValueError, match="unknown preset 'llama2'.*allowed.*llama3-8b"):
         llama_preset("llama2")
+
+
+def _rope_warnings(monkeypatch, filtered: bool) -> int:
+    """How many rope warnings transformers logs while three split configs with a Llama-3.1
+    rope and max_position_embeddings <= original_max_position_embeddings are built, each
+    twice (from the stacks, then from its dict)."""
+    import logging
+
+    from splitllama.config import ROPE_LOGGER, _OncePerProcess
+
+    logger = logging.getLogger(ROPE_LOGGER)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    with monkeypatch.context() as patch:
+        if filtered:  # a fresh process's filter: nothing seen yet
+            for once in [f for f in logger.filters if isinstance(f, _OncePerProcess)]:
+                patch.setattr(once, "seen", set())
+        else:  # the control: transformers' own behaviour
+            patch.setattr(logger, "filters", [])
+        logger.addHandler(handler)
+        try:
+            for _ in range(3):
+                lower = llama_preset("tiny-llama3.1-8b", max_position_embeddings=4096)
+                upper = llama_preset("tiny-llama3.1-70b", max_position_embeddings=4096)
+                config = CustomSplitLlamaConfig.from_llama_configs(lower, upper, 2, 2)
+                CustomSplitLlamaConfig.from_dict(config.to_dict())
+        finally:
+            logger.removeHandler(handler)
+    return sum("original_max_position_embeddings field must be less than" in r.getMessage() for r in records)
+
+
+def test_rope_warning_at_most_once_per_process(monkeypatch):
+    assert _rope_warnings(monkeypatch, filtered=False) > 1  # the scenario does repeat it
+    assert _rope_warnings(monkeypatch, filtered=True) == 1

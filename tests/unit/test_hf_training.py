@@ -107,12 +107,22 @@ def test_sdpa_equals_eager_float64(mask_name, mlp):
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], **TIGHT, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def enable_checkpointing(model, **kwargs) -> None:
+    """transformers' current API: ``activation_checkpointing_enable`` (5.24, where
+    ``gradient_checkpointing_enable`` is its deprecated alias); 5.17 has only the latter."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        assert model.is_gradient_checkpointing
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_equals_plain_backward(reentrant):
     model = random_oracle(tiny_split_config(mlp=True), seed=56).train()
     plain_logits, plain_grads = _loss_and_grads(model, MASK)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    assert model.is_gradient_checkpointing
+    enable_checkpointing(model, use_reentrant=reentrant)
     ckpt_logits, ckpt_grads = _loss_and_grads(model, MASK)
     assert torch.equal(ckpt_logits, plain_logits)
     assert ckpt_grads.keys() == plain_grads.keys()
@@ -122,7 +132,7 @@ def test_gradient_checkpointing_equals_plain_backward(reentrant):
 
 def test_gradient_checkpointing_drops_the_cache_in_training():
     model = random_oracle(tiny_split_config(), seed=56).train()
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     ids, _ = _batch()
     out = model(ids, attention_mask=MASK, use_cache=True)
     assert out.cache is None if hasattr(out, "cache") else out.past_key_values is None
@@ -141,7 +151,7 @@ def test_peft_style_frozen_base_with_input_require_grads():
     for name, param in model.named_parameters():
         param.requires_grad_(name in trained)
     model.enable_input_require_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     _, grads = _loss_and_grads(model, MASK)
     assert sorted(grads) == sorted(trained)
     for name in trained:

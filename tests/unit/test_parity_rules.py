@@ -3,6 +3,7 @@ fails, and that NaN never passes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -74,3 +75,15 @@ def test_bf16_output_slices_are_judged_by_the_whole_outputs_rule():
 
 def test_float_output_slices_keep_their_own_tolerance():
     assert not _outputs_report(1e-6, torch.float64).passed
+
+
+def test_report_columns_say_what_they_hold():
+    """A row whose absolute error exceeds its relative bound, as a check prints it: the
+    header names the bound as relative, beside the relative error it bounds."""
+    from splitllama.verify.rules import Report, Row
+
+    report = Report("tp1_pp1", "lm", "float32", [Row("grad lm_head.weight", 1.432e-4, 4.105e-7, 1e-4, True)])
+    lines = report.table().splitlines()
+    assert "rel_err = abs_err / max |oracle|" in lines[1] and "rel_err <= rel_bound" in lines[1]
+    assert lines[2].split() == ["tensor", "abs_err", "rel_err", "rel_bound", "result"]
+    assert json.loads(report.to_json())["rows"][0]["rel_bound"] == 1e-4
