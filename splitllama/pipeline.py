@@ -66,8 +66,6 @@ class PipelineStageMixin:
             )
         super().__init__(config, megatron_config, stage=stage, options=options)
         self.pre_process, self.post_process = pre_process, post_process
-        # megatron's finalize_model_grads reads it on the first and last stage
-        self.share_embeddings_and_output_weights = False
         self.vp_stage = vp_stage if vpp else None
 
     def set_input_tensor(self, input_tensor) -> None:
