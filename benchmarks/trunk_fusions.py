@@ -64,22 +64,9 @@ def use_variant(name: str) -> None:
 
 
 def profile_step(step) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in kernels)
-    share: dict[str, float] = {}
-    for e in kernels:
-        share[bench.kernel_kind(e.key)] = share.get(bench.kernel_kind(e.key), 0.0) + e.device_time_total / total
-    other = sorted((e for e in kernels if bench.kernel_kind(e.key) == "other"), key=lambda e: -e.device_time_total)
-    return {"gpu_ms": total / 1e3, "share_by_kind": share,
-            "top_other": [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count}
-                          for e in other[:12]]}
+    profiled = bench.profile_step(step)
+    other = [k for k in profiled.pop("kernels") if k["kind"] == "other"]
+    return {**profiled, "top_other": other[:12]}
 
 
 def main() -> None:

@@ -345,32 +345,42 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in _KINDS if any(k in lowered for k in keys)), "other")
 
 
-def part_profile(config, ceiling, settings, gen) -> list[dict]:
-    """One packed actor step under the torch profiler: GPU time by kernel kind and the
-    top kernels (names as the profiler reports them)."""
+def profile_step(step) -> dict:
+    """One call of ``step`` (after one untimed call) under the torch profiler: GPU time,
+    its share by kernel kind, and every kernel with its time, longest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
-    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
-    step = actor_step(model, batch)
-    for _ in range(settings.warmup):
-        step()
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in kernels) or 1.0
     by_kind: dict[str, float] = {}
     for e in kernels:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total
-    top = sorted(kernels, key=lambda e: -e.device_time_total)[:15]
-    return [{
-        "name": "profile/packed", "part": "profile",
+    return {
         "gpu_ms": total / 1e3,
         "share_by_kind": {k: v / total for k, v in sorted(by_kind.items())},
-        "top_kernels": [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count} for e in top],
+        "kernels": [{"kernel": e.key[:120], "kind": kernel_kind(e.key), "ms": e.device_time_total / 1e3,
+                     "calls": e.count} for e in kernels],
+    }
+
+
+def part_profile(config, ceiling, settings, gen) -> list[dict]:
+    """One packed actor step under the torch profiler: GPU time by kernel kind and the
+    top kernels (names as the profiler reports them)."""
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
+    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
+    step = actor_step(model, batch)
+    for _ in range(settings.warmup):
+        step()
+    profiled = profile_step(step)
+    return [{
+        "name": "profile/packed", "part": "profile", "gpu_ms": profiled["gpu_ms"],
+        "share_by_kind": profiled["share_by_kind"], "top_kernels": profiled["kernels"][:15],
     }]
 
 

@@ -175,7 +175,7 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
     elif trunk:
         raise ValueError(f"the trunk is compared without pipeline stages, not at {layout}")
     else:
-        observed = _run_pipelined(chunks, moved)
+        observed = run_pipelined(chunks, moved)
     allreduce_sequence_parallel_grads(chunks)
     return observed, gather_full_state(chunks, "grad")
 
@@ -194,7 +194,9 @@ def gather_full_state(chunks: list[torch.nn.Module], source: str = "param") -> d
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]:
+def run_pipelined(chunks, microbatches: list[Microbatch], forward_only: bool = False) -> list[torch.Tensor]:
+    """Megatron's schedule over the micro-batches (the loss of ``_stage_loss``); what the
+    last stage observed, on every rank."""
     count = len(microbatches)
 
     def forward_step(mb, model):
@@ -207,7 +209,7 @@ def _run_pipelined(chunks, microbatches: list[Microbatch]) -> list[torch.Tensor]
 
         return out, loss_func
 
-    reports = run_pipeline(chunks, microbatches, forward_step)
+    reports = run_pipeline(chunks, microbatches, forward_step, forward_only=forward_only)
     holder = [[r["observed"] for r in reports] if parallel_state.is_pipeline_last_stage() else None]
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -35,16 +34,15 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import agree, setup_parallel
 from splitllama.layout import ParallelLayout
-from splitllama.pipeline import run_pipeline
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.rules import Report, Row, _row, bf16_allowed_error, compare
 from splitllama.verify.runner import (
     _oracle_observe,
-    _stage_loss,
     build_production,
     gather_full_state,
     load_oracle,
     run_oracle,
+    run_pipelined,
 )
 
 
@@ -99,36 +97,15 @@ def _production_step(chunks, microbatches: list[Microbatch], step: AdamStep, dty
     for wrapped in model:
         wrapped.zero_grad_buffer()
     optimizer.zero_grad()
-    _schedule(model, microbatches, forward_only=False)
+    run_pipelined(model, microbatches)
     grads = gather_full_state(chunks, "main_grad")
     with cuda_means_cpu():
         updated, grad_norm, _ = optimizer.step()
     if not updated:
         raise RuntimeError("megatron's optimizer skipped the step (gradient overflow)")
     with torch.no_grad():
-        observed = _schedule(model, microbatches, forward_only=True)
+        observed = run_pipelined(model, microbatches, forward_only=True)
     return grads, float(grad_norm), observed
-
-
-def _schedule(model, microbatches: list[Microbatch], forward_only: bool) -> list[torch.Tensor]:
-    """Megatron's schedule over the micro-batches; what the last stage observed, on every rank."""
-    count = len(microbatches)
-
-    def forward_step(mb, wrapped):
-        out = wrapped(mb.input_ids, mb.attention_mask, mb.position_ids, labels=mb.labels)
-
-        def loss_func(output):
-            loss, observed = _stage_loss(mb, output)
-            # megatron divides each micro-batch loss by their count; the oracle sums.
-            return loss * count, {"observed": observed.detach().cpu()}
-
-        return out, loss_func
-
-    reports = run_pipeline(model, microbatches, forward_step, forward_only=forward_only)
-    holder = [[r["observed"] for r in reports] if parallel_state.is_pipeline_last_stage() else None]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return holder[0]
 
 
 def _oracle_step(oracle, microbatches: list[Microbatch], step: AdamStep, master_dtype: torch.dtype):
