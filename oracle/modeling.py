@@ -540,17 +540,22 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         elif cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        past = int(past)  # a static cache counts in a tensor
-
         if attention_mask is None:
+            past = int(past)  # a static cache counts in a tensor
             key_valid = torch.ones(batch, past + q_len, dtype=torch.bool, device=device)
         else:
             key_valid = attention_mask.to(device=device, dtype=torch.bool)
-        if key_valid.shape != (batch, past + q_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(key_valid.shape)}; expected "
-                f"({batch}, {past + q_len}) = (batch, cached {past} + new {q_len} tokens)"
-            )
+            # Under torch.compile the mask's width says how many tokens are cached: reading
+            # a static cache's count (a tensor in some transformers versions) would be a
+            # data-dependent branch, which a full-graph capture refuses.
+            if not torch.compiler.is_compiling():
+                past = int(past)
+                if key_valid.shape != (batch, past + q_len):
+                    raise ValueError(
+                        f"attention_mask has shape {tuple(key_valid.shape)}; expected "
+                        f"({batch}, {past + q_len}) = (batch, cached {past} + new {q_len} tokens)"
+                    )
+            past = key_valid.shape[1] - q_len
         if cache_position is None:
             cache_position = torch.arange(past, past + q_len, device=device)
         if position_ids is None:
