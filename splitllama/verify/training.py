@@ -149,7 +149,8 @@ def run_training_step(checkpoint_dir: str, config: CustomSplitLlamaConfig, layou
     chunks = build_production(config, layout, head, dtype, device, stages=True)
     load_checkpoint(chunks, checkpoint_dir, progress=False)
     before = gather_full_state(chunks)
-    prod_grads, prod_norm, prod_out = _production_step(chunks, microbatches, step, dtype, distributed_optimizer)
+    moved = [mb.to(device) for mb in microbatches]
+    prod_grads, prod_norm, prod_out = _production_step(chunks, moved, step, dtype, distributed_optimizer)
     prod_steps = {name: after - before[name] for name, after in gather_full_state(chunks).items()}
 
     ref_dtype = torch.float64 if device == "cpu" else torch.float32
