@@ -414,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from splitllama.checkpoint_dir import BrokenCheckpointError
     rank = int(os.environ.get("RANK", "0"))
     try:
         if args.command == "assemble":
@@ -425,13 +424,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         _report(args, rank, f"splitllama {args.command}: error: {in_flag_terms(args.command, str(err))}")
         return 2
-    except BrokenCheckpointError as err:  # found inside the run (the check reads the weights there)
-        _report(args, rank, f"splitllama {args.command}: error: {err}")
-        return 2
-    except Exception as err:  # a failure inside the run: reported once
+    except Exception as err:
+        if _is_broken_checkpoint(err):  # found inside the run (the check reads the weights there)
+            _report(args, rank, f"splitllama {args.command}: error: {err}")
+            return 2
+        # a failure inside the run: reported once
         _report(args, rank, f"splitllama {args.command}: error: {type(err).__name__}: {err}"
                             f"{'' if args.debug else ' (--debug shows the traceback)'}")
         return 1
+
+
+def _is_broken_checkpoint(err: Exception) -> bool:
+    # Only a command that imported checkpoint_dir can raise its error; importing it here
+    # for every command would put transformers' import (seconds) before each flag check.
+    module = sys.modules.get("splitllama.checkpoint_dir")
+    return module is not None and isinstance(err, module.BrokenCheckpointError)
 
 
 def _report(args, rank: int, line: str) -> None:
