@@ -1,8 +1,15 @@
-"""The catalogue of bad inputs: each row runs the real ``splitllama`` command in a fresh
-process and must get ONE line ``splitllama <cmd>: error: ...`` naming the flag, the file or
-the config field as the user wrote it, exit code 2, no traceback, and no process launched
-(every row but the broken-weights ones fails in the checks that run before ``check``
-spawns ranks or imports megatron; those are found when the check reads the weights).
+"""The catalogue of bad inputs: each row runs the ``splitllama`` command and must get ONE
+line ``splitllama <cmd>: error: ...`` naming the flag, the file or the config field as the
+user wrote it, exit code 2, no traceback, and no process launched (every row but the
+broken-weights ones fails in the checks that run before ``check`` spawns ranks or imports
+megatron; those are found when the check reads the weights).
+
+Rows marked ``process`` run the installed command in a fresh process: the broken-weights
+row (it reaches the run, which sets up process groups) and one row of each kind of check
+(flags, checkpoint files, config fields, assemble), so the whole path from the command line
+is covered. The others call ``cli.main`` in this process and read its output from the file
+descriptors: the same code, without paying the interpreter and transformers' import (about
+4 s) once per row.
 
 The damaged checkpoints are copies of one tiny random split checkpoint: a shard missing
 from its index, a truncated file, overwritten header bytes, a tensor removed, reshaped or
@@ -142,6 +149,7 @@ class Row:
     argv: Callable[[dict], list[str]]
     message: str  # a substring of the one error line
     code: int = 2
+    process: bool = False  # in a fresh process (see the module docstring)
 
 
 def _assemble(lower: str, upper: str, out: str = "", num_lower: int = 1) -> Callable[[dict], list[str]]:
@@ -152,7 +160,8 @@ def _assemble(lower: str, upper: str, out: str = "", num_lower: int = 1) -> Call
 
 
 CATALOGUE = [
-    Row("missing_directory", lambda b: ["check", "/nonexistent/split"], "/nonexistent/split is not a directory"),
+    Row("missing_directory", lambda b: ["check", "/nonexistent/split"], "/nonexistent/split is not a directory",
+        process=True),
     Row("plain_llama_to_check", lambda b: ["check", str(b["llama"])],
         "has model_type='llama', expected 'custom_split_llama': make a split checkpoint with `splitllama assemble`"),
     Row("config_not_json", lambda b: ["check", str(b["not_json"])], "config.json is not valid JSON"),
@@ -165,7 +174,8 @@ CATALOGUE = [
     Row("missing_tensor", lambda b: ["check", str(b["missing_tensor"])], "is missing tensors: model.norm.weight"),
     Row("extra_tensor", lambda b: ["check", str(b["extra_tensor"])], "has unexpected tensors: model.extra.weight"),
     Row("tp_not_dividing_heads", lambda b: ["check", "--tp", "3"],
-        "--tp 3 --pp 1: lower_config.num_attention_heads=8 is not divisible by tensor_model_parallel_size=3"),
+        "--tp 3 --pp 1: lower_config.num_attention_heads=8 is not divisible by tensor_model_parallel_size=3",
+        process=True),
     Row("tp_zero", lambda b: ["check", "--tp", "0"], "--tp must be a positive int, got 0"),
     Row("pp_larger_than_layers", lambda b: ["check", "--pp", "8"], "--tp 1 --pp 8: "),
     Row("vpp_without_pp", lambda b: ["check", "--vpp", "2"], "--vpp 2 needs --pp > 1"),
@@ -177,10 +187,10 @@ CATALOGUE = [
     Row("assemble_different_vocabularies", _assemble("llama", "llama_vocab_300"), "vocab"),
     Row("assemble_rope_that_cannot_be_combined", _assemble("llama", "llama_yarn"), "rope"),
     Row("assemble_output_exists", _assemble("llama", "llama_70b_shape", "existing_out"),
-        "--out "),
+        "--out ", process=True),
     # nested config fields, as they are written in config.json
     Row("nested_field_of_wrong_type", lambda b: ["check", str(b["nested_wrong_type"])],
-        "config.json: lower_config.num_attention_heads: expected int, got str (value: 'four')"),
+        "config.json: lower_config.num_attention_heads: expected int, got str (value: 'four')", process=True),
     Row("nested_fields_inconsistent", lambda b: ["check", str(b["nested_inconsistent"])],
         "config.json: upper_config is inconsistent: The hidden size (128) is not a multiple of the number "
         "of attention heads (6)"),
@@ -190,7 +200,8 @@ CATALOGUE = [
         "config.json is inconsistent: The hidden size (64) is not a multiple of the number of attention heads (6)"),
     # broken weights: named as such, with the tensor
     Row("nan_in_a_weight", lambda b: ["check", str(b["nan_weight"])],
-        "is broken: tensor model.layers_last.1.mlp.up_proj.weight (448, 128) holds 2 NaN of 57344 values"),
+        "is broken: tensor model.layers_last.1.mlp.up_proj.weight (448, 128) holds 2 NaN of 57344 values",
+        process=True),
     # the flags the messages name, as the user typed them
     Row("uneven_pipeline_split_names_the_flag", lambda b: ["check", "--pp", "3"],
         "do not split evenly over 3 pipeline stages (pp=3 x vpp=1); pass --layers-per-stage, a list of 3 "
@@ -216,16 +227,36 @@ CATALOGUE = [
 
 
 @pytest.mark.parametrize("row", CATALOGUE, ids=[r.name for r in CATALOGUE])
-def test_bad_input_gets_one_line_and_exit_2(row: Row, bad):
+def test_bad_input_gets_one_line_and_exit_2(row: Row, bad, monkeypatch, capfd):
     argv = row.argv(bad)
-    result = subprocess.run([sys.executable, "-m", "splitllama.cli", *argv], capture_output=True, text=True,
-                            timeout=120, cwd=REPO)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if row.process:
+        result = subprocess.run([sys.executable, "-m", "splitllama.cli", *argv], capture_output=True, text=True,
+                                timeout=120, cwd=REPO)
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        code, stdout, stderr = _in_process(argv, monkeypatch, capfd)
+    lines = [line for line in stderr.splitlines() if line.strip()]
     command = argv[0]
-    assert result.returncode == row.code, result.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"splitllama {command}: error: "), result.stderr
+    assert code == row.code, stderr
+    assert len(lines) == 1 and lines[0].startswith(f"splitllama {command}: error: "), stderr
     assert row.message in lines[0], lines[0]
-    assert result.stdout == ""
+    assert stdout == ""
+
+
+def _in_process(argv: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
+    from splitllama import cli
+
+    # as a user's shell would have it: no launcher variables from a process group that an
+    # earlier test in this worker made
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", cli.RANK_ERRORS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    capfd.readouterr()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit:  # argparse's errors
+        code = exit.code
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 def test_debug_shows_the_traceback(bad):
