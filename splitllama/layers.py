@@ -134,8 +134,9 @@ class RMSNorm(torch.nn.Module):
 
 @jit_fuser
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One kernel each way on GPU (megatron's ``jit_fuser`` is ``torch.compile``) instead
-    of seven element-wise passes over ``[tokens, hidden]``; the casts stay explicit, so
+    """One kernel each way on GPU (megatron's ``jit_fuser`` is ``torch.compile``; seen in the
+    profile: one reduction kernel per norm forward, one backward) instead of eight eager
+    element-wise passes over ``[tokens, hidden]``; the casts stay explicit, so
     rounding is Llama's: normalise in >= float32, round to the input dtype, then scale."""
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
