@@ -440,38 +440,35 @@ def _tp_weight_declared_replicated(mp):
     mp.setattr(dist_checkpoint, "_sharded_weight", replicated)
 
 
-def _dist_layer_offset_dropped(mp):
-    from splitllama import dist_checkpoint
-
-    weight_specs = sharding.weight_specs
+def _layers_numbered_per_stage(weight_specs):
+    """``weight_specs`` with every stage's layers named from 0 in each stack (as the
+    modules' own paths are) instead of from the stage's first global layer index."""
     layer = re.compile(r"model\.(layers_first|layers_last)\.(\d+)\.")
 
     def stage_local(config, stage, head, padded_vocab=None):
-        # every stage numbers its layers from 0, as the modules' own paths do
-        start = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
-        return [
-            sharding.WeightSpec(s.param, tuple(layer.sub(lambda m: f"model.{m.group(1)}.{int(m.group(2)) - start[m.group(1)]}.",
-                                                         n) for n in s.names), s.sharding)
-            for s in weight_specs(config, stage, head, padded_vocab)
-        ]
-
-    mp.setattr(dist_checkpoint, "weight_specs", stage_local)
-def _export_layer_offset_dropped(mp):
-    # the exported names of a stage's layers numbered from 0 in each stack instead of
-    # from the stage's first global index: the checkpoint names a rollout engine loads
-    from splitllama import checkpoints
-
-    weight_specs = checkpoints.weight_specs
-    layer = re.compile(r"model\.(layers_first|layers_last)\.(\d+)\.")
-
-    def local_numbers(config, stage, head, padded_vocab=None):
         starts = {"layers_first": stage.lower_layers.start, "layers_last": stage.upper_layers.start}
-        renumber = lambda m: f"model.{m.group(1)}.{int(m.group(2)) - starts[m.group(1)]}."  # noqa: E731
+
+        def renumber(m):
+            return f"model.{m.group(1)}.{int(m.group(2)) - starts[m.group(1)]}."
+
         return [sharding.WeightSpec(s.param, tuple(layer.sub(renumber, n) for n in s.names), s.sharding)
                 for s in weight_specs(config, stage, head, padded_vocab)]
 
-    # the loader then reads the same wrong names, so only the exported names show it
-    mp.setattr(checkpoints, "weight_specs", local_numbers)
+    return stage_local
+
+
+def _dist_layer_offset_dropped(mp):
+    from splitllama import dist_checkpoint
+
+    mp.setattr(dist_checkpoint, "weight_specs", _layers_numbered_per_stage(sharding.weight_specs))
+
+
+def _export_layer_offset_dropped(mp):
+    # the checkpoint names a rollout engine loads; the loader then reads the same wrong
+    # names, so only the exported names show it
+    from splitllama import checkpoints
+
+    mp.setattr(checkpoints, "weight_specs", _layers_numbered_per_stage(checkpoints.weight_specs))
 
 
 def _export_skips_stage(mp):
