@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.model import ParallelCustomSplitLLamaForValueRmPad
+from splitllama.model import head_of
 from splitllama.checkpoint_dir import check_tensors, read_split_config
 from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
 from splitllama.sharding import fuse, local_slices, unshard, weight_specs
@@ -50,10 +50,6 @@ def _chunks(model_or_chunks) -> list[torch.nn.Module]:
         if not hasattr(chunk, "stage") or not hasattr(chunk, "hf_config"):
             raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
     return chunks
-
-
-def head_of(chunk: torch.nn.Module) -> wn.Head:
-    return "value" if isinstance(chunk, ParallelCustomSplitLLamaForValueRmPad) else "lm"
 
 
 def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):

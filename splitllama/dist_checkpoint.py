@@ -53,12 +53,6 @@ from splitllama.sharding import (
 EXTRA_STATE = "_extra_state"
 
 
-def _head_kind(chunk: torch.nn.Module) -> wn.Head:
-    """The head kind a chunk's weight names use. Only the stage holding the head reads it,
-    and that stage holds ``value_head`` or ``lm_head``."""
-    return "value" if hasattr(chunk, "value_head") else "lm"
-
-
 def _global_offset(index: tuple[slice, ...], ndim: int) -> tuple[int, ...]:
     starts = [0] * ndim
     for dim, part in enumerate(index):
@@ -113,11 +107,12 @@ def _sharded_weight(spec: WeightSpec, param: torch.Tensor, shapes: list[tuple[in
     return ShardedTensorFactory(spec.names[0], param, build, merge, replica_id)
 
 
-def sharded_state_dict(chunk: torch.nn.Module, prefix: str = "", sharded_offsets: tuple = (),
+def sharded_state_dict(chunk: torch.nn.Module, head: wn.Head, prefix: str = "", sharded_offsets: tuple = (),
                        metadata: dict | None = None) -> dict:
     """Megatron's sharded state dict of one production model chunk: its ``state_dict``
     keys (under ``prefix``) -> ``ShardedTensor`` / ``ShardedTensorFactory`` /
-    ``ShardedObject`` of the split checkpoint's tensors. ``metadata``: megatron's
+    ``ShardedObject`` of the split checkpoint's tensors, named for ``head`` (``model.head_of``:
+    this module sits below model.py). ``metadata``: megatron's
     ``dp_cp_group`` (default: its data-parallel group with context parallelism)."""
     if sharded_offsets:
         raise ValueError(
@@ -128,7 +123,6 @@ def sharded_state_dict(chunk: torch.nn.Module, prefix: str = "", sharded_offsets
     dp_rank = torch.distributed.get_rank(group)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    head = _head_kind(chunk)
     shapes = wn.split_checkpoint_shapes(chunk.hf_config, head)
     out: dict = {}
     weight_key: dict[str, str] = {}

@@ -25,6 +25,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import dist_checkpoint
+from splitllama import weight_names as wn
 from splitllama.attention import PackedAttention
 from splitllama.batches import PackedBatch, PaddedBatch, ThdBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
@@ -176,8 +177,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
             self._init_head(config)
         # megatron's layers mark their TP-split weights only when they initialise them;
         # its gradient norm (clipping) and distributed optimizer read the marks
-        head = "value" if hasattr(self, "value_head") else "lm"
-        mark_tensor_parallel(self, weight_specs(config, stage, head, self.padded_vocab_size))
+        mark_tensor_parallel(self, weight_specs(config, stage, head_of(self), self.padded_vocab_size))
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
         self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
@@ -227,7 +227,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         names with global layer indices, each rank's block from ``sharding.py``
         (``dist_checkpoint.sharded_state_dict``), so a checkpoint saved at one TP x PP x VPP
         layout loads at another."""
-        return dist_checkpoint.sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        return dist_checkpoint.sharded_state_dict(self, head_of(self), prefix, sharded_offsets, metadata)
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):
@@ -260,3 +260,9 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
                       vocab_parallel: bool | None = None) -> torch.Tensor:
         return self.value_head(hidden_SBH, scores)
+
+
+def head_of(model: torch.nn.Module) -> wn.Head:
+    """The head kind whose checkpoint names a production model (or chunk) uses: every
+    stage of a value model is a value-model stage, whether or not it holds the head."""
+    return "value" if isinstance(model, ParallelCustomSplitLLamaForValueRmPad) else "lm"
