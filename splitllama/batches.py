@@ -229,7 +229,7 @@ def thd_batch(input_ids_1T, position_ids_1T, packed_seq_params: PackedSeqParams,
         raise ValueError(f"packed_seq_params.cu_seqlens_q(_padded) must be a 1-d tensor [docs + 1], got {_shape(cu)}")
     if kv is not None and not torch.equal(kv.to(cu.device), cu):
         raise ValueError("packed_seq_params: cu_seqlens_kv must equal cu_seqlens_q (self-attention)")
-    bounds = [int(b) for b in cu.tolist()]  # the one host sync of the plan
+    bounds = [int(b) for b in cu.tolist()]  # host sync: the plan needs the bounds (ids range: one more)
     total = bounds[-1]
     if bounds[0] != 0 or any(b > a for b, a in zip(bounds, bounds[1:])):
         raise ValueError(f"packed_seq_params.cu_seqlens_q must start at 0 and never decrease, got {bounds}")
