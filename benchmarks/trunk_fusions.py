@@ -3,16 +3,18 @@
 Packed RL actor steps (entropy on) at the bench shape with ``--depths`` lower x upper
 real layers, on the same documents, for each variant:
 
-* ``unfused``           megatron's unfused SwiGLU and an eager RMSNorm (the model before
-                        the fusions; 7 element-wise passes per norm, 4 per SwiGLU);
-* ``swiglu``            megatron's fused SwiGLU (``bias_activation_fusion``) only;
-* ``swiglu+norm``       what the product runs: fused SwiGLU and the compiled RMSNorm;
-* ``swiglu+norm+rope``  an experiment, not in the product: megatron's rotary application
-                        replaced by one compiled function (float32 math, one rounding);
+* ``unfused``           megatron's unfused SwiGLU, and ``elementwise.rms_norm`` and
+                        ``elementwise.rotate`` run eagerly (7 element-wise passes per norm,
+                        4 per SwiGLU, 6 per rotary application);
+* ``mswiglu+norm``      megatron's fused SwiGLU (``bias_activation_fusion``) and the
+                        compiled RMSNorm;
+* ``swiglu+norm``       ``layers.SwiGLU`` (compiled, ffn static) and the compiled RMSNorm;
+* ``swiglu+norm+rope``  what the product runs: the above and the compiled rotary.
 
 and, at depths with 8 or more upper layers, full activation recompute for ``unfused`` and
-the product. The unfused variants put the original functions back in this process only.
-The deepest depth is also profiled (GPU time by kernel kind, top element-wise kernels).
+the product. The other variants put eager or megatron's functions back in this process
+only. The deepest depth is also profiled (GPU time by kernel kind, top element-wise
+kernels) for megatron's fused SwiGLU and for the product.
 
     python benchmarks/trunk_fusions.py --depths 2x2,2x8 --json fusions.json
 """
@@ -23,44 +25,30 @@ import argparse
 import json
 
 import torch
-from megatron.core.transformer import attention as megatron_attention
 
-from splitllama import bench, layers, model as model_module
+from splitllama import bench, elementwise, model as model_module
 from splitllama.distributed import init_distributed
 from splitllama.layout import ParallelLayout
 from splitllama.options import ModelOptions
 
-_fused_norm = layers._rms_norm
-_eager_norm = getattr(layers._rms_norm, "_torchdynamo_orig_callable", layers._rms_norm)
 _stack_config = model_module.stack_config
-_megatron_rope = megatron_attention.apply_rotary_pos_emb
-
-
-@torch.compile(dynamic=True)
-def _compiled_rope(t, freqs):
-    t32 = t.float()
-    x1, x2 = t32.chunk(2, -1)
-    return (t32 * freqs.cos() + torch.cat((-x2, x1), -1) * freqs.sin()).to(t.dtype)
-
-
-def _rope(t, freqs, config=None, cu_seqlens=None, mscale=1.0, cp_group=None):
-    if cu_seqlens is None and mscale == 1.0 and freqs.shape[-1] == t.shape[-1]:
-        return _compiled_rope(t, freqs)
-    return _megatron_rope(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+_compiled = {name: getattr(elementwise, name) for name in ("rms_norm", "rotate")}
+_eager = {name: fn.__wrapped__ for name, fn in _compiled.items()}
 
 
 def use_variant(name: str) -> None:
     """Set this process's functions to the variant's (see the module docstring)."""
-    swiglu = name != "unfused"
 
     def stack_config(*args, **kwargs):
         config = _stack_config(*args, **kwargs)
-        config.bias_activation_fusion = swiglu  # read by megatron's MLP at each forward
+        # read by megatron's MLP when built and at each forward
+        config.use_te_activation_func = name.startswith("swiglu")  # layers.SwiGLU in its slot
+        config.bias_activation_fusion = name.startswith("mswiglu")
         return config
 
     model_module.stack_config = stack_config
-    layers._rms_norm = _fused_norm if "norm" in name else _eager_norm
-    megatron_attention.apply_rotary_pos_emb = _rope if "rope" in name else _megatron_rope
+    elementwise.rms_norm = (_compiled if "norm" in name else _eager)["rms_norm"]
+    elementwise.rotate = (_compiled if "rope" in name else _eager)["rotate"]
 
 
 def profile_step(step) -> dict:
@@ -88,9 +76,9 @@ def main() -> None:
         config = bench.bench_config("mixed", lower, upper)
         gen = torch.Generator().manual_seed(0)
         batch = bench.make_batch(bench.rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
-        runs = [(v, "none") for v in ("unfused", "swiglu", "swiglu+norm", "swiglu+norm+rope")]
+        runs = [(v, "none") for v in ("unfused", "mswiglu+norm", "swiglu+norm", "swiglu+norm+rope")]
         if upper >= 8:
-            runs += [("unfused", "full"), ("swiglu+norm", "full")]
+            runs += [("unfused", "full"), ("swiglu+norm+rope", "full")]
         for variant, recompute in runs:
             use_variant(variant)
             model = bench.build(bench.ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
@@ -98,14 +86,14 @@ def main() -> None:
             step = bench.actor_step(model, batch)
             row = bench.measure(f"{depth}/{variant}/{recompute}", step, batch, config, ceiling, args)
             row.update(depth=depth, variant=variant, recompute=recompute)
-            if depth == depths[-1] and recompute == "none" and variant in ("unfused", "swiglu+norm"):
+            if depth == depths[-1] and recompute == "none" and variant in ("mswiglu+norm", "swiglu+norm+rope"):
                 row["profile"] = profile_step(step)
             print(json.dumps({k: row.get(k) for k in ("name", "ms", "fraction_of_ceiling",
                                                        "activation_memory_gib", "error")}), flush=True)
             rows.append(row)
             del model, step
             torch.cuda.empty_cache()
-    use_variant("swiglu+norm")
+    use_variant("swiglu+norm+rope")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -14,14 +14,16 @@ has been run against the oracle (README: how to check it on your machine).
 ``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name.
 
 The choice, the document boundaries and the FlexAttention block mask are made ONCE per
-batch (``plan_packed`` / ``plan_padded``) and handed to every layer: megatron passes
-``packed_seq_params`` (packed) or ``attention_mask`` (padded) unchanged to its
-``core_attention`` slot, which is ``SplitCoreAttention`` here. Nothing else in the package
-chooses a backend.
+batch (``plan_packed``; ``plan_padded``'s mask for padded batches), the rotary cos/sin once
+per batch and stack, and handed to every layer as an ``AttentionPlan``: megatron passes
+it as ``packed_seq_params``, unchanged, to its ``core_attention`` slot, which is
+``SplitCoreAttention`` here. Nothing else in the package chooses a backend or applies the
+rotary embedding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
+
+from splitllama import elementwise
 
 try:  # flash-attn is optional: source-only, it cannot be installed on every machine.
     from flash_attn import flash_attn_varlen_func
@@ -94,14 +98,53 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 @dataclass
-class PackedAttention(PackedSeqParams):
-    """Megatron's ``PackedSeqParams`` plus what every layer's attention needs of this
-    batch, computed once: the backend, the document boundaries on the host (``sdpa``) and
-    the FlexAttention block mask (``flex``)."""
+class AttentionPlan(PackedSeqParams):
+    """What every layer's attention needs of this batch, made once per batch (the rotary
+    part once per stack: ``with_rotary``). Megatron hands it unchanged to its
+    ``core_attention`` slot as ``packed_seq_params``; with ``qkv_format="sbhd"`` it leaves
+    q/k/v as ``[S, B, heads, d]``. Megatron is given no rotary embedding:
+    ``SplitCoreAttention`` rotates q and k by ``rotary_cos``/``rotary_sin``
+    (``[S, B, 1, d]``, the layer's stack's angles at the batch's positions) with one compiled
+    kernel (``elementwise.rotate``) instead of megatron's eager passes, which also formed
+    cos/sin again in every layer."""
+
+    qkv_format: str = "sbhd"
+    rotary_cos: torch.Tensor | None = None
+    rotary_sin: torch.Tensor | None = None
+
+    def with_rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> AttentionPlan:
+        return dataclasses.replace(self, rotary_cos=cos, rotary_sin=sin)
+
+    def attend(self, q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Rotated q ``[S, B, heads, d]``, k/v ``[S, B, groups, d]`` -> ``[S, B, heads * d]``."""
+        raise NotImplementedError
+
+
+@dataclass
+class PackedAttention(AttentionPlan):
+    """A packed batch (``[T, 1, ...]``): the backend, the document boundaries
+    (``cu_seqlens_*``, and on the host for ``sdpa``) and the FlexAttention block mask
+    (``flex``)."""
 
     backend: str = "sdpa"
     bounds: list[int] = field(default_factory=list)
     block_mask: Any = None
+
+    def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
+        out = _BACKEND_FNS[self.backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
+        return out.reshape(out.shape[0], 1, -1)
+
+
+@dataclass
+class PaddedAttention(AttentionPlan):
+    """A padded batch: ``plan_padded``'s ``[B, 1, S, S]`` mask."""
+
+    allowed_B1SS: torch.Tensor | None = None
+
+    def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
+        out = padded_attention(q_SBHD, k_SBGD, v_SBGD, self.allowed_B1SS, scale)
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: torch.dtype) -> PackedAttention:
@@ -113,7 +156,6 @@ def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: t
     # the per-document loop needs the boundaries on the host: the CPU path, no device sync
     bounds = cu_seqlens.tolist() if backend == "sdpa" else []
     return PackedAttention(
-        qkv_format="sbhd",  # see SplitCoreAttention: per-token rotary
         cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
         backend=backend, bounds=bounds, block_mask=block_mask,
@@ -196,12 +238,6 @@ def _sdpa(q, k, v, plan: PackedAttention, scale):
 _BACKEND_FNS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
 
 
-def packed_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
-                     plan: PackedAttention, scale: float) -> torch.Tensor:
-    """Causal attention within each document of a packed sequence -> ``[T, heads, d]``."""
-    return _BACKEND_FNS[plan.backend](q_THD, k_TGD, v_TGD, plan, scale)
-
-
 def padded_attention(q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,
                      allowed_B1SS: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention over padded rows ``[seq, batch, heads, d]`` under ``plan_padded``'s mask."""
@@ -213,13 +249,13 @@ def padded_attention(q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.T
 
 
 class SplitCoreAttention(MegatronModule):
-    """Megatron's ``core_attention`` slot: packed (varlen) or padded causal attention.
+    """Megatron's ``core_attention`` slot: rotary embedding of q and k, then packed (varlen)
+    or padded causal attention, as the batch's ``AttentionPlan`` says.
 
-    Packed input arrives as ``q [T, 1, heads, d]``, ``k/v [T, 1, groups, d]`` with a
-    ``PackedAttention(qkv_format="sbhd")``: the "sbhd" format (batch of one) makes megatron
-    apply OUR per-token rotary embedding, so caller position_ids are honoured, instead of
-    restarting positions per document as it does for "thd". Padded input arrives as
-    ``[S, B, heads, d]`` with ``attention_mask`` = ``plan_padded``'s ``[B, 1, S, S]`` mask."""
+    Packed input arrives as ``q [T, 1, heads, d]``, ``k/v [T, 1, groups, d]`` (the "sbhd"
+    format, a batch of one, rather than megatron's "thd", in which megatron would restart
+    positions per document instead of honouring the caller's position ids); padded input
+    as ``[S, B, heads, d]``. The plan comes as ``packed_seq_params`` in both cases."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  cp_comm_type=None, softmax_scale=None, pg_collection=None, **kwargs):
@@ -229,10 +265,10 @@ class SplitCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params: PackedAttention | None = None):
-        if packed_seq_params is not None:
-            out = packed_attention(query.squeeze(1), key.squeeze(1), value.squeeze(1),
-                                   packed_seq_params, self.softmax_scale)
-            return out.reshape(out.shape[0], 1, -1)
-        out = padded_attention(query, key, value, attention_mask, self.softmax_scale)
-        return out.reshape(out.shape[0], out.shape[1], -1)
+                attention_bias=None, packed_seq_params: AttentionPlan | None = None):
+        plan = packed_seq_params
+        assert isinstance(plan, AttentionPlan) and plan.rotary_cos is not None, \
+            "the trunk hands every layer its stack's AttentionPlan, rotary included"
+        query = elementwise.rotate(query, plan.rotary_cos, plan.rotary_sin)
+        key = elementwise.rotate(key, plan.rotary_cos, plan.rotary_sin)
+        return plan.attend(query, key, value, self.softmax_scale)

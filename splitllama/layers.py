@@ -4,12 +4,14 @@
   from its Llama config and the caller's parallel settings;
 * ``RMSNorm``: Llama's norm, usable under sequence parallelism (its weight is marked
   ``sequence_parallel`` so its gradient gets all-reduced over TP, see ``grads.py``);
-* ``layer_spec``: megatron's local layer spec with ``RMSNorm`` and the ONE attention
-  dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
+* ``SwiGLU``: the MLP's activation, one compiled kernel each way;
+* ``layer_spec``: megatron's local layer spec with ``RMSNorm``, ``SwiGLU`` and the ONE
+  attention dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
 * ``decoder_stack``: megatron's ``TransformerBlock`` over the layers of one stack that a
   pipeline stage holds (so megatron's activation recompute applies, ``RECOMPUTE``);
-* ``RotaryPositions``: per-token rotary angles from position ids (inverse frequencies from
-  the stack's rope settings by transformers' rope functions, llama3 scaling included);
+* ``RotaryPositions``: per-token rotary angles (and their cos/sin) from position ids
+  (inverse frequencies from the stack's rope settings by transformers' rope functions,
+  llama3 scaling included);
 * ``Adapter``: ``h_lo -> h_hi``, one projection (``mlp=false``) or linear-ReLU-linear.
 
 Tensor layout is megatron's ``[seq, batch, hidden]``; packed sequences are a batch of one
@@ -24,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.jit import jit_fuser
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -41,6 +42,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from splitllama import elementwise
 from splitllama.attention import SplitCoreAttention
 from splitllama.config import SUPPORTED_ROPE_TYPES, rope_parameters
 from splitllama.options import RECOMPUTE_CHOICES
@@ -95,9 +97,11 @@ def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_lay
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # megatron's fused SwiGLU (a compiled kernel each way; keeps only the fc1 output
-        # for backward, not silu(gate) and the product as well)
-        bias_activation_fusion=True,
+        # SwiGLU is ``SwiGLU`` in the MLP's activation slot, which megatron reads only with
+        # this flag (named for Transformer Engine, which is not used); its own fused SwiGLU
+        # (bias_activation_fusion) is off: see ``SwiGLU`` for why
+        use_te_activation_func=True,
+        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -129,22 +133,38 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        return elementwise.rms_norm(x, self.weight, self.eps)
 
 
-@jit_fuser
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One kernel each way on GPU (megatron's ``jit_fuser`` is ``torch.compile``; seen in the
-    profile: one reduction kernel per norm forward, one backward) instead of eight eager
-    element-wise passes over ``[tokens, hidden]``; the casts stay explicit, so
-    rounding is Llama's: normalise in >= float32, round to the input dtype, then scale."""
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+class SwiGLU(torch.nn.Module):
+    """``silu(gate) * up`` of fc1's output ``[S, B, 2 ffn/tp]`` (gate first, as megatron's
+    fc1 lays it out per TP rank) -> ``[S, B, ffn/tp]``, in megatron's MLP
+    ``activation_func`` slot; one kernel each way (``elementwise.swiglu``), and only fc1's
+    output is kept for backward. Megatron's own fused SwiGLU (``bias_activation_fusion``)
+    does the same math, but compiled with one shape policy for both stacks, which made its
+    kernels slow here (see elementwise.py)."""
+
+    def __init__(self, config: TransformerConfig | None = None):
+        super().__init__()
+
+    def forward(self, fc1_SBF: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(fc1_SBF)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fc1):
+        ctx.save_for_backward(fc1)
+        return elementwise.swiglu(fc1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (fc1,) = ctx.saved_tensors
+        return elementwise.swiglu_back(grad_out, fc1)
 
 
 def layer_spec() -> ModuleSpec:
-    """Megatron's local GPT layer spec with Llama's norm and our attention dispatch."""
+    """Megatron's local GPT layer spec with Llama's norm, SwiGLU and our attention dispatch."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -166,6 +186,7 @@ def layer_spec() -> ModuleSpec:
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=tensor_parallel.ColumnParallelLinear,
+                    activation_func=SwiGLU,
                     linear_fc2=tensor_parallel.RowParallelLinear,
                 ),
             ),
@@ -209,6 +230,12 @@ class RotaryPositions(torch.nn.Module):
                              "which this model does not apply")
         # float32, as transformers defines them; widened only when forming angles
         self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+
+    def cos_sin(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, S]`` positions -> cos and sin of ``forward``'s angles, ``[S, B, 1, head_dim]``
+        each, in the angles' dtype (``elementwise.rotate`` rounds once, to the activations')."""
+        angles = self(position_ids_BS, dtype)
+        return angles.cos(), angles.sin()
 
     def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[B, S]`` positions -> angles ``[S, B, 1, head_dim]``.

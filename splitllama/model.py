@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import dist_checkpoint
 from splitllama import weight_names as wn
-from splitllama.attention import PackedAttention
+from splitllama.attention import PackedAttention, PaddedAttention
 from splitllama.batches import PackedBatch, PaddedBatch, ThdBatch, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.heads import LMHead, TokenScores, ValueHead
@@ -86,14 +86,16 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
                                    "call set_input_tensor first")
             hidden = self.input_tensor
         dtype = self.lower_config.params_dtype
+        # one plan per stack: the batch's attention plan with that stack's rotary cos/sin
+        plan = packed_seq_params if packed_seq_params is not None else PaddedAttention(allowed_B1SS=attention_mask)
         if self.lower is not None:
-            hidden = self.lower(hidden, attention_mask, rotary_pos_emb=self.rotary_lower(position_ids_BS, dtype),
-                                packed_seq_params=packed_seq_params)
+            lower_plan = plan.with_rotary(*self.rotary_lower.cos_sin(position_ids_BS, dtype))
+            hidden = self.lower(hidden, None, packed_seq_params=lower_plan)
         if self.adapter is not None:
             hidden = self.adapter(hidden)
         if self.upper is not None:
-            hidden = self.upper(hidden, attention_mask, rotary_pos_emb=self.rotary_upper(position_ids_BS, dtype),
-                                packed_seq_params=packed_seq_params)
+            upper_plan = plan.with_rotary(*self.rotary_upper.cos_sin(position_ids_BS, dtype))
+            hidden = self.upper(hidden, None, packed_seq_params=upper_plan)
         if self.norm is not None:
             hidden = self.norm(hidden)
         return hidden

@@ -196,15 +196,27 @@ def _recompute_detaches_input(mp):
     mp.setattr(tp, "checkpoint", detached)
 
 
-def _fused_swiglu_gate_derivative_dropped(mp):
-    from megatron.core.fusions import fused_bias_swiglu
+def _swiglu_gate_derivative_dropped(mp):
+    from splitllama import elementwise
 
-    def without_gate_derivative(g, y):
+    def without_gate_derivative(grad_out, fc1):
         # d silu(a)/da taken as sigmoid(a): right forward, wrong gate gradient
-        gate, up = torch.chunk(y, 2, -1)
-        return torch.cat((g * torch.sigmoid(gate) * up, g * torch.nn.functional.silu(gate)), -1)
+        gate, up = torch.chunk(fc1, 2, -1)
+        return torch.cat((grad_out * torch.sigmoid(gate) * up, grad_out * torch.nn.functional.silu(gate)), -1)
 
-    mp.setattr(fused_bias_swiglu, "swiglu_back", without_gate_derivative)
+    mp.setattr(elementwise, "swiglu_back", without_gate_derivative)
+
+
+def _rotary_pairs_interleaved(mp):
+    from splitllama import elementwise
+
+    def interleaved(x, cos, sin):
+        # GPT-J's pairing (dims 2i, 2i+1) with Llama's half-split cos/sin layout
+        wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+        rotated = torch.stack((-wide[..., 1::2], wide[..., ::2]), -1).flatten(-2)
+        return (wide * cos + rotated * sin).to(x.dtype)
+
+    mp.setattr(elementwise, "rotate", interleaved)
 
 
 def _padded_attention_ignores_padding(mp):
@@ -523,8 +535,10 @@ PLANTED = [
                "rescaling to the common max", ("tp1", "tp2"), _fused_blocks_merged_without_rescale, check="fused_head"),
     # the block offset inside a rank shows at tp1 (several blocks), the shard offset at tp2
     # forward unchanged: only the gradients below each MLP can show it
-    PlantedBug("fused_swiglu_gate_derivative_dropped", "megatron's fused SwiGLU backward without the "
-               "gate's derivative", ("tp1", "tp2_sp"), _fused_swiglu_gate_derivative_dropped),
+    PlantedBug("swiglu_gate_derivative_dropped", "the SwiGLU backward without the "
+               "gate's derivative", ("tp1", "tp2_sp"), _swiglu_gate_derivative_dropped),
+    PlantedBug("rotary_pairs_interleaved", "q/k rotated in GPT-J's interleaved pairs, not Llama's "
+               "half split", ("tp1", "tp2_sp"), _rotary_pairs_interleaved),
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
     # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
