@@ -10,9 +10,10 @@ Reading path (each file says what is inside):
    ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
    ``layout.py``        ParallelLayout, TP requirements, vocabulary padding, the pipeline
                         stage layout function
-2. ``attention.py``     the ONE attention dispatch point (torch varlen / FlexAttention /
-                        SDPA; flash-attn when forced), planned once per batch
-   ``layers.py``        RMSNorm, rotary positions, megatron layer spec and block, the adapter
+2. ``elementwise.py``   the compiled element-wise pieces: RMSNorm, SwiGLU, rotary rotation
+   ``attention.py``     the ONE attention dispatch point (rotary, then torch varlen /
+                        FlexAttention / SDPA; flash-attn when forced), planned once per batch
+   ``layers.py``        RMSNorm, SwiGLU, rotary positions, megatron layer spec and block, the adapter
 3. ``batches.py``       input validation; padded and packed batches (pack, pad, restore)
    ``model.py``         the production model classes (padded and packed)
 4. ``heads.py``         LM head and value head: the one head contract
