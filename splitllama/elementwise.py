@@ -36,6 +36,8 @@ def compiled_per_batch(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def call(*args):
+        if torch.compiler.is_compiling():  # inside a caller's compiled region: traced with it
+            return fn(*args)
         for t in args:
             if isinstance(t, torch.Tensor) and t.dim() >= 3:
                 torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -86,6 +86,9 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
                                    "call set_input_tensor first")
             hidden = self.input_tensor
         dtype = self.lower_config.params_dtype
+        if (attention_mask is None) == (packed_seq_params is None):
+            raise ValueError("pass exactly one of attention_mask (attention.plan_padded's [B, 1, S, S] mask, "
+                             "padded input) and packed_seq_params (attention.plan_packed's plan, packed input)")
         # one plan per stack: the batch's attention plan with that stack's rotary cos/sin
         plan = packed_seq_params if packed_seq_params is not None else PaddedAttention(allowed_B1SS=attention_mask)
         if self.lower is not None:
