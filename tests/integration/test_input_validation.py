@@ -169,3 +169,14 @@ def test_forward_refuses_inputs_on_another_device(layout):
     model = ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc()).to(DEVICE)
     with pytest.raises(ValueError, match="input_ids is on meta but the model on"):
         model(_ids().to("meta"), MASK.to("meta"))
+
+
+@pytest.mark.parametrize("layout", layouts("tp1"))
+def test_trunk_refuses_a_call_without_an_attention_plan(layout):
+    """The trunk called directly with neither a mask nor a packed plan would attend to
+    every position (no causal mask): refused instead."""
+    setup_parallel(layout, DEVICE)
+    model = ParallelCustomSplitLLamaForCausalLM(tiny_split_config(), _mc()).to(DEVICE)
+    ids = _ids().to(DEVICE)
+    with pytest.raises(ValueError, match="pass exactly one of attention_mask"):
+        model.model(ids, torch.arange(5, device=DEVICE).expand(2, 5))
