@@ -4,8 +4,8 @@ Packed RL actor steps (entropy on) at the bench shape with ``--depths`` lower x 
 real layers, on the same documents, for each variant:
 
 * ``unfused``           megatron's unfused SwiGLU, and ``elementwise.rms_norm`` and
-                        ``elementwise.rotate`` run eagerly (7 element-wise passes per norm,
-                        4 per SwiGLU, 6 per rotary application);
+                        ``elementwise.rotate`` run eagerly (several element-wise passes
+                        each instead of one);
 * ``mswiglu+norm``      megatron's fused SwiGLU (``bias_activation_fusion``) and the
                         compiled RMSNorm;
 * ``swiglu+norm``       ``layers.SwiGLU`` (compiled, ffn static) and the compiled RMSNorm;

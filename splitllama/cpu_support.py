@@ -7,10 +7,10 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   workspaces) are CPU tensors;
 * an inference-mode RNG tracker replaces ``model_parallel_cuda_manual_seed`` (which needs
   CUDA); the model has no dropout, so no RNG stream is consumed;
-* this package's compiled element-wise functions (``layers._rms_norm``, ``layers._swiglu``
-  and its backward) and any megatron jit fusion (``torch.compile``) run eagerly: the
-  same functions, uncompiled, because compiling took 3.5-21 s per new shape on a 2-core
-  CPU, and the tiny models' shapes vary per test;
+* this package's compiled element-wise functions (``elementwise.py``) and any megatron
+  jit fusion (``torch.compile``) run eagerly: the same functions, uncompiled, because
+  compiling took 3.5-21 s per new shape on a 2-core CPU, and the tiny models' shapes vary
+  per test;
 * activation recompute saves and restores the CUDA RNG state around each recomputed
   region; on CPU there is none, so that part is a no-op (megatron still restores the CPU
   RNG state itself);

@@ -4,16 +4,16 @@
 * ``swiglu``       ``silu(gate) * up`` of fc1's output, and ``swiglu_back`` (``layers.SwiGLU``);
 * ``rotate``       rotary embedding of q or k by per-token cos/sin (``attention.SplitCoreAttention``).
 
-Eager, each of these is several memory-bound passes over ``[tokens, width]`` (7 for the
-norm, 4 for SwiGLU, 6 for the rotary application with its concatenation copy).
+Eager, each of these is several memory-bound passes over ``[tokens, width]``; compiled,
+one pass each way.
 
 Shape policy (``compiled_per_batch``): activations are ``[S, B, ...]``; S and B change
 with every batch, the trailing dims (hidden, ffn, heads, head_dim) are fixed per stack.
 torch.compile's default would compile the first call's shape, and when a second stack's
-call brings a new width, turn that dim dynamic for both stacks: kernels then index with a
-divisor known only at run time (megatron's fused SwiGLU, which shares one compiled
-function between stacks this way, ran its backward at about a sixth of the H200's memory
-bandwidth at the bench shape). Here S and B are dynamic from the first call (a new batch
+call brings a new width, turn that dim dynamic for both stacks, and the kernels compiled
+then are slower: megatron's fused SwiGLU, one compiled function shared by both stacks,
+ran at about a third of the bandwidth it reached before the second width arrived
+(BENCHMARKS.md, 2026-12-03). Here S and B are dynamic from the first call (a new batch
 length compiles nothing) and the trailing dims are static (one kernel per stack width).
 
 On CPU (``cpu_support.use_cpu``) torch.compile is told to run everything eagerly: the same

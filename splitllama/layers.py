@@ -144,7 +144,7 @@ class SwiGLU(torch.nn.Module):
     does the same math, but compiled with one shape policy for both stacks, which made its
     kernels slow here (see elementwise.py)."""
 
-    def __init__(self, config: TransformerConfig | None = None):
+    def __init__(self, config: TransformerConfig | None = None):  # megatron passes its config
         super().__init__()
 
     def forward(self, fc1_SBF: torch.Tensor) -> torch.Tensor:
