@@ -60,14 +60,20 @@ def _adapter_gelu(mp):
     mp.setattr(layers.Adapter, "forward", gelu_between)
 
 
-def _sp_norm_grads_not_reduced(mp):
-    init = layers.RMSNorm.__init__
+def _weight_left_unmarked(mp, cls):
+    """``cls``'s weight built without its ``sequence_parallel`` mark: no TP all-reduce of
+    its partial gradient under SP."""
+    init = cls.__init__
 
     def unmarked(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.weight.sequence_parallel = False
 
-    mp.setattr(layers.RMSNorm, "__init__", unmarked)
+    mp.setattr(cls, "__init__", unmarked)
+
+
+def _sp_norm_grads_not_reduced(mp):
+    _weight_left_unmarked(mp, layers.RMSNorm)
 
 
 def _qkv_concatenated(mp):
@@ -337,13 +343,7 @@ def _fused_head_weight_grad_written(mp):
 
 
 def _value_head_unmarked(mp):
-    init = heads.ValueHead.__init__
-
-    def unmarked(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.weight.sequence_parallel = False
-
-    mp.setattr(heads.ValueHead, "__init__", unmarked)
+    _weight_left_unmarked(mp, heads.ValueHead)
 
 
 def _microbatch_gradient_dropped(mp):
