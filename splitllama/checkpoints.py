@@ -29,7 +29,7 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import head_of
 from splitllama.checkpoint_dir import check_tensors, read_split_config
 from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
-from splitllama.sharding import fuse, local_slices, unshard, weight_specs
+from splitllama.sharding import fuse, local_slices, model_chunks, unshard, weight_specs
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ _TOP_FIELDS = ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_e
 _SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size",
                "hidden_act", "attention_bias", "mlp_bias")
-
-
-def _chunks(model_or_chunks) -> list[torch.nn.Module]:
-    chunks = list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
-    for chunk in chunks:
-        if not hasattr(chunk, "stage") or not hasattr(chunk, "hf_config"):
-            raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
-    return chunks
 
 
 def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
@@ -98,7 +90,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     Strict: the checkpoint's config must match the model's, and every tensor must be
     present with its exact shape. A value model may start from a CausalLM checkpoint only
     with ``fresh_value_head=True`` (head initialised from ``seed``)."""
-    chunks = _chunks(model_or_chunks)
+    chunks = model_chunks(model_or_chunks)
     config, head = chunks[0].hf_config, head_of(chunks[0])
     directory = Path(checkpoint_dir)
     _check_config(config, directory)
@@ -164,7 +156,7 @@ def iter_full_state(model_or_chunks):
     each once, in model order (pipeline stage by stage): TP shards gathered, then broadcast
     from the pipeline rank that owns it, one tensor at a time, so memory holds one full
     tensor rather than the model. Collective: all ranks iterate together."""
-    chunks = _chunks(model_or_chunks)
+    chunks = model_chunks(model_or_chunks)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1:
         yield from iter_stage_tensors(chunks, "param")
@@ -194,7 +186,7 @@ def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_si
                     progress: bool = True) -> None:
     """Gather TP/PP shards into a split checkpoint (HF layout, safetensors, index when
     sharded, self-contained config). Collective: every rank of the model must call it."""
-    chunks = _chunks(model_or_chunks)
+    chunks = model_chunks(model_or_chunks)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -46,6 +46,7 @@ from splitllama.sharding import (
     WeightSpec,
     fuse,
     local_slices,
+    model_chunks,
     unfuse,
     weight_specs,
 )
@@ -142,17 +143,18 @@ def sharded_state_dict(chunk: torch.nn.Module, head: wn.Head, prefix: str = "", 
     return out
 
 
-def _chunks(model_or_chunks) -> list[torch.nn.Module]:
-    return list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+def _keyed_chunks(model_or_chunks) -> dict[str, torch.nn.Module]:
+    """The chunks keyed as verl's checkpoint manager keys them: ``model`` for one chunk,
+    ``model0``, ``model1``, ... for VPP chunks."""
+    chunks = model_chunks(model_or_chunks)
+    if len(chunks) == 1:
+        return {"model": chunks[0]}
+    return {f"model{i}": chunk for i, chunk in enumerate(chunks)}
 
 
 def model_sharded_state_dict(model_or_chunks, metadata: dict | None = None) -> dict:
-    """Every chunk's sharded state dict, keyed as verl's checkpoint manager keys them:
-    ``model`` for one chunk, ``model0``, ``model1``, ... for VPP chunks."""
-    chunks = _chunks(model_or_chunks)
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
+    """Every chunk's sharded state dict, under ``_keyed_chunks``'s keys."""
+    return {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in _keyed_chunks(model_or_chunks).items()}
 
 
 def save(model_or_chunks, checkpoint_dir: str | os.PathLike) -> None:
@@ -168,9 +170,8 @@ def save(model_or_chunks, checkpoint_dir: str | os.PathLike) -> None:
 def load(model_or_chunks, checkpoint_dir: str | os.PathLike) -> None:
     """Load a distributed checkpoint saved at any layout into the model (strict: every
     tensor of the model must be in it). Collective: every rank."""
-    chunks = _chunks(model_or_chunks)
+    keyed = _keyed_chunks(model_or_chunks)
     with cuda_means_cpu():
-        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(checkpoint_dir))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys, strict=True):
+        loaded = dist_checkpointing.load(model_sharded_state_dict(list(keyed.values())), str(checkpoint_dir))
+    for key, chunk in keyed.items():
         chunk.load_state_dict(loaded[key], strict=True)
