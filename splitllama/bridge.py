@@ -43,6 +43,7 @@ from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
     ParallelCustomSplitLLamaForValueRmPadPP,
     build_chunks,
+    wrap_ddp,
 )
 from splitllama.safetensors_io import SafetensorsReader
 
@@ -149,12 +150,11 @@ class SplitLlamaBridge(Bridge):
         if weight_path:
             self.load_weights(chunks, weight_path)
         if wrap_with_ddp:
-            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            from megatron.core.distributed import DistributedDataParallelConfig
 
             ddp = DistributedDataParallelConfig(**{"grad_reduce_in_fp32": True, "use_distributed_optimizer": True,
                                                    **(ddp_config or {})})
-            chunks = [DistributedDataParallel(config=chunk.config, ddp_config=ddp, module=chunk,
-                                              disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+            chunks = wrap_ddp(chunks, ddp)
         return chunks
 
     # ---- weights ------------------------------------------------------------------------

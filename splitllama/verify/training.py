@@ -34,8 +34,9 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import agree, setup_parallel
 from splitllama.layout import ParallelLayout
+from splitllama.pipeline import wrap_ddp
 from splitllama.verify.batches import Microbatch
-from splitllama.verify.rules import Report, Row, _row, bf16_allowed_error, compare
+from splitllama.verify.rules import TOLERANCE, Report, Row, _row, bf16_allowed_error, compare
 from splitllama.verify.runner import (
     _oracle_observe,
     build_production,
@@ -88,9 +89,7 @@ def _production_step(chunks, microbatches: list[Microbatch], step: AdamStep, dty
     next forward per micro-batch on every rank)."""
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=distributed_optimizer)
-    # bucketing only on the first chunk, as megatron's training loop wraps VPP chunks
-    model = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=k > 0)
-             for k, chunk in enumerate(chunks)]
+    model = wrap_ddp(chunks, ddp_config)
     for chunk in chunks:
         chunk.config.finalize_model_grads_func = finalize_model_grads
     optimizer = _megatron_optimizer(model, step, dtype, distributed_optimizer)
@@ -205,8 +204,6 @@ def _norm_row(prod: float, ref: float, low: float | None, dtype: torch.dtype) ->
     """The total gradient norm megatron clipped by: every weight counted once (TP-replicated
     ones on one rank, each pipeline stage's own) is what makes it the oracle's."""
     err = abs(prod - ref)
-    from splitllama.verify.rules import TOLERANCE
-
     bound = (bf16_allowed_error(abs(low - ref), ref) if low is not None else TOLERANCE[dtype] * ref) / ref
     rel = err / ref
     return Row("total gradient norm", err, rel, bound, math.isfinite(prod) and rel <= bound)

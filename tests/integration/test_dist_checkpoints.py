@@ -23,6 +23,7 @@ from splitllama.checkpoints import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import setup_parallel
+from splitllama.pipeline import wrap_ddp
 from splitllama.verify.runner import build_production, gather_full_state
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS, layout_name, layouts
@@ -147,7 +148,7 @@ OPTIMIZER_DTYPE = torch.float32
 def trainer(source: str, layout):
     """The model chunks (weights from ``source``) wrapped in megatron's DDP, and megatron's
     distributed Adam over them."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
 
     if DEVICE == "cuda" and not distrib_optimizer.HAVE_APEX_OR_TE:
@@ -160,8 +161,7 @@ def trainer(source: str, layout):
     chunks = build_production(config, layout, "lm", OPTIMIZER_DTYPE, DEVICE)
     load_checkpoint(chunks, source, progress=False)
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False)
-    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
-               for i, chunk in enumerate(chunks)]
+    wrapped = wrap_ddp(chunks, ddp_config)
     with cuda_means_cpu():
         optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, use_distributed_optimizer=True,
