@@ -166,7 +166,7 @@ class PaddedBatch:
         """``[S_pad, B, ...]`` -> ``[B, S, ...]``, zeros at padded positions."""
         out = out_SBX[: self.seq].transpose(0, 1)
         mask = self.attention_mask_BS[:, : self.seq].reshape(*out.shape[:2], *([1] * (out.dim() - 2)))
-        # where, not a product: vocab-parallel logits hold -inf at padded vocabulary columns
+        # where, not a product: exact zeros whatever the output holds there (a product with -inf is NaN)
         return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 

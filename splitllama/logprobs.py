@@ -68,7 +68,8 @@ def vocab_parallel_log_probs(logits_local: torch.Tensor, labels: torch.Tensor,
     local = labels - parallel_state.get_tensor_model_parallel_rank() * width
     mine = (local >= 0) & (local < width)
     picked = logits.gather(-1, local.clamp(0, width - 1)[..., None])[..., 0]
-    # where, not a product: the clamped column may be a padded one at -inf. Contiguous:
+    # where, not a product: the clamped column may be a padded one, which a caller may
+    # have masked with -inf (0 * -inf is NaN). Contiguous:
     # megatron's TP all-reduce reduces a contiguous copy and returns its input, so a strided
     # input (where keeps the gathered slice's strides) would come back unreduced.
     picked = torch.where(mine, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)).contiguous()

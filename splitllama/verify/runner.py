@@ -126,7 +126,7 @@ def run_oracle(model, microbatches: list[Microbatch],
 
 def _stage_loss(mb: Microbatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, observed) from the last pipeline stage's output: vocab-parallel logits
-    ``[B, S, Vp/tp]`` (padded columns ``-inf``, left out of both), values ``[B, S]``, or
+    ``[B, S, Vp/tp]`` (padded columns ``heads.PADDED_VOCAB_LOGIT``, left out of both), values ``[B, S]``, or
     (log-prob, entropy) ``[B, S, 2]``."""
     probe = masked_probe(mb, output)
     if mb.labels is None and output.dim() == 3:  # this rank's slice of the (padded) vocabulary
