@@ -372,7 +372,7 @@ def profile_step(step) -> dict:
 def part_profile(config, ceiling, settings, gen) -> list[dict]:
     """One packed actor step under the torch profiler: GPU time by kernel kind and the
     top kernels (names as the profiler reports them)."""
-    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout())
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(), settings.options())
     batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
     step = actor_step(model, batch)
     for _ in range(settings.warmup):
