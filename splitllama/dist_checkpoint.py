@@ -131,15 +131,15 @@ def sharded_state_dict(chunk: torch.nn.Module, head: wn.Head, prefix: str = "", 
         out[prefix + spec.param] = _sharded_weight(spec, chunk.get_parameter(spec.param),
                                                    [shapes[n] for n in spec.names], tp_rank, tp, dp_rank)
         weight_key[spec.param.removesuffix(".weight")] = spec.names[0]
-    for name, value in chunk.state_dict(keep_vars=True).items():
+    state = chunk.state_dict(keep_vars=True)
+    for name, value in state.items():
         if name.endswith(EXTRA_STATE):
             module = name.removesuffix("." + EXTRA_STATE)
             assert module in weight_key, f"{name}: extra state of a module without a declared weight"
             out[prefix + name] = ShardedObject(f"{weight_key[module]}.{EXTRA_STATE}", value, (1,), (0,),
                                                replica_id=(0, tp_rank, dp_rank))
     declared = {k.removeprefix(prefix) for k in out}
-    actual = set(chunk.state_dict(keep_vars=True))
-    assert declared == actual, f"sharded state dict and model state dict differ: {sorted(declared ^ actual)}"
+    assert declared == set(state), f"sharded state dict and model state dict differ: {sorted(declared ^ set(state))}"
     return out
 
 
