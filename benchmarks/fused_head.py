@@ -6,7 +6,9 @@ hidden ``[T, H]`` and the weight shard ``[V/tp, H]`` in bf16 on one GPU (``--tp`
 shrinks the shard to V/tp rows, as one rank of a TP group would hold; no collectives run).
 For T = --tokens, 2x, 4x, ... up to --max-tokens, each path reports:
 - paths: fused (weight gradient returned in bf16), materialising, and with --paths
-  fused_fp32_grad (weight gradient added into a resident float32 buffer, as main_grad);
+  fused_fp32_grad (weight gradient added into a resident float32 buffer, as main_grad) or
+  fused_kept (the fused head as a model without activation recompute runs it: each tile's
+  probabilities kept in bf16 for backward instead of recomputing its logits);
 - ms: median over --repeats of CUDA-event timings of forward + backward (after --warmup);
 - peak GiB above resident: ``max_memory_allocated`` during the step minus what was
   allocated before it (inputs, weight); ``transient`` subtracts what the step leaves
@@ -49,10 +51,10 @@ def materialising(hidden, weight, labels):
     return vocab_parallel_log_probs(logits, labels), vocab_parallel_entropy(logits)
 
 
-def make_fused(chunk_tokens, vocab_block):
+def make_fused(chunk_tokens, vocab_block, recompute_logits=True):
     def fused(hidden, weight, labels):
         return fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens,
-                                       vocab_block=vocab_block, tp_group=None)
+                                       vocab_block=vocab_block, tp_group=None, recompute_logits=recompute_logits)
     return fused
 
 
@@ -130,15 +132,15 @@ def main() -> int:
     parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     parser.add_argument("--vocab-block", type=int, default=DEFAULT_VOCAB_BLOCK)
     parser.add_argument("--paths", default="fused,materialising",
-                        help="comma-separated: fused, materialising, fused_fp32_grad")
+                        help="comma-separated: fused, materialising, fused_fp32_grad, fused_kept")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     paths = args.paths.split(",")
     for name in paths:
-        if name not in ("fused", "materialising", "fused_fp32_grad"):
-            parser.error(f"--paths: {name!r} is not one of fused, materialising, fused_fp32_grad")
+        if name not in ("fused", "materialising", "fused_fp32_grad", "fused_kept"):
+            parser.error(f"--paths: {name!r} is not one of fused, materialising, fused_fp32_grad, fused_kept")
     if args.vocab % args.tp:
         parser.error(f"--vocab {args.vocab} is not divisible by --tp {args.tp}")
     if args.tokens < 1 or args.max_tokens < args.tokens:
@@ -147,7 +149,8 @@ def main() -> int:
     init_distributed(device)
     setup_parallel(ParallelLayout(), device)  # the materialising path reads megatron's TP state (tp=1)
     heads = {"fused": make_fused(args.chunk_tokens, args.vocab_block), "materialising": materialising,
-             "fused_fp32_grad": make_fused_fp32_grad(args.chunk_tokens, args.vocab_block)}
+             "fused_fp32_grad": make_fused_fp32_grad(args.chunk_tokens, args.vocab_block),
+             "fused_kept": make_fused(args.chunk_tokens, args.vocab_block, recompute_logits=False)}
 
     gen = torch.Generator(device=device).manual_seed(0)
     width = args.vocab // args.tp

@@ -9,12 +9,17 @@ real layers, on the same documents, for each variant:
 * ``mswiglu+norm``      megatron's fused SwiGLU (``bias_activation_fusion``) and the
                         compiled RMSNorm;
 * ``swiglu+norm``       ``layers.SwiGLU`` (compiled, ffn static) and the compiled RMSNorm;
-* ``swiglu+norm+rope``  what the product runs: the above and the compiled rotary.
+* ``swiglu+norm+rope``  the above and the compiled rotary;
+* ``+kept_head``        what the product runs: the above, and the fused LM head keeps each
+                        tile's probabilities for backward instead of recomputing its logits
+                        (what it does without activation recompute; every other variant
+                        has the head recompute them, as the product did before).
 
 and, at depths with 8 or more upper layers, full activation recompute for ``unfused`` and
-the product. The other variants put eager or megatron's functions back in this process
-only. The deepest depth is also profiled (GPU time by kernel kind, top element-wise
-kernels) for megatron's fused SwiGLU and for the product.
+the product (the head then recomputes its logits). The other variants put eager or
+megatron's functions back in this process only. The deepest depth is also profiled (GPU
+time by kernel kind, top element-wise kernels) for the product and for the product with
+the head recomputing its logits.
 
     python benchmarks/trunk_fusions.py --depths 2x2,2x8 --json fusions.json
 """
@@ -31,6 +36,7 @@ from splitllama.distributed import init_distributed
 from splitllama.layout import ParallelLayout
 from splitllama.options import ModelOptions
 
+PRODUCT = "swiglu+norm+rope+kept_head"
 _stack_config = model_module.stack_config
 _compiled = {name: getattr(elementwise, name) for name in ("rms_norm", "rotate")}
 _eager = {name: fn.__wrapped__ for name, fn in _compiled.items()}
@@ -76,24 +82,26 @@ def main() -> None:
         config = bench.bench_config("mixed", lower, upper)
         gen = torch.Generator().manual_seed(0)
         batch = bench.make_batch(bench.rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
-        runs = [(v, "none") for v in ("unfused", "mswiglu+norm", "swiglu+norm", "swiglu+norm+rope")]
+        runs = [(v, "none") for v in ("unfused", "mswiglu+norm", "swiglu+norm", "swiglu+norm+rope", PRODUCT)]
         if upper >= 8:
-            runs += [("unfused", "full"), ("swiglu+norm+rope", "full")]
+            runs += [("unfused", "full"), (PRODUCT, "full")]
         for variant, recompute in runs:
             use_variant(variant)
             model = bench.build(bench.ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
                                 ModelOptions(recompute=recompute))
+            if variant != PRODUCT:
+                model.lm_head.recompute_logits = True
             step = bench.actor_step(model, batch)
             row = bench.measure(f"{depth}/{variant}/{recompute}", step, batch, config, ceiling, args)
             row.update(depth=depth, variant=variant, recompute=recompute)
-            if depth == depths[-1] and recompute == "none" and variant in ("mswiglu+norm", "swiglu+norm+rope"):
+            if depth == depths[-1] and recompute == "none" and variant in ("swiglu+norm+rope", PRODUCT):
                 row["profile"] = profile_step(step)
             print(json.dumps({k: row.get(k) for k in ("name", "ms", "fraction_of_ceiling",
                                                        "activation_memory_gib", "error")}), flush=True)
             rows.append(row)
             del model, step
             torch.cuda.empty_cache()
-    use_variant("swiglu+norm+rope")
+    use_variant(PRODUCT)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

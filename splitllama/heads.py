@@ -14,7 +14,10 @@ both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
   LM head has them; the value head refuses with an error that says so. The LM head's
   ``log_probs`` option picks how: ``"fused"`` (default: ``logprobs.fused_log_probs_entropy``
   from the hidden states, the ``[S, B, V/tp]`` logits never held at once) or
-  ``"materialise"`` (the logits, then vocab-parallel log-softmax and entropy).
+  ``"materialise"`` (the logits, then vocab-parallel log-softmax and entropy). The fused
+  path follows the model's activation recompute: with ``recompute="none"`` it keeps each
+  logits tile's probabilities (16-bit) for backward, otherwise it recomputes the logits
+  there (one head-sized GEMM more, no ``[T, V/tp]`` memory).
 
 The padded, packed and pipeline model classes differ in how tokens are laid out, never in
 what a head computes. Neither head is tied to the embedding (they come from different
@@ -66,14 +69,16 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
     of log-sum-exp and entropy), so they never influence a real row or its gradient.
     Under SP the (sequence-sharded) input is all-gathered by the column-parallel linear,
     or by ``lm_head_input`` before the fused log-probs. ``log_probs``: ``fused`` (chunked,
-    the logits never materialised) or ``materialise``."""
+    the logits never materialised) or ``materialise``. ``recompute_logits``: whether the
+    fused path recomputes its logits tiles in backward (``fused_log_probs_entropy``)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int,
-                 padded_vocab_size: int | None = None, log_probs: str = "fused"):
+                 padded_vocab_size: int | None = None, log_probs: str = "fused", recompute_logits: bool = True):
         super().__init__(hidden_size, padded_vocab_size or vocab_size, config=config,
                          init_method=config.init_method, bias=False, gather_output=False)
         self.vocab_size = vocab_size
         self.log_probs = log_probs  # one of options.LOG_PROBS_CHOICES (ModelOptions validated it)
+        self.recompute_logits = recompute_logits
 
     def vocab_parallel_logits(self, hidden_SBH: torch.Tensor) -> torch.Tensor:
         """``[S, B, Vp/tp]`` in the compute dtype, padded columns included."""
@@ -120,6 +125,7 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
             entropy=scores.entropy, vocab_size=self.vocab_size,
             check_labels=False,  # the batch checked them
             grad_weight_into=getattr(self.weight, "main_grad", None),
+            recompute_logits=self.recompute_logits,
         )
         if entropy is None:
             entropy = torch.zeros_like(log_probs)

@@ -185,8 +185,9 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
         mark_tensor_parallel(self, weight_specs(config, stage, head_of(self), self.padded_vocab_size))
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
+        # "none": nothing is recomputed, the fused head's logits included
         self.lm_head = LMHead(self.model.upper_config, config.h_hi, config.vocab_size, self.padded_vocab_size,
-                              self.options.log_probs)
+                              self.options.log_probs, recompute_logits=self.options.recompute != "none")
 
     def _forward_head(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
                       vocab_parallel: bool | None = None) -> torch.Tensor:

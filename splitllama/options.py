@@ -27,7 +27,9 @@ def _positive_int(value: Any) -> bool:
 class ModelOptions:
     """``recompute``: ``none | selective | full`` activation recompute; None takes the
     ``recompute_granularity`` of a megatron ``TransformerConfig`` passed as the model's
-    megatron config, else none (``resolve``).
+    megatron config, else none (``resolve``). It covers the fused LM head too: with
+    ``none`` the head keeps each logits tile's probabilities for backward (``T x V/tp``
+    16-bit values: one head-sized GEMM less), otherwise it recomputes the logits there.
 
     ``log_probs``: ``fused | materialise``, how the LM head computes log-probabilities and
     entropy (``heads.LMHead``; default fused, the logits never materialised).

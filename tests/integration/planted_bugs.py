@@ -186,6 +186,17 @@ def _fused_blocks_merged_without_rescale(mp):
     mp.setattr(logprobs, "_merge_stats", unscaled)
 
 
+def _fused_kept_probs_unnormalised(mp):
+    # backward takes the kept exp(l - m) as the probability: normalised by the tile's max,
+    # never by the log-sum-exp
+    kept_grad = logprobs._tile_grad_kept
+
+    def unnormalised(kept, label_col, m, lse, *rest):
+        return kept_grad(kept, label_col, m, m, *rest)
+
+    mp.setattr(logprobs, "_tile_grad_kept", unnormalised)
+
+
 def _fused_label_offset_dropped(mp):
     mp.setattr(logprobs, "_label_columns", lambda labels, first_row: labels)
 
@@ -559,6 +570,11 @@ PLANTED = [
                ("tp2",), _input_range_check_removed, check="input_range"),
     PlantedBug("fused_label_offset_dropped", "fused head: label column not shifted by the tile's first row",
                ("tp1", "tp2"), _fused_label_offset_dropped, check="fused_head"),
+    # without recompute the head keeps each tile's probabilities for backward (forward unchanged)
+    PlantedBug("fused_kept_probs_unnormalised", "fused head without recompute: the kept probabilities "
+               "used unnormalised", ("tp1", "tp2"), _fused_kept_probs_unnormalised, check="fused_head"),
+    PlantedBug("fused_kept_probs_unnormalised_in_model", "the same, in the model (recompute none)",
+               ("tp1", "tp2_sp"), _fused_kept_probs_unnormalised, check="log_probs"),
     # the wiring of the fused head into the models, caught by the models' parity check
     PlantedBug("fused_head_input_grad_not_reduced", "fused head in the model: hidden-state gradient "
                "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),

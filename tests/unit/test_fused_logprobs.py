@@ -15,8 +15,10 @@ REL = 1e-10
 
 
 @given(tokens=st.integers(0, 11), vocab=st.integers(1, 40), chunk_tokens=st.integers(1, 8),
-       vocab_block=st.integers(1, 50), seed=st.integers(0, 2**31 - 1), entropy=st.booleans())
-def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, vocab_block, seed, entropy):
+       vocab_block=st.integers(1, 50), seed=st.integers(0, 2**31 - 1), entropy=st.booleans(),
+       recompute_logits=st.booleans())
+def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, vocab_block, seed, entropy,
+                                                   recompute_logits):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(tokens, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -24,7 +26,7 @@ def test_matches_log_softmax_without_process_group(tokens, vocab, chunk_tokens, 
     g_lp, g_ent = torch.randn(2, tokens, generator=gen, dtype=torch.float64)
 
     lp, ent = fused_log_probs_entropy(hidden, weight, labels, entropy=entropy, chunk_tokens=chunk_tokens,
-                                      vocab_block=vocab_block, tp_group=None)
+                                      vocab_block=vocab_block, tp_group=None, recompute_logits=recompute_logits)
     assert (ent is None) == (not entropy)
     ((lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0)).backward()
     got = [lp, ent, hidden.grad, weight.grad]
