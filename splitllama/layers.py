@@ -195,13 +195,26 @@ def layer_spec() -> ModuleSpec:
     )
 
 
-def decoder_stack(config: TransformerConfig, count: int) -> TransformerBlock:
+def decoder_stack(config: TransformerConfig, count: int, last_layer_kept: bool = False) -> TransformerBlock:
     """``count`` consecutive layers of one Llama stack as a megatron ``TransformerBlock``
     (no final norm: the split model's final norm follows the upper stack only). Its
     ``layers[k]`` is the stage's k-th layer of that stack; ``sharding.py`` maps it to its
-    checkpoint index."""
+    checkpoint index.
+
+    ``last_layer_kept``: under full recompute, keep the last layer's activations instead
+    of recomputing it (megatron's ``block`` method over the others). For the model's last
+    layer when each micro-batch's backward follows its forward at once (the stage with
+    the head, no interleaved pipeline): backward starts by recomputing that layer anyway,
+    so holding its activations through the head saves its forward and leaves the peak
+    about where that layer's own backward puts it."""
+    fields = {"num_layers": count}
+    if last_layer_kept and config.recompute_granularity == "full":
+        if count > 1:  # megatron's block method: the first count - 1 layers recomputed
+            fields.update(recompute_method="block", recompute_num_layers=count - 1)
+        else:
+            fields.update(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
     spec = TransformerBlockSubmodules(layer_specs=[layer_spec()] * count, layer_norm=None)
-    config = dataclasses.replace(config, num_layers=count)
+    config = dataclasses.replace(config, **fields)
     return TransformerBlock(config=config, spec=spec, post_layer_norm=False, pre_process=True, post_process=False)
 
 

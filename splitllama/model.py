@@ -64,7 +64,11 @@ class ParallelCustomSplitLLamaModel(torch.nn.Module):
         if stage.has_adapter:
             self.adapter = Adapter(self.upper_config, config.h_lo, config.h_hi, config.mlp)
         if len(stage.upper_layers):
-            self.upper = decoder_stack(self.upper_config, len(stage.upper_layers))
+            # the model's last layer, when its backward follows its forward at once
+            # (interleaved pipelines hold several micro-batches' activations there)
+            interleaved = (megatron_config.virtual_pipeline_model_parallel_size or 1) > 1
+            self.upper = decoder_stack(self.upper_config, len(stage.upper_layers),
+                                       last_layer_kept=stage.has_head and not interleaved)
             self.rotary_upper = RotaryPositions(config.upper, self.upper_config)
         if stage.has_head:
             self.norm = RMSNorm(self.upper_config, config.h_hi, eps=config.rms_norm_eps)

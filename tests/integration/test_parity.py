@@ -175,6 +175,39 @@ def test_activation_recompute(layout, recompute, checkpoint_factory):
     assert_passed(run_parity(ckpt, config, layout, "lm", DTYPE, DEVICE, batches, ModelOptions(recompute=recompute)))
 
 
+def recomputed_layers(block) -> list[bool]:
+    """Per layer of a megatron ``TransformerBlock``: recomputed in backward (its
+    ``_checkpointed_forward``: ``uniform`` checkpoints every group of
+    ``recompute_num_layers``, here 1; ``block`` the first ``recompute_num_layers``)."""
+    config, count = block.config, len(block.layers)
+    if config.recompute_granularity != "full":
+        return [False] * count
+    if config.recompute_method == "uniform":
+        return [True] * count
+    return [k < config.recompute_num_layers for k in range(count)]
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "pp2_cut_adapter", "pp2_cut_upper", "pp2_vpp2"))
+def test_full_recompute_keeps_only_the_last_layer(layout):
+    """Full recompute recomputes every layer but the model's last when that layer's
+    backward follows its forward at once (the head's stage without an interleaved
+    pipeline: recomputing it would save no memory); with vpp every layer is recomputed."""
+    from megatron.core import parallel_state
+
+    from splitllama.distributed import megatron_config, setup_parallel
+    from splitllama.pipeline import ParallelCustomSplitLLamaForCausalLMRmPadPP, build_chunks
+
+    setup_parallel(layout, DEVICE)
+    config = tiny_split_config()
+    chunks = build_chunks(ParallelCustomSplitLLamaForCausalLMRmPadPP, config,
+                          megatron_config(layout, DTYPE, DEVICE), ModelOptions(recompute="full"))
+    kept = [not flag for chunk in chunks for block in (chunk.model.lower, chunk.model.upper) if block is not None
+            for flag in recomputed_layers(block)]
+    last_rank = parallel_state.get_pipeline_model_parallel_rank() == layout.pp - 1
+    expected = [False] * (len(kept) - 1) + [last_rank and layout.vpp in (None, 1)]
+    assert kept == expected, f"layers kept (not recomputed) on this rank: {kept}"
+
+
 def long_row_config() -> CustomSplitLlamaConfig:
     """Two heads per stack, so the padded oracle's float64 attention of a 4097-token row
     ([heads, S, S] = 2 x 4097^2, 270 MB) stays cheap on 2 CPU cores. The stacks keep the
