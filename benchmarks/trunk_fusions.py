@@ -15,8 +15,10 @@ real layers, on the same documents, for each variant:
                         (what it does without activation recompute; every other variant
                         has the head recompute them, as the product did before).
 
-and, at depths with 8 or more upper layers, full activation recompute for ``unfused`` and
-the product (the head then recomputes its logits). The other variants put eager or
+and, at depths with 8 or more upper layers, full activation recompute for ``unfused``, the
+product (the head then recomputes its logits, and the model's last layer is not
+recomputed: ``layers.decoder_stack``) and ``+every_layer`` (the product recomputing every
+layer, as it did before). The other variants put eager or
 megatron's functions back in this process only. The deepest depth is also profiled (GPU
 time by kernel kind, top element-wise kernels) for the product and for the product with
 the head recomputing its logits.
@@ -37,7 +39,9 @@ from splitllama.layout import ParallelLayout
 from splitllama.options import ModelOptions
 
 PRODUCT = "swiglu+norm+rope+kept_head"
+EVERY_LAYER = PRODUCT + "+every_layer"
 _stack_config = model_module.stack_config
+_decoder_stack = model_module.decoder_stack
 _compiled = {name: getattr(elementwise, name) for name in ("rms_norm", "rotate")}
 _eager = {name: fn.__wrapped__ for name, fn in _compiled.items()}
 
@@ -52,7 +56,11 @@ def use_variant(name: str) -> None:
         config.bias_activation_fusion = name.startswith("mswiglu")
         return config
 
+    def decoder_stack(config, count, last_layer_kept=False):
+        return _decoder_stack(config, count, last_layer_kept and "every_layer" not in name)
+
     model_module.stack_config = stack_config
+    model_module.decoder_stack = decoder_stack
     elementwise.rms_norm = (_compiled if "norm" in name else _eager)["rms_norm"]
     elementwise.rotate = (_compiled if "rope" in name else _eager)["rotate"]
 
@@ -69,8 +77,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="real tokens per batch (default 16384)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--runs", help="only these variant/recompute pairs, comma list "
+                                       f"(e.g. {PRODUCT}/full,{EVERY_LAYER}/full; default: all of the docstring's)")
     parser.add_argument("--json", metavar="FILE", help="write every row as JSON")
     args = parser.parse_args()
+    chosen = None if args.runs is None else [tuple(run.split("/")) for run in args.runs.split(",")]
+    known = ("unfused", "mswiglu+norm", "swiglu+norm", "swiglu+norm+rope", PRODUCT, EVERY_LAYER)
+    for run in chosen or []:
+        if len(run) != 2 or run[0] not in known or run[1] not in ("none", "selective", "full"):
+            parser.error(f"--runs: {'/'.join(run)!r} is not VARIANT/RECOMPUTE with VARIANT one of {', '.join(known)} "
+                         "and RECOMPUTE one of none, selective, full")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     init_distributed("cuda")
@@ -84,7 +100,9 @@ def main() -> None:
         batch = bench.make_batch(bench.rl_lengths(args.tokens, gen), config.vocab_size, gen, "cuda")
         runs = [(v, "none") for v in ("unfused", "mswiglu+norm", "swiglu+norm", "swiglu+norm+rope", PRODUCT)]
         if upper >= 8:
-            runs += [("unfused", "full"), (PRODUCT, "full")]
+            runs += [("unfused", "full"), (PRODUCT, "full"), (EVERY_LAYER, "full")]
+        if chosen is not None:
+            runs = chosen
         for variant, recompute in runs:
             use_variant(variant)
             model = bench.build(bench.ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
