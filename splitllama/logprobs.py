@@ -393,7 +393,6 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                     probs, m = next(kept_tiles)
                     grad = _ELEMENTWISE(_tile_grad_kept, is_full(a, b, v0, v1), probs, label_col, m,
                                         lse[a:b], ent[a:b], *per_token)
-                    del probs, m
                 if grad_hidden is not None:
                     part = _mm_wide(grad, w)
                     acc = part if acc is None else acc.add_(part)
@@ -461,15 +460,15 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     error of the norm 1.89e-3 kept vs 1.84e-3 recomputed).
 
     Memory: saved for backward are references to the inputs plus the log-sum-exp and entropy
-    (``[T]`` each), and without ``recompute_logits`` the kept tiles. Forward
-    holds one float32 logits tile (``chunk_tokens x vocab_block x 4 B``,
-    512 MiB at the defaults) and its statistics; backward holds the returned gradients
-    (``[T, H]`` like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in
-    the weight's dtype; with ``grad_weight_into`` none, or under megatron DDP an uninitialised
-    weight-shaped placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in the weight's dtype and a
-    float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden gradient: about 1 GiB
-    above inputs, outputs and gradients (and the kept tiles) at the defaults and H = 8192,
-    whatever T is.
+    (``[T]`` each), and without ``recompute_logits`` the kept tiles. Forward holds one
+    float32 logits tile (``chunk_tokens x vocab_block x 4 B``, 512 MiB at the defaults) and
+    its statistics; backward holds the returned gradients (``[T, H]`` like hidden,
+    ``[V/tp, H]`` like the weight, the latter accumulated in place in the weight's dtype;
+    with ``grad_weight_into`` none, or under megatron DDP an uninitialised weight-shaped
+    placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in
+    the weight's dtype and a float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden
+    gradient: about 1 GiB above inputs, outputs and gradients (and the kept tiles) at the
+    defaults and H = 8192, whatever T is.
     """
     if hidden_TH.dim() != 2 or weight_VH.dim() != 2 or hidden_TH.shape[1] != weight_VH.shape[1]:
         raise ValueError(f"hidden_TH {tuple(hidden_TH.shape)} and weight_VH {tuple(weight_VH.shape)}: "
