@@ -18,10 +18,10 @@ real layers, on the same documents, for each variant:
 and, at depths with 8 or more upper layers, full activation recompute for ``unfused``, the
 product (the head then recomputes its logits, and the model's last layer is not
 recomputed: ``layers.decoder_stack``) and ``+every_layer`` (the product recomputing every
-layer, as it did before). The other variants put eager or
-megatron's functions back in this process only. The deepest depth is also profiled (GPU
-time by kernel kind, top element-wise kernels) for the product and for the product with
-the head recomputing its logits.
+layer, as it did before). The other variants put eager or megatron's functions back in
+this process only. The deepest depth is also profiled (GPU time by kernel kind, top
+element-wise kernels) for the product and for the product with the head recomputing its
+logits. ``--runs`` picks variant/recompute pairs instead of the full list.
 
     python benchmarks/trunk_fusions.py --depths 2x2,2x8 --json fusions.json
 """
