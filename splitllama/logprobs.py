@@ -451,9 +451,10 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
     all-gather per call. ``recompute_logits`` (default): backward recomputes every tile's
     logits, four head-sized GEMMs in all (forward, recompute, grad of hidden, grad of
     weight) against the materialising path's three, paid for by element-wise work that reads
-    each float32 tile once per pass. ``recompute_logits=False``: forward keeps each tile's
-    ``exp(l - m)`` (``m`` the tile's max; values in [0, 1]) in the weight's dtype and
-    backward reads it instead: three GEMMs, for ``T x V/tp`` kept values (2 B each in bf16:
+    each float32 tile once per pass. ``recompute_logits=False``: when a backward can follow
+    (grad enabled, an input needing a gradient), forward keeps each tile's ``exp(l - m)``
+    (``m`` the tile's max; values in [0, 1]) in the weight's dtype and backward reads it
+    instead: three GEMMs, for ``T x V/tp`` kept values (2 B each in bf16:
     4.6 GB at 17,854 tokens and V/tp = 128,256). Backward then computes each probability
     from its 16-bit copy: relative error 2^-9 in bf16, the rounding its 16-bit gradient gets
     anyway (measured on CPU, bf16 inputs, float32 weight gradient against float64: relative
@@ -509,9 +510,12 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
                          f"{weight_VH.dtype} or float32, got {grad_weight_into.dtype}{tuple(grad_weight_into.shape)} "
                          f"on {grad_weight_into.device}")
     labels = labels_T.to(torch.int64)
+    # Keeping tiles only pays when a backward will read them: a forward-only call (no_grad,
+    # e.g. an RL trainer's old or reference log-probs) would hold T x V/tp values for nothing.
+    backward_follows = torch.is_grad_enabled() and (hidden_TH.requires_grad or weight_VH.requires_grad)
     log_probs, ent = _FusedLogProbsEntropy.apply(hidden_TH, weight_VH, labels, entropy, chunk_tokens,
                                                  vocab_block, tp_group, vocab_start, grad_weight_into, valid,
-                                                 recompute_logits)
+                                                 recompute_logits or not backward_follows)
     return log_probs, ent
 
 

@@ -123,3 +123,32 @@ def test_vocab_size_must_leave_real_rows():
             assert "vocab_size" in str(error)
         else:
             raise AssertionError(f"vocab_size={bad} was accepted for 4 rows")
+
+
+def test_forward_only_keeps_nothing(monkeypatch):
+    """``recompute_logits=False`` keeps each tile's probabilities for a backward; when none
+    can follow (no_grad, or no input needing a gradient) nothing is kept, whatever the
+    flag: a forward-only pass (an RL trainer's old or reference log-probs) would otherwise
+    hold ``T x V`` values for nothing. The log-probs and entropy are the same either way."""
+    from splitllama import logprobs
+
+    kept_tiles = []
+    keeping = logprobs._tile_stats_kept
+    monkeypatch.setattr(logprobs, "_tile_stats_kept", lambda *args: kept_tiles.append(1) or keeping(*args))
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 20, (10,), generator=gen)
+
+    def run(hidden, weight):
+        return fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=4, vocab_block=7, tp_group=None,
+                                       recompute_logits=False)
+
+    with torch.no_grad():
+        no_grad = run(hidden, weight.clone().requires_grad_(True))
+    without_grad_inputs = run(hidden, weight)
+    assert kept_tiles == []
+    with_grad = run(hidden, weight.clone().requires_grad_(True))
+    assert len(kept_tiles) == 3 * 3  # 3 token chunks x 3 vocabulary blocks, all kept for backward
+    for got in (no_grad, without_grad_inputs):
+        assert all(torch.equal(a, b.detach()) for a, b in zip(got, with_grad, strict=True))
