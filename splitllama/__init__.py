@@ -19,13 +19,11 @@ Reading path (each file says what is inside):
 4. ``heads.py``         LM head and value head: the one head contract
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes and the schedule runner
-5. ``sharding.py``      how every weight is sharded (declared once)
-   ``safetensors_io.py`` the one safetensors reader / sharded writer, size grammar
-   ``checkpoint_dir.py`` checks a checkpoint directory from its config and headers
-   ``checkpoints.py``   sharded load / gathered save of split checkpoints
-   ``dist_checkpoint.py`` megatron distributed checkpoints (the models' sharded_state_dict),
-                        saved at one layout, loaded at another
-   ``assemble.py``      build a split checkpoint from two Llama checkpoints
+5. ``checkpoint/``     everything about checkpoints (its ``__init__`` lists the modules):
+                        the sharding declaration, safetensors I/O, directory checks, split
+                        checkpoints (sharded load, gathered save, export), megatron
+                        distributed checkpoints (the models' sharded_state_dict), assembly
+                        of a split checkpoint from two Llama checkpoints
    ``registry.py``      the RL trainer's model registry entry
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
@@ -55,11 +53,11 @@ _LAZY = {
     "setup_parallel": "splitllama.distributed",
     "megatron_config": "splitllama.distributed",
     "shutdown": "splitllama.distributed",
-    "read_split_config": "splitllama.checkpoint_dir",
-    "validate_checkpoint_dir": "splitllama.checkpoint_dir",
-    "load_checkpoint": "splitllama.checkpoints",
-    "save_checkpoint": "splitllama.checkpoints",
-    "assemble_split_checkpoint": "splitllama.assemble",
+    "read_split_config": "splitllama.checkpoint.directory",
+    "validate_checkpoint_dir": "splitllama.checkpoint.directory",
+    "load_checkpoint": "splitllama.checkpoint.split",
+    "save_checkpoint": "splitllama.checkpoint.split",
+    "assemble_split_checkpoint": "splitllama.checkpoint.assemble",
     "ModelRegistry": "splitllama.registry",
     "ParallelCustomSplitLLamaModel": "splitllama.model",
     "ParallelCustomSplitLLamaForCausalLM": "splitllama.model",

@@ -11,11 +11,11 @@ config with transformers' ``AutoConfig``), so that
   (``ParallelCustomSplitLLamaForCausalLMRmPadPP`` or, when verl asks for a value model,
   ``...ForValueRmPadPP``), one per virtual pipeline stage, as megatron returns them;
 * ``load_weights`` / ``save_weights`` read / write a split checkpoint through
-  ``checkpoints.py`` (strict, each rank reading its own slices);
+  ``checkpoint/split.py`` (strict, each rank reading its own slices);
 * ``export_weights`` yields every tensor of the split checkpoint once, full (TP-gathered)
   and under its checkpoint name, on every rank: what verl hands to the rollout engine.
 
-mbridge's own weight-name mapping (GPTModel names) is not used: ``sharding.py`` declares
+mbridge's own weight-name mapping (GPTModel names) is not used: ``checkpoint/sharding.py`` declares
 every weight of this model once, and the loader, saver and exporter read that.
 """
 
@@ -32,7 +32,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import iter_full_state, load_checkpoint, save_checkpoint
+from splitllama.checkpoint.split import iter_full_state, load_checkpoint, save_checkpoint
 from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled
 from splitllama.layers import RECOMPUTE, stack_config
@@ -45,7 +45,7 @@ from splitllama.pipeline import (
     build_chunks,
     wrap_ddp,
 )
-from splitllama.safetensors_io import SafetensorsReader
+from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
 _PARALLEL_FIELDS = {f.name for f in dataclasses.fields(ModelParallelConfig)}
 _TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -172,6 +172,6 @@ class SplitLlamaBridge(Bridge):
 
     def export_weights(self, models: list[torch.nn.Module]) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Every tensor of the split checkpoint, once, as ``(checkpoint name, full tensor)``
-        on every rank, in model order (``checkpoints.iter_full_state``; collective: all
+        on every rank, in model order (``checkpoint.split.iter_full_state``; collective: all
         ranks iterate together)."""
         yield from iter_full_state([unwrap_model(m) for m in models])

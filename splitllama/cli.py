@@ -220,8 +220,8 @@ class UsageError(ValueError):
 
 # ---- assemble ----------------------------------------------------------------------------
 def _assemble(args) -> int:
-    from splitllama.assemble import assemble_split_checkpoint
-    from splitllama.safetensors_io import SafetensorsReader
+    from splitllama.checkpoint.assemble import assemble_split_checkpoint
+    from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
     try:
         out = assemble_split_checkpoint(
@@ -294,7 +294,7 @@ def _check_output_file(flag: str, path: str | None) -> None:
 def _checkpoint_config(path: str, head: str, fresh_value_head: bool):
     """The split config of checkpoint directory ``path``, after checking its tensors'
     names and shapes (safetensors headers only: no weight is read)."""
-    from splitllama.checkpoint_dir import validate_checkpoint_dir
+    from splitllama.checkpoint.directory import validate_checkpoint_dir
 
     try:
         return validate_checkpoint_dir(path, head, fresh_value_head)
@@ -435,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_broken_checkpoint(err: Exception) -> bool:
-    # Only a command that imported checkpoint_dir can raise its error; importing it here
+    # Only a command that imported checkpoint.directory can raise its error; importing it here
     # for every command would put transformers' import (seconds) before each flag check.
-    module = sys.modules.get("splitllama.checkpoint_dir")
+    module = sys.modules.get("splitllama.checkpoint.directory")
     return module is not None and isinstance(err, module.BrokenCheckpointError)
 
 

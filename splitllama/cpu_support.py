@@ -25,7 +25,7 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   ranks (prev == next) and interleaving, both directions are in flight at once and the
   activation would land in the gradient's buffer. Tags keep the two streams apart;
 * ``cuda_means_cpu()`` is the device part of that context alone, for megatron's
-  distributed checkpointing (``dist_checkpoint.save``/``load`` enter it) and for building
+  distributed checkpointing (``checkpoint.megatron_dist.save``/``load`` enter it) and for building
   and stepping megatron's optimizers (they allocate on "cuda" and pick a parameter's
   handling by its type string, "torch.cuda.FloatTensor").
 

@@ -198,7 +198,7 @@ def layer_spec() -> ModuleSpec:
 def decoder_stack(config: TransformerConfig, count: int, last_layer_kept: bool = False) -> TransformerBlock:
     """``count`` consecutive layers of one Llama stack as a megatron ``TransformerBlock``
     (no final norm: the split model's final norm follows the upper stack only). Its
-    ``layers[k]`` is the stage's k-th layer of that stack; ``sharding.py`` maps it to its
+    ``layers[k]`` is the stage's k-th layer of that stack; ``checkpoint/sharding.py`` maps it to its
     checkpoint index.
 
     ``last_layer_kept``: under full recompute, keep the last layer's activations instead

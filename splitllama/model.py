@@ -24,7 +24,7 @@ from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from splitllama import dist_checkpoint
+from splitllama.checkpoint import megatron_dist
 from splitllama import weight_names as wn
 from splitllama.attention import PackedAttention, PaddedAttention
 from splitllama.batches import PackedBatch, PaddedBatch, ThdBatch, prepare_batch
@@ -33,7 +33,7 @@ from splitllama.heads import LMHead, TokenScores, ValueHead
 from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
 from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size
 from splitllama.options import ModelOptions, model_options
-from splitllama.sharding import mark_tensor_parallel, weight_specs
+from splitllama.checkpoint.sharding import mark_tensor_parallel, weight_specs
 
 
 # ---- trunks ----------------------------------------------------------------------------
@@ -234,10 +234,10 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron dist-checkpointing description of this chunk's weights: split-checkpoint
-        names with global layer indices, each rank's block from ``sharding.py``
-        (``dist_checkpoint.sharded_state_dict``), so a checkpoint saved at one TP x PP x VPP
+        names with global layer indices, each rank's block from ``checkpoint/sharding.py``
+        (``megatron_dist.sharded_state_dict``), so a checkpoint saved at one TP x PP x VPP
         layout loads at another."""
-        return dist_checkpoint.sharded_state_dict(self, head_of(self), prefix, sharded_offsets, metadata)
+        return megatron_dist.sharded_state_dict(self, head_of(self), prefix, sharded_offsets, metadata)
 
     def log_probs_and_entropy(self, input_ids, attention_mask, labels, position_ids=None,
                               entropy: bool = True):

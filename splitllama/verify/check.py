@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
-from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
+from splitllama.checkpoint.directory import BrokenCheckpointError, check_finite
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import fresh_value_head_weight, iter_stage_tensors, load_checkpoint, tp_all_gather
+from splitllama.checkpoint.assemble import fresh_value_head
+from splitllama.checkpoint.split import iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import agree, megatron_config, setup_parallel
 from splitllama.grads import allreduce_sequence_parallel_grads
@@ -81,7 +82,7 @@ def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: 
                                                                         fresh_value_head=fresh)
         if fresh:
             with torch.no_grad():
-                oracle.score.weight.copy_(fresh_value_head_weight(oracle.config, fresh_value_head_seed))
+                oracle.score.weight.copy_(fresh_value_head(oracle.config, fresh_value_head_seed))
     # compared forwards are training-style: the config's default would fill a KV cache
     oracle.config.use_cache = False
     return oracle.to(device)

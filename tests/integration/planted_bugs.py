@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from megatron.core import tensor_parallel
 
-from splitllama import batches, heads, layers, layout as layout_module, logprobs, model, sharding
+from splitllama import batches, heads, layers, layout as layout_module, logprobs, model
+from splitllama.checkpoint import sharding
 from splitllama.config import CustomSplitLlamaConfig, rope_parameters
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
@@ -91,10 +92,10 @@ def _qkv_concatenated(mp):
 
     mp.setattr(sharding, "fuse", plain_fuse)
     mp.setattr(sharding, "unfuse", plain_unfuse)
-    # checkpoints.py imported the names directly
-    from splitllama import checkpoints
+    # checkpoint/split.py imported the names directly
+    from splitllama.checkpoint import split as split_checkpoint
 
-    mp.setattr(checkpoints, "fuse", plain_fuse)
+    mp.setattr(split_checkpoint, "fuse", plain_fuse)
 
 
 def _value_head_gathered_twice(mp):
@@ -144,9 +145,9 @@ def _upper_layer_misoffset(mp):
             for s in weight_specs(config, stage, head, padded_vocab)
         ]
 
-    from splitllama import checkpoints
+    from splitllama.checkpoint import split as split_checkpoint
 
-    mp.setattr(checkpoints, "weight_specs", misoffset)
+    mp.setattr(split_checkpoint, "weight_specs", misoffset)
 
 
 def _gate_up_saved_without_stride(mp):
@@ -158,10 +159,10 @@ def _gate_up_saved_without_stride(mp):
             return list(torch.cat(locals_by_rank, 0).chunk(2, 0))
         return unshard(spec, locals_by_rank)
 
-    from splitllama import checkpoints
+    from splitllama.checkpoint import split as split_checkpoint
 
     mp.setattr(sharding, "unshard", plain)
-    mp.setattr(checkpoints, "unshard", plain)
+    mp.setattr(split_checkpoint, "unshard", plain)
 
 
 def _logsumexp_without_max(mp):
@@ -300,9 +301,9 @@ def _final_norm_eps_from_upper(mp):
 
 
 def _loader_skips_eps(mp):
-    from splitllama import checkpoints
+    from splitllama.checkpoint import directory
 
-    mp.setattr(checkpoints, "_SUB_FIELDS", tuple(f for f in checkpoints._SUB_FIELDS if f != "rms_norm_eps"))
+    mp.setattr(directory, "_SUB_FIELDS", tuple(f for f in directory._SUB_FIELDS if f != "rms_norm_eps"))
 
 
 def _input_range_check_removed(mp):
@@ -441,17 +442,17 @@ def _padded_vocab_saved(mp):
             return [torch.cat(locals_by_rank, 0)]
         return unshard(spec, locals_by_rank)
 
-    from splitllama import checkpoints
+    from splitllama.checkpoint import split as split_checkpoint
 
-    mp.setattr(checkpoints, "unshard", keeping_padding)
+    mp.setattr(split_checkpoint, "unshard", keeping_padding)
 
 
 def _tp_weight_declared_replicated(mp):
     from megatron.core.transformer.utils import make_sharded_tensor_for_checkpoint
 
-    from splitllama import dist_checkpoint
+    from splitllama.checkpoint import megatron_dist
 
-    sharded_weight = dist_checkpoint._sharded_weight
+    sharded_weight = megatron_dist._sharded_weight
 
     def replicated(spec, param, *args):
         if spec.param.endswith("linear_proj.weight"):
@@ -460,7 +461,7 @@ def _tp_weight_declared_replicated(mp):
             return make_sharded_tensor_for_checkpoint(param, spec.names[0])
         return sharded_weight(spec, param, *args)
 
-    mp.setattr(dist_checkpoint, "_sharded_weight", replicated)
+    mp.setattr(megatron_dist, "_sharded_weight", replicated)
 
 
 def _layers_numbered_per_stage(weight_specs):
@@ -481,30 +482,30 @@ def _layers_numbered_per_stage(weight_specs):
 
 
 def _dist_layer_offset_dropped(mp):
-    from splitllama import dist_checkpoint
+    from splitllama.checkpoint import megatron_dist
 
-    mp.setattr(dist_checkpoint, "weight_specs", _layers_numbered_per_stage(sharding.weight_specs))
+    mp.setattr(megatron_dist, "weight_specs", _layers_numbered_per_stage(sharding.weight_specs))
 
 
 def _export_layer_offset_dropped(mp):
     # the checkpoint names a rollout engine loads; the loader then reads the same wrong
     # names, so only the exported names show it
-    from splitllama import checkpoints
+    from splitllama.checkpoint import split as split_checkpoint
 
-    mp.setattr(checkpoints, "weight_specs", _layers_numbered_per_stage(checkpoints.weight_specs))
+    mp.setattr(split_checkpoint, "weight_specs", _layers_numbered_per_stage(split_checkpoint.weight_specs))
 
 
 def _export_skips_stage(mp):
     from megatron.core import parallel_state
 
-    from splitllama import checkpoints
+    from splitllama.checkpoint import split as split_checkpoint
 
-    listing = checkpoints._stage_listing
+    listing = split_checkpoint._stage_listing
 
     def first_stage_only(chunks):
         return listing(chunks) if parallel_state.get_pipeline_model_parallel_rank() == 0 else []
 
-    mp.setattr(checkpoints, "_stage_listing", first_stage_only)
+    mp.setattr(split_checkpoint, "_stage_listing", first_stage_only)
 
 
 def _padded_vocab_minus_inf(mp):

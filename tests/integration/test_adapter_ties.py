@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitllama.verify.adapter_ties import AdapterTies
-from splitllama.checkpoints import load_checkpoint
+from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import setup_parallel
 from splitllama.verify.rules import BF16_UNIT_ROUNDOFF, bf16_allowed_error

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from splitllama import weight_names as wn
-from splitllama.checkpoints import load_checkpoint, save_checkpoint
+from splitllama.checkpoint.split import load_checkpoint, save_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.distributed import setup_parallel
 from splitllama.verify.runner import build_production, gather_full_state, load_oracle
-from splitllama.safetensors_io import INDEX_FILE
+from splitllama.checkpoint.safetensors_io import INDEX_FILE
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 

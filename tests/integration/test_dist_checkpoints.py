@@ -1,4 +1,4 @@
-"""Megatron distributed checkpoints (``splitllama.dist_checkpoint``): saved at one layout,
+"""Megatron distributed checkpoints (``splitllama.checkpoint.megatron_dist``): saved at one layout,
 loaded at another, the weights are bit for bit the split checkpoint's; the declaration
 covers every checkpoint tensor exactly once whatever the layout.
 
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-from splitllama import dist_checkpoint
+from splitllama.checkpoint import megatron_dist
 from splitllama import weight_names as wn
-from splitllama.checkpoints import load_checkpoint
+from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import setup_parallel
@@ -60,7 +60,7 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
     with its layout). Every rank returns the same list (the full state is gathered)."""
     chunks = build(source, save_layout, head)
     load_checkpoint(chunks, source, progress=False)
-    dist_checkpoint.save(chunks, directory)
+    megatron_dist.save(chunks, directory)
     expected = read_all(source)
     for layout in load_layouts:
         chunks = build(source, layout, head)
@@ -68,7 +68,7 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
             for chunk in chunks:
                 for param in chunk.parameters():
                     param.fill_(float("nan"))
-        dist_checkpoint.load(chunks, directory)
+        megatron_dist.load(chunks, directory)
         got = gather_full_state(chunks)
         bad = sorted(set(expected) ^ set(got)) + [
             name for name, tensor in expected.items()
@@ -209,7 +209,7 @@ def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
-        state = optimizer.sharded_state_dict(dist_checkpoint.model_sharded_state_dict(chunks), metadata=metadata)
+        state = optimizer.sharded_state_dict(megatron_dist.model_sharded_state_dict(chunks), metadata=metadata)
         dist_checkpointing.save(state, directory)
 
 
@@ -218,7 +218,7 @@ def load_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
-        state = optimizer.sharded_state_dict(dist_checkpoint.model_sharded_state_dict(chunks), is_loading=True,
+        state = optimizer.sharded_state_dict(megatron_dist.model_sharded_state_dict(chunks), is_loading=True,
                                              metadata=metadata)
         loaded = dist_checkpointing.load(state, directory)
     # megatron copies into float32 main parameters that are views of the model's leaves
@@ -244,7 +244,7 @@ def test_distributed_optimizer_resumes_bitwise(sharding, checkpoint_factory, tmp
 
     chunks, wrapped, optimizer = trainer(source, layout)
     train_step(wrapped, optimizer)
-    dist_checkpoint.save(chunks, model_dir)
+    megatron_dist.save(chunks, model_dir)
     if dist.get_rank() == 0:
         os.makedirs(optimizer_dir)
     dist.barrier()
@@ -253,7 +253,7 @@ def test_distributed_optimizer_resumes_bitwise(sharding, checkpoint_factory, tmp
     expected = snapshot(chunks)
 
     chunks, wrapped, optimizer = trainer(source, layout)  # weights of step 0, fresh Adam
-    dist_checkpoint.load(chunks, model_dir)
+    megatron_dist.load(chunks, model_dir)
     load_optimizer(chunks, optimizer, optimizer_dir, sharding)
     train_step(wrapped, optimizer)
     resumed = snapshot(chunks)
@@ -263,7 +263,7 @@ def test_distributed_optimizer_resumes_bitwise(sharding, checkpoint_factory, tmp
         return
     # without Adam's state the same step moves the weights elsewhere: the check can fail
     chunks, wrapped, optimizer = trainer(source, layout)
-    dist_checkpoint.load(chunks, model_dir)
+    megatron_dist.load(chunks, model_dir)
     train_step(wrapped, optimizer)
     fresh = gather_full_state(chunks)
     assert all(not torch.equal(expected[n], fresh[n]) for n in expected)
@@ -313,7 +313,7 @@ def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp
     with torch.no_grad():
         for param in (p for chunk in fresh for p in chunk.parameters()):
             param.fill_(float("nan"))
-    dist_checkpoint.load(fresh, manager_module.get_model_dist_checkpoint_path(directory))
+    megatron_dist.load(fresh, manager_module.get_model_dist_checkpoint_path(directory))
     loaded = gather_full_state(fresh)
     assert [n for n in step_1 if not torch.equal(step_1[n], loaded[n])] == []
 

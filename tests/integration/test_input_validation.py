@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitllama.checkpoints import load_checkpoint
+from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.distributed import agree, megatron_config, setup_parallel

@@ -33,7 +33,7 @@ from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
 from splitllama.cpu_support import cpu_schedule_context  # noqa: E402
 from splitllama.distributed import agree, setup_parallel  # noqa: E402
 from splitllama.grads import allreduce_sequence_parallel_grads  # noqa: E402
-from splitllama.safetensors_io import SafetensorsReader  # noqa: E402
+from splitllama.checkpoint.safetensors_io import SafetensorsReader  # noqa: E402
 from splitllama.verify import verl_engine  # noqa: E402
 from splitllama.verify.rules import TOLERANCE, bf16_allowed_error  # noqa: E402
 from splitllama.verify.runner import gather_full_state, load_oracle  # noqa: E402

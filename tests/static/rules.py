@@ -77,13 +77,13 @@ FLASH_ATTN_MODULE = "splitllama/attention.py"  # the one attention dispatch poin
 # communicates through megatron-core's tensor_parallel mappings, which carry the matching
 # backward; a raw collective there would leave the gradient unreduced.
 PRODUCT_MAY_CALL_COLLECTIVES = {
-    "splitllama/checkpoints.py": "gathers shards to save and checks that ranks agree",
+    "splitllama/checkpoint/split.py": "gathers shards to save and checks that ranks agree",
     "splitllama/grads.py": "all-reduces the gradients of weights replicated over the SP region",
     "splitllama/logprobs.py": "vocab-parallel log-probs/entropy: model math whose max and "
                               "sum-exp reductions over TP are written with their backward",
     "splitllama/bench.py": "synchronises ranks around timed regions",
     "splitllama/distributed.py": "sets up and tears down process groups; agrees on a verdict",
-    "splitllama/dist_checkpoint.py": "creates a distributed checkpoint's directory on rank 0 before all ranks write",
+    "splitllama/checkpoint/megatron_dist.py": "creates a distributed checkpoint's directory on rank 0 before all ranks write",
 }
 COLLECTIVES = frozenset(
     "all_reduce all_gather all_gather_into_tensor all_gather_object broadcast broadcast_object_list reduce "

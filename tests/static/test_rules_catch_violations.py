@@ -196,7 +196,7 @@ CASES = {
         import torch as t
         t.load("x.pt", weights_only=True)
     '''), None),
-    "torch-load-default": ("no-pickle", one("splitllama/checkpoints.py", '''
+    "torch-load-default": ("no-pickle", one("splitllama/checkpoint/split.py", '''
         from torch import load
         state = load("x.pt")
     '''), "torch.load without weights_only=True"),

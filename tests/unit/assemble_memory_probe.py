@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from splitllama.assemble import assemble_split_checkpoint
+from splitllama.checkpoint.assemble import assemble_split_checkpoint
 
 
 def _peak_rss_bytes() -> int:

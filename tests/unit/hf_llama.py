@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from oracle import CustomSplitLLamaForCausalLM
-from splitllama.assemble import assemble_split_checkpoint
+from splitllama.checkpoint.assemble import assemble_split_checkpoint
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 
 WEIGHT_STD = 0.15

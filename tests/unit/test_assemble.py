@@ -17,10 +17,10 @@ from transformers import LlamaConfig
 
 from oracle import CustomSplitLLamaForCausalLM
 from splitllama import weight_names as names
-from splitllama.assemble import assemble_split_checkpoint
+from splitllama.checkpoint.assemble import assemble_split_checkpoint
 from splitllama.cli import main as cli_main
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
-from splitllama.safetensors_io import INDEX_FILE, SINGLE_FILE
+from splitllama.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE
 from tests.cases import EDGE_MASKS, random_input_ids
 from tests.unit.hf_llama import random_llama, save_llama
 
@@ -298,7 +298,7 @@ def test_cli_value_checkpoint(sources, tmp_path, capsys):
     """``--value``: the same trunk and adapter, a fresh value head in place of the LM head;
     the value model loads it as it is (num_labels=1 from the config)."""
     from oracle import CustomSplitLLamaForTokenClassification
-    from splitllama.checkpoint_dir import validate_checkpoint_dir
+    from splitllama.checkpoint.directory import validate_checkpoint_dir
 
     outs = {}
     for head in ("lm", "value"):

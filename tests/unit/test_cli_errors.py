@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from splitllama import weight_names as wn
 from splitllama.config import llama_preset
 from splitllama.verify.tiny import tiny_split_config
-from splitllama.safetensors_io import INDEX_FILE, SINGLE_FILE
+from splitllama.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE
 from splitllama.verify.random_checkpoints import random_split_checkpoint
 from tests.unit.hf_llama import random_llama, save_llama
 
@@ -267,7 +267,7 @@ def test_debug_shows_the_traceback(bad):
 
 
 def test_check_finite_names_the_tensor_holding_nan_or_inf(bad, tmp_path):
-    from splitllama.checkpoint_dir import BrokenCheckpointError, check_finite
+    from splitllama.checkpoint.directory import BrokenCheckpointError, check_finite
 
     check_finite(bad["good"])  # a sound checkpoint passes
     name = wn.upper_layer(1, "mlp.up_proj.weight")

@@ -1,4 +1,4 @@
-"""``splitllama.safetensors_io``: the size grammar, the reader on single-file and sharded
+"""``splitllama.checkpoint.safetensors_io``: the size grammar, the reader on single-file and sharded
 checkpoints (and every broken input naming the file), and the streaming sharded writer."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from splitllama.safetensors_io import (
+from splitllama.checkpoint.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsReader,

@@ -8,7 +8,7 @@ import torch
 from splitllama import weight_names as wn
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import padded_vocab_size, stage_layouts
-from splitllama.sharding import FusedQKV, Split, VocabSplit, WeightSpec, fuse, local_slices, unshard, weight_specs
+from splitllama.checkpoint.sharding import FusedQKV, Split, VocabSplit, WeightSpec, fuse, local_slices, unshard, weight_specs
 
 
 def shard(spec: WeightSpec, full: list[torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:

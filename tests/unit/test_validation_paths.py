@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import MistralConfig
 
-from splitllama.checkpoint_dir import read_split_config
-from splitllama.checkpoints import iter_stage_tensors, load_checkpoint
+from splitllama.checkpoint.directory import read_split_config
+from splitllama.checkpoint.split import iter_stage_tensors, load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig, llama_preset
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, validate_tensor_parallel

@@ -5,7 +5,7 @@ model: save at one TP x PP x VPP layout, load at another.
 ``ShardedTensor``s of the SPLIT CHECKPOINT's tensors: keys are checkpoint names
 (``model.layers_first.{i}.self_attn.q_proj.weight``, ...), so every layer carries its global
 index in its stack whatever pipeline stage or virtual chunk holds it, and each tensor is
-declared with its global shape and this rank's offset in it, read from ``sharding.py``'s
+declared with its global shape and this rank's offset in it, read from ``sharding``'s
 one declaration of every weight:
 
 * ``Replicated``: the whole tensor, a main replica on TP rank 0 only;
@@ -39,14 +39,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from splitllama import weight_names as wn
 from splitllama.cpu_support import cuda_means_cpu
-from splitllama.sharding import (
+from splitllama.checkpoint import model_chunks
+from splitllama.checkpoint.sharding import (
     Replicated,
     Split,
     VocabSplit,
     WeightSpec,
     fuse,
     local_slices,
-    model_chunks,
     unfuse,
     weight_specs,
 )

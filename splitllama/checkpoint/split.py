@@ -27,22 +27,13 @@ from tqdm import tqdm
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.model import head_of
-from splitllama.checkpoint_dir import check_tensors, read_split_config
-from splitllama.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
-from splitllama.sharding import fuse, local_slices, model_chunks, unshard, weight_specs
+from splitllama.checkpoint.directory import check_config, check_tensors
+from splitllama.checkpoint.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
+from splitllama.checkpoint import model_chunks
+from splitllama.checkpoint import assemble
+from splitllama.checkpoint.sharding import fuse, local_slices, unshard, weight_specs
 
 logger = logging.getLogger(__name__)
-
-# Every config field that changes the math, which a checkpoint's config must share with
-# the model it is loaded into: shapes are also checked tensor by tensor, but the norm
-# epsilons, rope settings, the adapter kind and the upper stack's depth (the index offset
-# of its layers) show in no tensor. Other fields are either refused by validation when not
-# Llama-3's (hidden_act, biases, tied embeddings) or do not enter the computation.
-_TOP_FIELDS = ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps")
-_SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size",
-               "hidden_act", "attention_bias", "mlp_bias")
-
 
 def _specs(chunk: torch.nn.Module, config: CustomSplitLlamaConfig, head: wn.Head):
     """The chunk's weight specs, with its padded vocabulary (embedding and LM head rows)."""
@@ -58,31 +49,6 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _check_config(model_config: CustomSplitLlamaConfig, directory: Path) -> None:
-    saved = read_split_config(directory)
-    for field in _TOP_FIELDS:
-        if getattr(saved, field) != getattr(model_config, field):
-            raise ValueError(
-                f"checkpoint {directory}: {field}={getattr(saved, field)!r} but the model was "
-                f"built with {field}={getattr(model_config, field)!r}"
-            )
-    for which in ("lower_config", "upper_config"):
-        for field in _SUB_FIELDS:
-            a, b = (getattr(getattr(config, which), field, None) for config in (saved, model_config))
-            if a != b:
-                raise ValueError(
-                    f"checkpoint {directory}: {which}.{field}={a!r} but the model was built "
-                    f"with {which}.{field}={b!r}"
-                )
-
-
-def fresh_value_head_weight(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
-    """A fresh value head ``[1, h_hi]`` (float64): normal(0, upper initializer_range) drawn
-    from ``seed``. The same seed on every rank: the value head is replicated over TP."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, config.h_hi, generator=gen, dtype=torch.float64) * config.upper.initializer_range
-
-
 def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
                     fresh_value_head: bool = False, seed: int = 0, progress: bool = True) -> None:
     """Load a split checkpoint into a production model (or its list of VPP chunks).
@@ -93,7 +59,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     chunks = model_chunks(model_or_chunks)
     config, head = chunks[0].hf_config, head_of(chunks[0])
     directory = Path(checkpoint_dir)
-    _check_config(config, directory)
+    check_config(config, directory)
     reader = SafetensorsReader(directory)
     check_tensors(reader, config, head, fresh_value_head)
     tp_rank, tp = _tp()
@@ -101,7 +67,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     for chunk, spec in tqdm(todo, desc="load", unit="tensor", disable=not (progress and _is_rank0())):
         param = chunk.get_parameter(spec.param)
         if head == "value" and fresh_value_head and spec.names == (wn.VALUE_HEAD,):
-            local = fresh_value_head_weight(config, seed)
+            local = assemble.fresh_value_head(config, seed)
         else:
             slices = local_slices(spec, [reader.shape(n) for n in spec.names], tp_rank, tp)
             local = fuse(spec, [reader.read(n, s) for n, s in zip(spec.names, slices, strict=True)], tp)

@@ -1,7 +1,8 @@
 """Checking a split checkpoint directory without loading it: its config and every
 tensor's name and shape from the safetensors headers. Imports neither megatron nor the
 model, so the ``splitllama`` command refuses a bad directory in about a second, before it
-launches any process; ``checkpoints.load_checkpoint`` runs the same checks.
+launches any process; ``split.load_checkpoint`` runs the same checks (and ``check_config``,
+the model's config against the checkpoint's).
 ``check_finite`` reads the weights, one tensor at a time, for NaN and Inf.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.safetensors_io import SafetensorsReader
+from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
 
 def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
@@ -42,6 +43,37 @@ def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
         raise ValueError(f"{path}: {err}") from None
     except (TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{path} is not a valid split config ({type(err).__name__}: {err})") from None
+
+
+# Every config field that changes the math, which a checkpoint's config must share with
+# the model it is loaded into: shapes are also checked tensor by tensor, but the norm
+# epsilons, rope settings, the adapter kind and the upper stack's depth (the index offset
+# of its layers) show in no tensor. Other fields are either refused by validation when not
+# Llama-3's (hidden_act, biases, tied embeddings) or do not enter the computation.
+_TOP_FIELDS = ("num_layers_8", "num_layers_70", "mlp", "vocab_size", "rms_norm_eps")
+_SUB_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "rms_norm_eps", "rope_parameters", "num_hidden_layers", "vocab_size",
+               "hidden_act", "attention_bias", "mlp_bias")
+
+
+def check_config(model_config: CustomSplitLlamaConfig, directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose config differs from the model's in a field that changes the
+    math (``_TOP_FIELDS``, ``_SUB_FIELDS``), naming the field."""
+    saved = read_split_config(directory)
+    for field in _TOP_FIELDS:
+        if getattr(saved, field) != getattr(model_config, field):
+            raise ValueError(
+                f"checkpoint {directory}: {field}={getattr(saved, field)!r} but the model was "
+                f"built with {field}={getattr(model_config, field)!r}"
+            )
+    for which in ("lower_config", "upper_config"):
+        for field in _SUB_FIELDS:
+            a, b = (getattr(getattr(config, which), field, None) for config in (saved, model_config))
+            if a != b:
+                raise ValueError(
+                    f"checkpoint {directory}: {which}.{field}={a!r} but the model was built "
+                    f"with {which}.{field}={b!r}"
+                )
 
 
 class BrokenCheckpointError(ValueError):

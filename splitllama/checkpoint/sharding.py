@@ -230,12 +230,3 @@ def mark_tensor_parallel(model: torch.nn.Module, specs: list[WeightSpec]) -> Non
         param = model.get_parameter(spec.param)
         param.tensor_model_parallel, param.partition_dim, param.partition_stride = tensor_parallel_attributes(spec)
 
-
-def model_chunks(model_or_chunks) -> list[torch.nn.Module]:
-    """A production model, or its list of virtual-pipeline chunks, as a list of chunks (what
-    the checkpoint readers and writers walk); anything else is refused."""
-    chunks = list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
-    for chunk in chunks:
-        if not hasattr(chunk, "stage") or not hasattr(chunk, "hf_config"):
-            raise ValueError(f"expected a splitllama production model or list of chunks, got {type(chunk).__name__}")
-    return chunks

@@ -27,7 +27,7 @@ from transformers import LlamaConfig
 
 from splitllama import weight_names as names
 from splitllama.config import MODEL_TYPE, VALUE_ARCH, CustomSplitLlamaConfig, llama_config_errors
-from splitllama.safetensors_io import FLOAT_DTYPES, SafetensorsReader, parse_size, write_sharded
+from splitllama.checkpoint.safetensors_io import FLOAT_DTYPES, SafetensorsReader, parse_size, write_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,16 @@ def _prepare_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def fresh_value_head(config: CustomSplitLlamaConfig, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """A value head ``[1, h_hi]``: normal(0, upper initializer_range), drawn in float32 from
-    a generator of ``seed`` (its own, so it does not depend on the adapter's draws)."""
+def fresh_value_head(config: CustomSplitLlamaConfig, seed: int) -> torch.Tensor:
+    """A fresh value head ``[1, h_hi]`` in float64 (callers cast it): normal(0, upper
+    initializer_range), drawn from a generator of ``seed`` (its own, so it does not depend on
+    the adapter's draws). The one draw behind ``assemble --value``, a value model loaded from
+    a CausalLM checkpoint (``load_checkpoint(fresh_value_head=True)``) and the oracle given
+    production's fresh head: the same seed gives the same head on every path and every rank
+    (the value head is replicated over TP)."""
     generator = torch.Generator().manual_seed(seed)
     shape = names.split_checkpoint_shapes(config, "value")[names.VALUE_HEAD]
-    return (torch.randn(shape, generator=generator, dtype=torch.float32) * config.upper.initializer_range).to(dtype)
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * config.upper.initializer_range
 
 
 def plan_split_checkpoint(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint, upper: LlamaCheckpoint,
@@ -210,7 +214,7 @@ def plan_split_checkpoint(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint
     dtype = _checked_dtype(config, sources)
     adapter_values = adapter_tensors(config, adapter, seed, dtype)
     if value_head:
-        adapter_values[names.VALUE_HEAD] = fresh_value_head(config, seed, dtype)
+        adapter_values[names.VALUE_HEAD] = fresh_value_head(config, seed).to(dtype)
     shapes = names.split_checkpoint_shapes(config, "value" if value_head else "lm")
 
     def copy_of(source: LlamaCheckpoint, src_name: str) -> Callable[[], torch.Tensor]:
