@@ -1,4 +1,4 @@
-"""THE attention dispatch point of the production model, and the packing helpers it needs.
+"""THE attention dispatch point of the production model.
 
 Backends (``select_backend``), in order of preference on CUDA:
 
@@ -52,19 +52,6 @@ except ImportError:
 BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
 BACKEND_ENV = "SPLITLLAMA_ATTENTION_BACKEND"
 _HALF = (torch.float16, torch.bfloat16)
-
-
-# ---- packing helpers ------------------------------------------------------------------
-def gather_tokens(x_BS: torch.Tensor, indices_T: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq, ...]`` -> ``[tokens, ...]`` at ``indices_T``."""
-    return x_BS.reshape(-1, *x_BS.shape[2:]).index_select(0, indices_T)
-
-
-def scatter_tokens(x_T: torch.Tensor, indices_T: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """``[tokens, ...]`` -> ``[batch, seq, ...]`` with zeros at padded positions."""
-    out = x_T.new_zeros(batch * seq, *x_T.shape[1:])
-    out = out.index_put((indices_T,), x_T)
-    return out.reshape(batch, seq, *x_T.shape[1:])
 
 
 # ---- backend selection -------------------------------------------------------------------

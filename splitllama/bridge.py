@@ -37,7 +37,7 @@ from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled
 from splitllama.layers import RECOMPUTE, stack_config
 from splitllama.layout import ParallelLayout
-from splitllama.model import head_of, schedule_config
+from splitllama.model import schedule_config
 from splitllama.options import ModelOptions
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
@@ -163,7 +163,7 @@ class SplitLlamaBridge(Bridge):
         loaded from a causal-LM checkpoint (no ``score.weight``, as verl's critic starts
         from the actor's weights) gets a fresh value head."""
         chunks = [unwrap_model(m) for m in models]
-        fresh = head_of(chunks[0]) == "value" and wn.VALUE_HEAD not in SafetensorsReader(weights_path)
+        fresh = chunks[0].head_kind == "value" and wn.VALUE_HEAD not in SafetensorsReader(weights_path)
         load_checkpoint(chunks, weights_path, fresh_value_head=fresh, progress=False)
 
     def save_weights(self, models: list[torch.nn.Module], weights_path: str, memory_efficient: bool = False) -> None:

@@ -1,24 +1,28 @@
 """The two heads on top of the final norm, and the one contract every model class calls.
 
 ``LMHead`` (``V x h_hi``, vocab-parallel) and ``ValueHead`` (``1 x h_hi``, replicated)
-both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and answer
-``head(hidden, scores=None, vocab_parallel=False)``:
+both take megatron's ``[S(/tp under SP), B, h_hi]`` hidden states and the batch's
+``batches.HeadRequest`` and answer ``head(hidden, request)``:
 
-* ``scores=None``: the head's outputs per token, float32 (float64 for float64 compute):
-  logits ``[S, B, V]`` (``[S, B, Vp/tp]`` with ``vocab_parallel=True``, what the last
+* no labels: the head's outputs per token, float32 (float64 for float64 compute):
+  logits ``[S, B, V]`` (``[S, B, Vp/tp]`` with ``request.vocab_parallel``, what the last
   pipeline stage hands to vocab-parallel losses; padded vocabulary columns hold
   ``PADDED_VOCAB_LOGIT``, a large finite negative, so a softmax gives them probability 0
   and their gradient is 0) or values ``[S, B]``;
-* ``scores=TokenScores(labels, entropy)``: ``[S, B, 2]`` = (log-probability of the label,
-  entropy of the next-token distribution), the vocabulary kept split over TP. Only the
-  LM head has them; the value head refuses with an error that says so. The LM head's
-  ``log_probs`` option picks how: ``"fused"`` (default: ``logprobs.fused_log_probs_entropy``
-  from the hidden states, the ``[S, B, V/tp]`` logits never held at once) or
-  ``"materialise"`` (the logits, then vocab-parallel log-softmax and entropy). The fused
-  path follows the model's activation recompute: with ``recompute="none"`` it keeps each
-  logits tile's probabilities (16-bit) for backward, otherwise it recomputes the logits
-  there (one head-sized GEMM more, no ``[T, V/tp]`` memory).
+* ``request.labels_SB``: ``[S, B, 2]`` = (log-probability of the label, entropy of the
+  next-token distribution), of ``softmax(logits / request.temperature)``, the vocabulary
+  kept split over TP. Only the LM head has them; the value head refuses with an error that
+  says so. The temperature divides the hidden states before the head's GEMM: exact, since
+  the head has no bias, and the gradient flows through the scale. The LM head's
+  ``log_probs`` option picks how: ``"fused"`` (default:
+  ``logprobs.fused_log_probs_entropy`` from the hidden states, the ``[S, B, V/tp]`` logits
+  never held at once) or ``"materialise"`` (the logits, then vocab-parallel log-softmax and
+  entropy). The fused path follows the model's activation recompute: with
+  ``recompute="none"`` it keeps each logits tile's probabilities (16-bit) for backward,
+  otherwise it recomputes the logits there (one head-sized GEMM more, no ``[T, V/tp]``
+  memory).
 
+Each head class names its kind (``kind``: the checkpoint's head tensor, ``weight_names``).
 The padded, packed and pipeline model classes differ in how tokens are laid out, never in
 what a head computes. Neither head is tied to the embedding (they come from different
 checkpoints).
@@ -26,12 +30,11 @@ checkpoints).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from splitllama.batches import OUTPUTS, HeadRequest
 from splitllama.layers import param_device
 from splitllama.logprobs import (
     fused_log_probs_entropy,
@@ -53,15 +56,6 @@ def output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@dataclass
-class TokenScores:
-    """A request for per-token log-probabilities: ``labels`` are global token ids laid
-    out like the hidden states' tokens (``[S, B]``, full sequence under SP)."""
-
-    labels_SB: torch.Tensor
-    entropy: bool = True
-
-
 class LMHead(tensor_parallel.ColumnParallelLinear):
     """Vocab-parallel LM head: ``padded_vocab_size`` rows (``layout.padded_vocab_size``), TP
     rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size`` are padding, excluded
@@ -71,6 +65,8 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
     or by ``lm_head_input`` before the fused log-probs. ``log_probs``: ``fused`` (chunked,
     the logits never materialised) or ``materialise``. ``recompute_logits``: whether the
     fused path recomputes its logits tiles in backward (``fused_log_probs_entropy``)."""
+
+    kind = "lm"
 
     def __init__(self, config: TransformerConfig, hidden_size: int, vocab_size: int,
                  padded_vocab_size: int | None = None, log_probs: str = "fused", recompute_logits: bool = True):
@@ -91,12 +87,11 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         logits, _ = super().forward(hidden_SBH)
         return logits
 
-    def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
-                vocab_parallel: bool = False) -> torch.Tensor:
-        if scores is not None:
-            return self.token_scores(hidden_SBH, scores)
+    def forward(self, hidden_SBH: torch.Tensor, request: HeadRequest = OUTPUTS) -> torch.Tensor:
+        if request.labels_SB is not None:
+            return self.token_scores(hidden_SBH, request)
         logits = self.vocab_parallel_logits(hidden_SBH)
-        if vocab_parallel:
+        if request.vocab_parallel:
             valid = valid_vocab_columns(logits.shape[-1], self.vocab_size, logits.device)
             if valid is not None:
                 logits = torch.where(valid, logits, PADDED_VOCAB_LOGIT)
@@ -104,12 +99,17 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., : self.vocab_size]
         return logits.to(output_dtype(logits.dtype))
 
-    def token_scores(self, hidden_SBH: torch.Tensor, scores: TokenScores) -> torch.Tensor:
-        """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked)."""
+    def token_scores(self, hidden_SBH: torch.Tensor, request: HeadRequest) -> torch.Tensor:
+        """``[S, B, 2]``: log-probability of each label and entropy (zeros when not asked),
+        at ``request.temperature``."""
+        if request.temperature is not None and request.temperature != 1.0:
+            # softmax(W h / T) = softmax(W (h / T)): no bias; backward flows through the scale
+            hidden_SBH = hidden_SBH / request.temperature
+        labels_SB = request.labels_SB
         if self.log_probs == "materialise":
             logits = self.vocab_parallel_logits(hidden_SBH)
-            log_probs = vocab_parallel_log_probs(logits, scores.labels_SB, vocab_size=self.vocab_size)
-            entropy = (vocab_parallel_entropy(logits, vocab_size=self.vocab_size) if scores.entropy
+            log_probs = vocab_parallel_log_probs(logits, labels_SB, vocab_size=self.vocab_size)
+            entropy = (vocab_parallel_entropy(logits, vocab_size=self.vocab_size) if request.entropy
                        else torch.zeros_like(log_probs))
             return torch.stack([log_probs, entropy], dim=-1)
         # [S(/tp), B, h] -> every token on every TP rank, [S, B, h]; the backward reduces
@@ -121,8 +121,8 @@ class LMHead(tensor_parallel.ColumnParallelLinear):
         # into it, so a 16-bit weight's gradient is never rounded to 16 bits per micro-batch.
         # Unwrapped, the gradient is returned into weight.grad (the weight's dtype).
         log_probs, entropy = fused_log_probs_entropy(
-            hidden.reshape(seq * batch, width), self.weight, scores.labels_SB.reshape(seq * batch),
-            entropy=scores.entropy, vocab_size=self.vocab_size,
+            hidden.reshape(seq * batch, width), self.weight, labels_SB.reshape(seq * batch),
+            entropy=request.entropy, vocab_size=self.vocab_size,
             check_labels=False,  # the batch checked them
             grad_weight_into=getattr(self.weight, "main_grad", None),
             recompute_logits=self.recompute_logits,
@@ -138,15 +138,16 @@ class ValueHead(torch.nn.Linear):
     the weight is marked for the TP all-reduce (``grads.py``, megatron's
     ``finalize_model_grads``)."""
 
+    kind = "value"
+
     def __init__(self, config: TransformerConfig, hidden_size: int):
         super().__init__(hidden_size, 1, bias=False, dtype=config.params_dtype, device=param_device(config))
         self.sequence_parallel = config.sequence_parallel
         self.weight.sequence_parallel = config.sequence_parallel
 
-    def forward(self, hidden_SBH: torch.Tensor, scores: TokenScores | None = None,
-                vocab_parallel: bool = False) -> torch.Tensor:
+    def forward(self, hidden_SBH: torch.Tensor, request: HeadRequest = OUTPUTS) -> torch.Tensor:
         """Values ``[S, B]`` in float32 (float64 for float64 compute)."""
-        if scores is not None:
+        if request.labels_SB is not None:
             raise ValueError(
                 "log-probabilities and entropy need an LM head, and this model has a value head "
                 "(score.weight, one value per token): call the model itself for values, or build "

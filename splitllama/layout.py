@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.parallel_sizes import MEGATRON_NAMES, check_parallel_sizes
+from splitllama.parallel_sizes import MEGATRON_NAMES, check_parallel_sizes, round_up
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,11 @@ class ParallelLayout:
     """Tensor (``tp``), sequence (``sp``, needs tp > 1 to split anything), pipeline
     (``pp``) and virtual pipeline (``vpp`` model chunks per pipeline rank) parallelism,
     and optionally the number of layers on each virtual stage in model order
-    (``layers_per_stage``, ``pp * vpp`` counts; default: an even split).
+    (``layers_per_stage``, ``pp * vpp`` counts; default: an even split). It is the one
+    owner of the pipeline split: ``pipeline.build_chunks`` places each chunk from it.
 
     Megatron's ``ModelParallelConfig`` is derived from it (``splitllama.distributed``),
-    and ``from_megatron`` reads it back, so the sizes are written in one place; the
+    and ``from_megatron`` reads the sizes back, so they are written in one place; the
     architecture config holds no parallel setting."""
 
     tp: int = 1
@@ -39,19 +40,21 @@ class ParallelLayout:
     def __post_init__(self) -> None:
         check_parallel_sizes(self.tp, self.sp, self.pp, self.vpp)
         if self.layers_per_stage is not None:
-            object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
+            counts = self.layers_per_stage
+            if isinstance(counts, (str, bytes)) or not hasattr(counts, "__iter__"):
+                raise ValueError(f"layers_per_stage must be None or a sequence of layer counts, got {counts!r}")
+            object.__setattr__(self, "layers_per_stage", tuple(counts))
 
     @classmethod
-    def from_megatron(cls, megatron_config: Any,
-                      layers_per_stage: tuple[int, ...] | list[int] | None = None) -> ParallelLayout:
-        """The layout of a megatron ``ModelParallelConfig`` (or ``TransformerConfig``)."""
+    def from_megatron(cls, megatron_config: Any) -> ParallelLayout:
+        """The parallel sizes of a megatron ``ModelParallelConfig`` (or ``TransformerConfig``),
+        with an even pipeline split (megatron's configs do not hold this model's split)."""
         vpp = megatron_config.virtual_pipeline_model_parallel_size
         return cls(
             tp=megatron_config.tensor_model_parallel_size,
             sp=bool(megatron_config.sequence_parallel) and megatron_config.tensor_model_parallel_size > 1,
             pp=megatron_config.pipeline_model_parallel_size,
             vpp=vpp if vpp and vpp > 1 else None,
-            layers_per_stage=tuple(layers_per_stage) if layers_per_stage is not None else None,
         )
 
     @property
@@ -82,8 +85,6 @@ class StageLayout:
     upper_layers: range  # indices into the split model's upper stack
     has_embedding: bool
     has_head: bool  # final norm + LM/value head
-    input_hidden: int | None  # width of the tensor received from the previous stage
-    output_hidden: int  # width of the tensor this stage emits (before the head)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
@@ -92,7 +93,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     splits over any TP. TP rank r holds rows ``[r Vp/tp, (r+1) Vp/tp)``; rows ``>= vocab_size``
     are padding (zero, never looked up, masked out of every output; see ``heads.LMHead``)."""
     multiple = divisible_by * tp
-    padded = -(-vocab_size // multiple) * multiple
+    padded = round_up(vocab_size, multiple)
     if padded - vocab_size >= padded // tp:
         raise ValueError(
             f"make_vocab_size_divisible_by={divisible_by} at tensor_model_parallel_size={tp} pads "
@@ -168,14 +169,11 @@ def stage_layouts(
         lower = range(min(start, n), min(stop, n))
         upper = range(max(start, n) - n, max(stop, n) - n)
         has_adapter = 0 in upper
-        input_hidden = None if v == 0 else (config.h_lo if start <= n else config.h_hi)
-        output_hidden = config.h_lo if stop <= n else config.h_hi
         layouts.append(
             StageLayout(
                 virtual_stage=v, pp_rank=v % pp, chunk=v // pp,
                 lower_layers=lower, has_adapter=has_adapter, upper_layers=upper,
                 has_embedding=v == 0, has_head=v == stages - 1,
-                input_hidden=input_hidden, output_hidden=output_hidden,
             )
         )
         start = stop

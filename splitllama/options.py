@@ -1,5 +1,6 @@
 """Model options: how a production model is built, beyond its architecture (the split
-config) and its parallel sizes (megatron's ``ModelParallelConfig``).
+config) and its parallel layout (megatron's ``ModelParallelConfig``; where the pipeline
+stages cut is ``layout.ParallelLayout``'s).
 
 ONE frozen object, validated here when it is made, that every entry point takes as it is
 (the model classes, the pipeline classes and ``pipeline.build_chunks``, the harness, the
@@ -13,14 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from splitllama.parallel_sizes import is_positive_int
+
 # Activation recompute (megatron's settings per choice: ``layers.RECOMPUTE``).
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 # How the LM head computes log-probabilities and entropy (``heads.LMHead``).
 LOG_PROBS_CHOICES = ("fused", "materialise")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -43,28 +42,20 @@ class ModelOptions:
     zero, never looked up, excluded from logits, log-probs, entropy and gradients, and never
     loaded or saved: checkpoints hold exactly ``vocab_size`` rows.
 
-    ``layers_per_stage``: the number of layers on each virtual pipeline stage in model order
-    (``pp * vpp`` counts; default an even split; ``layout.stage_layouts`` checks the counts
-    against the config)."""
+    Where the pipeline stages cut is not an option: ``layout.ParallelLayout`` owns it."""
 
     recompute: str | None = None
     log_probs: str = "fused"
     make_vocab_size_divisible_by: int = 1
-    layers_per_stage: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.recompute is not None and self.recompute not in RECOMPUTE_CHOICES:
             raise ValueError(f"recompute={self.recompute!r} is not one of {sorted(RECOMPUTE_CHOICES)}")
         if self.log_probs not in LOG_PROBS_CHOICES:
             raise ValueError(f"log_probs={self.log_probs!r} is not one of {list(LOG_PROBS_CHOICES)}")
-        if not _positive_int(self.make_vocab_size_divisible_by):
+        if not is_positive_int(self.make_vocab_size_divisible_by):
             raise ValueError(f"make_vocab_size_divisible_by must be a positive int, "
                              f"got {self.make_vocab_size_divisible_by!r}")
-        if self.layers_per_stage is not None:
-            counts = self.layers_per_stage
-            if isinstance(counts, (str, bytes)) or not hasattr(counts, "__iter__"):
-                raise ValueError(f"layers_per_stage must be None or a sequence of layer counts, got {counts!r}")
-            object.__setattr__(self, "layers_per_stage", tuple(counts))
 
     def resolve(self, megatron_config: Any) -> ModelOptions:
         """These options with ``recompute`` decided: when None, the megatron config's

@@ -3,14 +3,18 @@
 ``ParallelCustomSplitLLamaForCausalLMRmPadPP`` and ``ParallelCustomSplitLLamaForValueRmPadPP``
 are built per (pipeline rank, virtual chunk) with
 ``Cls(config, megatron_config, pre_process, post_process, share_embeddings_and_output_weights=False)``:
-``layout.stage_layout`` decides which lower layers, adapter, upper layers and head the
-chunk owns, so consecutive stages may exchange ``h_lo``- or ``h_hi``-wide tensors.
-Every stage gets the same ``(input_ids, attention_mask, position_ids)`` and derives the
-packing from the mask; stages other than the first read hidden states given by
-``set_input_tensor``. Stages other than the last return hidden states ``[T_pad(/tp), 1, h]``;
-the last returns vocab-parallel fp32 logits ``[B, S, Vp/tp]`` (CausalLM; padded vocabulary
-columns hold a large finite negative, see ``heads.LMHead``) or values ``[B, S]``,
-or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and entropy (CausalLM).
+``layout.stage_layouts`` (the one placement function) decides which lower layers, adapter,
+upper layers and head the chunk owns, so consecutive stages may exchange ``h_lo``- or
+``h_hi``-wide tensors; ``build_chunks`` hands each chunk its stage from a
+``ParallelLayout`` (which owns the split: an even one unless ``layers_per_stage`` says
+otherwise). Every stage gets the same call and builds the same batch record from it
+(``batches.prepare_batch``: packed from the mask, or the caller's thd row and
+``cu_seqlens``); stages other than the first read hidden states given by
+``set_input_tensor``. Stages other than the last return hidden states
+``[T_pad(/tp), 1, h]``; the last returns vocab-parallel fp32 logits ``[B, S, Vp/tp]``
+(CausalLM; padded vocabulary columns hold a large finite negative, see ``heads.LMHead``) or
+values ``[B, S]``, or, when called with ``labels``, ``[B, S, 2]`` log-probabilities and
+entropy (CausalLM; ``batches.TokenLogProbs`` for a thd call).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled, cpu_schedule_context
-from splitllama.layout import stage_layout
+from splitllama.layout import ParallelLayout, StageLayout, stage_layout
 from splitllama.model import (
     ParallelCustomSplitLLamaForCausalLMRmPad,
     ParallelCustomSplitLLamaForValueRmPad,
@@ -34,7 +38,8 @@ from splitllama.options import ModelOptions, model_options
 
 class PipelineStageMixin:
     """Constructor and ``set_input_tensor`` of a pipeline stage (one virtual chunk): it
-    finds the stage's layout, then runs the model class's own constructor for it."""
+    takes the stage's layout (``stage``, as ``build_chunks`` passes it) or places an even
+    split itself, then runs the model class's own constructor for it."""
 
     vocab_parallel_output = True
     # megatron's attribute, read by finalize_model_grads across pipeline stages: the
@@ -44,7 +49,7 @@ class PipelineStageMixin:
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
                  pre_process: bool, post_process: bool,
                  share_embeddings_and_output_weights: bool = False, *, vp_stage: int | None = None,
-                 options: ModelOptions | None = None):
+                 options: ModelOptions | None = None, stage: StageLayout | None = None):
         if share_embeddings_and_output_weights:
             raise ValueError(
                 "share_embeddings_and_output_weights must be False: the embedding comes from "
@@ -53,10 +58,14 @@ class PipelineStageMixin:
         pp = megatron_config.pipeline_model_parallel_size
         vpp = megatron_config.virtual_pipeline_model_parallel_size
         if vp_stage is None:
-            vp_stage = (parallel_state.get_virtual_pipeline_model_parallel_rank() or 0) if vpp else 0
-        options = model_options(options)
-        stage = stage_layout(config, pp, vpp, parallel_state.get_pipeline_model_parallel_rank(), vp_stage,
-                             options.layers_per_stage)
+            vp_stage = stage.chunk if stage is not None else (
+                (parallel_state.get_virtual_pipeline_model_parallel_rank() or 0) if vpp else 0)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        if stage is None:
+            stage = stage_layout(config, pp, vpp, pp_rank, vp_stage)
+        elif (stage.pp_rank, stage.chunk) != (pp_rank, vp_stage):
+            raise ValueError(f"stage is pipeline rank {stage.pp_rank}, chunk {stage.chunk}, but this process is "
+                             f"pipeline rank {pp_rank}, chunk (vp_stage) {vp_stage}")
         if (pre_process, post_process) != (stage.has_embedding, stage.has_head):
             raise ValueError(
                 f"pre_process={pre_process}, post_process={post_process} disagree with the stage "
@@ -64,7 +73,7 @@ class PipelineStageMixin:
                 f"{'holds' if stage.has_embedding else 'does not hold'} the embedding and "
                 f"{'holds' if stage.has_head else 'does not hold'} the head"
             )
-        super().__init__(config, megatron_config, stage=stage, options=options)
+        super().__init__(config, megatron_config, stage=stage, options=model_options(options))
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage if vpp else None
 
@@ -86,19 +95,19 @@ class ParallelCustomSplitLLamaForValueRmPadPP(PipelineStageMixin, ParallelCustom
 
 
 def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig,
-                 options: ModelOptions | None = None) -> list[torch.nn.Module]:
+                 options: ModelOptions | None = None, layout: ParallelLayout | None = None) -> list[torch.nn.Module]:
     """All model chunks of this pipeline rank (one per virtual stage), as megatron's
-    interleaved schedule expects them, each built with ``options``."""
-    options = model_options(options)
-    vpp = megatron_config.virtual_pipeline_model_parallel_size or 1
-    pp = megatron_config.pipeline_model_parallel_size
+    interleaved schedule expects them, each built with ``options``. ``layout``: where the
+    pipeline stages cut (its ``layers_per_stage``); its sizes must be megatron's. Default:
+    megatron's sizes with an even split."""
+    sizes = ParallelLayout.from_megatron(megatron_config)
+    layout = layout or sizes
+    if (layout.tp, layout.sp, layout.pp, layout.vpp) != (sizes.tp, sizes.sp, sizes.pp, sizes.vpp):
+        raise ValueError(f"layout {layout} and the megatron config ({sizes}) disagree on the parallel sizes")
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    chunks = []
-    for chunk in range(vpp):
-        stage = stage_layout(config, pp, vpp, pp_rank, chunk, options.layers_per_stage)
-        chunks.append(cls(config, megatron_config, stage.has_embedding, stage.has_head, vp_stage=chunk,
-                          options=options))
-    return chunks
+    mine = [stage for stage in layout.validate(config) if stage.pp_rank == pp_rank]
+    return [cls(config, megatron_config, stage.has_embedding, stage.has_head, vp_stage=stage.chunk, stage=stage,
+                options=options) for stage in mine]
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], ddp_config) -> list[torch.nn.Module]:

@@ -108,13 +108,13 @@ def _sharded_weight(spec: WeightSpec, param: torch.Tensor, shapes: list[tuple[in
     return ShardedTensorFactory(spec.names[0], param, build, merge, replica_id)
 
 
-def sharded_state_dict(chunk: torch.nn.Module, head: wn.Head, prefix: str = "", sharded_offsets: tuple = (),
+def sharded_state_dict(chunk: torch.nn.Module, prefix: str = "", sharded_offsets: tuple = (),
                        metadata: dict | None = None) -> dict:
     """Megatron's sharded state dict of one production model chunk: its ``state_dict``
     keys (under ``prefix``) -> ``ShardedTensor`` / ``ShardedTensorFactory`` /
-    ``ShardedObject`` of the split checkpoint's tensors, named for ``head`` (``model.head_of``:
-    this module sits below model.py). ``metadata``: megatron's
-    ``dp_cp_group`` (default: its data-parallel group with context parallelism)."""
+    ``ShardedObject`` of the split checkpoint's tensors, named for the chunk's ``head_kind``.
+    ``metadata``: megatron's ``dp_cp_group`` (default: its data-parallel group with context
+    parallelism)."""
     if sharded_offsets:
         raise ValueError(
             f"sharded_offsets must be empty, got {sharded_offsets!r}: this model's checkpoint keys "
@@ -124,6 +124,7 @@ def sharded_state_dict(chunk: torch.nn.Module, head: wn.Head, prefix: str = "", 
     dp_rank = torch.distributed.get_rank(group)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    head = chunk.head_kind
     shapes = wn.split_checkpoint_shapes(chunk.hf_config, head)
     out: dict = {}
     weight_key: dict[str, str] = {}

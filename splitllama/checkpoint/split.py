@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.model import head_of
 from splitllama.checkpoint.directory import check_config, check_tensors
 from splitllama.checkpoint.safetensors_io import Part, SafetensorsReader, ShardWriter, finish, parse_size
 from splitllama.checkpoint import model_chunks
@@ -57,7 +56,7 @@ def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
     present with its exact shape. A value model may start from a CausalLM checkpoint only
     with ``fresh_value_head=True`` (head initialised from ``seed``)."""
     chunks = model_chunks(model_or_chunks)
-    config, head = chunks[0].hf_config, head_of(chunks[0])
+    config, head = chunks[0].hf_config, chunks[0].head_kind
     directory = Path(checkpoint_dir)
     check_config(config, directory)
     reader = SafetensorsReader(directory)
@@ -98,7 +97,7 @@ def iter_stage_tensors(chunks, source: str = "param"):
     reads as zeros)."""
     if source not in ("param", "grad", "main_grad"):
         raise ValueError(f"source must be 'param', 'grad' or 'main_grad', got {source!r}")
-    config, head = chunks[0].hf_config, head_of(chunks[0])
+    config, head = chunks[0].hf_config, chunks[0].head_kind
     for chunk in chunks:
         for spec in _specs(chunk, config, head):
             param = chunk.get_parameter(spec.param)
@@ -111,7 +110,7 @@ def iter_stage_tensors(chunks, source: str = "param"):
 def _stage_listing(chunks) -> list[tuple[str, tuple[int, ...], str]]:
     """``(checkpoint name, full shape, dtype name)`` of what this pipeline rank owns, in the
     order ``iter_stage_tensors`` yields it, without gathering anything."""
-    config, head = chunks[0].hf_config, head_of(chunks[0])
+    config, head = chunks[0].hf_config, chunks[0].head_kind
     shapes = wn.split_checkpoint_shapes(config, head)
     return [(name, tuple(shapes[name]), str(chunk.get_parameter(spec.param).dtype).removeprefix("torch."))
             for chunk in chunks for spec in _specs(chunk, config, head) for name in spec.names]

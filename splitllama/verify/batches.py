@@ -17,7 +17,8 @@ class Microbatch:
 
     The loss is ``sum(observed * probe)`` over valid tokens, where ``observed`` is the
     model output (logits ``[B, S, V]`` or values ``[B, S]``), or, when ``labels`` is set
-    (LM only), ``[B, S, 2]`` = (log-probability of the label, entropy)."""
+    (LM only), ``[B, S, 2]`` = (log-probability of the label, entropy) of
+    ``softmax(logits / temperature)`` (``temperature`` None: 1)."""
 
     input_ids: torch.Tensor  # [B, S]
     attention_mask: torch.Tensor  # [B, S] bool
@@ -25,11 +26,12 @@ class Microbatch:
     probe: torch.Tensor  # shaped like what is observed
     name: str = ""
     labels: torch.Tensor | None = None  # [B, S] token ids
+    temperature: float | None = None
 
     def to(self, device) -> Microbatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Microbatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                          self.probe, self.name, move(self.labels))
+                          self.probe, self.name, move(self.labels), self.temperature)
 
 
 def masked_probe(mb: Microbatch, like: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,8 @@ def check_microbatches(vocab: int, head: wn.Head, seed: int = 0, multiple_of: in
         ids = torch.randint(0, vocab, mask.shape, generator=gen)
         labels = ids.roll(-1, dims=1)  # next-token targets, as an RL actor scores a rollout
         probe = torch.randn(*mask.shape, 2, generator=gen)
-        out.append(Microbatch(ids, mask, None, probe, "log_probs_entropy", labels))
+        # sampled at a temperature below 1, as RL rollouts often are; exact in binary
+        out.append(Microbatch(ids, mask, None, probe, "log_probs_entropy", labels, temperature=0.75))
     while len(out) % multiple_of:
         lengths = torch.randint(0, 12, (3,), generator=gen)
         mask = torch.arange(12)[None, :] < lengths[:, None]

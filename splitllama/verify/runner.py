@@ -10,7 +10,6 @@ by all-reduce, so a failure fails every rank.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import torch
@@ -45,16 +44,13 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
                      dtype: torch.dtype, device: str, options: ModelOptions | None = None,
                      padded: bool = False, stages: bool = False) -> list[torch.nn.Module]:
     """The production model chunks of this rank (one unless VPP), built with ``options``
-    and the pipeline split of ``layout``. ``padded``: the padded class
+    and placed by ``layout`` (its pipeline split). ``padded``: the padded class
     ``ParallelCustomSplitLLamaForCausalLM`` instead of the packed one (TP and SP, no
     pipeline, LM head). ``stages``: the registry's pipeline-stage classes even without
     pipeline parallelism (what a trainer builds and megatron's schedules drive,
     ``set_input_tensor`` included)."""
     mc = megatron_config(layout, dtype, device)
     options = model_options(options)
-    if options.layers_per_stage is not None:
-        raise ValueError("options.layers_per_stage must be None here: the layout's layers_per_stage is used")
-    options = dataclasses.replace(options, layers_per_stage=layout.layers_per_stage)
     if padded:
         if layout.pp != 1 or head != "lm":
             raise ValueError(f"the padded class is a CausalLM without pipeline stages, not {head} at {layout}")
@@ -64,7 +60,7 @@ def build_production(config: CustomSplitLlamaConfig, layout: ParallelLayout, hea
         chunks = [cls(config, mc, options=options)]
     else:
         cls = ParallelCustomSplitLLamaForCausalLMRmPadPP if head == "lm" else ParallelCustomSplitLLamaForValueRmPadPP
-        chunks = build_chunks(cls, config, mc, options)
+        chunks = build_chunks(cls, config, mc, options, layout)
     return [chunk.to(device) for chunk in chunks]
 
 
@@ -99,7 +95,7 @@ def _oracle_observe(model, mb: Microbatch, trunk: bool = False) -> torch.Tensor:
         return out[..., 0]
     if mb.labels is None:
         return out
-    log_softmax = torch.log_softmax(out, dim=-1)
+    log_softmax = torch.log_softmax(out if mb.temperature is None else out / mb.temperature, dim=-1)
     # labels at padded positions may be anything (e.g. -100); they are not compared
     labels = torch.where(mb.attention_mask.bool(), mb.labels, 0)
     log_prob = log_softmax.gather(-1, labels[..., None])[..., 0]
@@ -145,7 +141,7 @@ def trunk_hidden(model, mb: Microbatch) -> torch.Tensor:
     the trunk's sequence shards are gathered; every rank then holds the same loss, so the
     backward only takes each rank's own shard (``tensor_parallel_output_grad=False``)."""
     batch = model.prepare_batch(mb.input_ids, mb.attention_mask, mb.position_ids)
-    hidden = batch.hidden(model.model)
+    hidden = model.model(batch)
     if model.parallel_layout.sp:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
     return batch.restore(hidden)
@@ -168,7 +164,7 @@ def run_production(chunks: list[torch.nn.Module], microbatches: list[Microbatch]
                 out = trunk_hidden(model, mb)
             elif mb.labels is not None:
                 out = torch.stack(model.log_probs_and_entropy(
-                    mb.input_ids, mb.attention_mask, mb.labels, mb.position_ids), dim=-1)
+                    mb.input_ids, mb.attention_mask, mb.labels, mb.position_ids, temperature=mb.temperature), dim=-1)
             else:
                 out = model(mb.input_ids, mb.attention_mask, mb.position_ids)
             (out * masked_probe(mb, out)).sum().backward()
@@ -201,7 +197,7 @@ def run_pipelined(chunks, microbatches: list[Microbatch], forward_only: bool = F
     count = len(microbatches)
 
     def forward_step(mb, model):
-        out = model(mb.input_ids, mb.attention_mask, mb.position_ids, labels=mb.labels)
+        out = model(mb.input_ids, mb.attention_mask, mb.position_ids, labels=mb.labels, temperature=mb.temperature)
 
         def loss_func(output):
             loss, observed = _stage_loss(mb, output)

@@ -11,6 +11,7 @@ them in the gate; run them alone with ``pytest tests/integration -k planted`` (a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -99,7 +100,7 @@ def _qkv_concatenated(mp):
 
 
 def _value_head_gathered_twice(mp):
-    def gathered_twice(self, hidden, scores=None, vocab_parallel=False):
+    def gathered_twice(self, hidden, request=batches.OUTPUTS):
         values = torch.nn.Linear.forward(self, hidden)
         if self.sequence_parallel:
             values = tensor_parallel.gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
@@ -107,6 +108,26 @@ def _value_head_gathered_twice(mp):
         return values[..., 0].to(heads.output_dtype(values.dtype))
 
     mp.setattr(heads.ValueHead, "forward", gathered_twice)
+
+
+def _temperature_not_in_entropy(mp):
+    token_scores = heads.LMHead.token_scores
+
+    def entropy_at_temperature_one(self, hidden, request):
+        scaled = token_scores(self, hidden, request)
+        unscaled = token_scores(self, hidden, dataclasses.replace(request, temperature=None))
+        return torch.stack([scaled[..., 0], unscaled[..., 1]], dim=-1)
+
+    mp.setattr(heads.LMHead, "token_scores", entropy_at_temperature_one)
+
+
+def _thd_temperature_dropped(mp):
+    thd_batch = batches.thd_batch
+
+    def at_temperature_one(*args, **kwargs):
+        return thd_batch(*args, **{**kwargs, "temperature": None})
+
+    mp.setattr(batches, "thd_batch", at_temperature_one)
 
 
 def _position_ids_ignored(mp):
@@ -579,6 +600,10 @@ PLANTED = [
     # the wiring of the fused head into the models, caught by the models' parity check
     PlantedBug("fused_head_input_grad_not_reduced", "fused head in the model: hidden-state gradient "
                "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),
+    PlantedBug("temperature_not_in_entropy", "the head's temperature applied to log-probs but not to "
+               "entropy", ("tp1", "tp2_sp"), _temperature_not_in_entropy, check="log_probs"),
+    PlantedBug("thd_temperature_dropped", "verl's thd call with labels scored at temperature 1, not the "
+               "temperature it passed", ("tp1",), _thd_temperature_dropped, check="thd"),
     PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
                "vocabulary rows from 0", ("tp2", "tp2_sp"), _fused_head_vocab_start_zero, check="log_probs"),
     PlantedBug("padded_vocab_not_masked", "padded vocabulary columns (vocab 301 at TP=2) left in the "

@@ -382,7 +382,8 @@ def fused_head_main_grad_error(layout) -> float:
 
     from splitllama.verify.tiny import tiny_split_config
     from splitllama.distributed import megatron_config
-    from splitllama.heads import LMHead, TokenScores
+    from splitllama.batches import HeadRequest
+    from splitllama.heads import LMHead
     from splitllama.layers import stack_config
 
     setup_parallel(layout, DEVICE)
@@ -402,7 +403,7 @@ def fused_head_main_grad_error(layout) -> float:
         labels = torch.randint(0, VOCAB, (tokens, 1), generator=gen)
         probe = torch.randn(tokens, 1, 2, generator=gen).to(DEVICE)
         mine = (hidden.chunk(tp, 0)[rank] if layout.sp else hidden).to(DEVICE)
-        out = ddp(mine.clone().requires_grad_(True), TokenScores(labels.to(DEVICE)))
+        out = ddp(mine.clone().requires_grad_(True), HeadRequest(labels_SB=labels.to(DEVICE)))
         (out * probe).sum().backward()
         own = torch.zeros(head.weight.shape, dtype=torch.float32, device=DEVICE)
         full = lm_head_input(mine.clone().requires_grad_(True), layout.sp).reshape(tokens, HIDDEN)

@@ -172,11 +172,27 @@ def test_forward_refuses_inputs_on_another_device(layout):
 
 
 @pytest.mark.parametrize("layout", layouts("tp1"))
-def test_trunk_refuses_a_call_without_an_attention_plan(layout):
-    """The trunk called directly with neither a mask nor a packed plan would attend to
-    every position (no causal mask): refused instead."""
+def test_trunk_refuses_a_call_without_a_batch(layout):
+    """The trunk called directly with token ids would run without the batch's attention plan
+    (no causal mask, no documents): refused instead."""
     setup_parallel(layout, DEVICE)
     model = ParallelCustomSplitLLamaForCausalLM(tiny_split_config(), _mc()).to(DEVICE)
     ids = _ids().to(DEVICE)
-    with pytest.raises(ValueError, match="pass exactly one of attention_mask"):
-        model.model(ids, torch.arange(5, device=DEVICE).expand(2, 5))
+    with pytest.raises(ValueError, match="the trunk takes one splitllama Batch"):
+        model.model(ids)
+
+
+@pytest.mark.parametrize("layout", layouts("tp1"))
+@pytest.mark.parametrize("temperature,labels,message", [
+    (0.0, True, "temperature must be a positive finite number, got 0.0"),
+    (float("nan"), True, "temperature must be a positive finite number"),
+    ("0.7", True, "temperature must be a positive number, got str"),
+    (torch.tensor([0.5, 1.0]), True, "temperature must be one number"),
+    (0.7, False, "temperature scales log-probs and entropy: pass labels with it"),
+], ids=["zero", "nan", "string", "per_row", "without_labels"])
+def test_forward_refuses_a_bad_temperature(layout, temperature, labels, message):
+    setup_parallel(layout, DEVICE)
+    model = ParallelCustomSplitLLamaForCausalLMRmPad(tiny_split_config(), _mc()).to(DEVICE)
+    ids = _ids().to(DEVICE)
+    with pytest.raises(ValueError, match=message):
+        model(ids, MASK.to(DEVICE), labels=ids if labels else None, temperature=temperature)

@@ -28,13 +28,16 @@ VOCAB = 256  # the tiny presets' vocabulary
 
 
 def microbatch(mask: torch.Tensor, head: str, seed: int, name: str = "", positions: bool = False,
-               labels: bool = False, vocab: int = VOCAB, hidden: int | None = None) -> Microbatch:
-    """``hidden``: probe the trunk's final hidden states ``[B, S, hidden]`` instead of the head."""
+               labels: bool = False, vocab: int = VOCAB, hidden: int | None = None,
+               temperature: float | None = None) -> Microbatch:
+    """``hidden``: probe the trunk's final hidden states ``[B, S, hidden]`` instead of the head;
+    ``temperature``: of the labels' log-probs and entropy."""
     gen = torch.Generator().manual_seed(seed)
     ids = random_input_ids(mask, vocab, seed)
     pos = caller_position_ids(mask, seed) if positions else None
     if labels:
-        return Microbatch(ids, mask, pos, torch.randn(*mask.shape, 2, generator=gen), name, ids.roll(-1, 1))
+        return Microbatch(ids, mask, pos, torch.randn(*mask.shape, 2, generator=gen), name, ids.roll(-1, 1),
+                          temperature)
     shape = (*mask.shape, vocab) if head == "lm" else mask.shape
     if hidden is not None:
         shape = (*mask.shape, hidden)
@@ -100,10 +103,11 @@ def test_trunk_final_hidden_states(layout, padded, checkpoint_factory):
 
 
 def log_prob_microbatches() -> list[Microbatch]:
-    """Next-token labels on rows with padding left/right/inside, an empty row, an
-    all-padding batch and single-token rows."""
+    """Next-token labels on rows with padding left/right/inside (at a temperature below 1,
+    as RL rollouts are sampled; exact in binary), an empty row, an all-padding batch and
+    single-token rows (at temperature 1)."""
     return [
-        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True),
+        microbatch(EDGE_MASKS["left_right_inside"], "lm", 1, "mixed", labels=True, temperature=0.75),
         microbatch(EDGE_MASKS["empty_row"], "lm", 2, "empty_row", labels=True),
         microbatch(EDGE_MASKS["all_padding_batch"], "lm", 3, "all_padding", labels=True),
         microbatch(EDGE_MASKS["single_token_rows"], "lm", 4, "single_tokens", labels=True),

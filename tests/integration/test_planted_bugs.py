@@ -22,6 +22,7 @@ from tests.integration.test_dist_checkpoints import declaration_problems, dist_r
 from tests.integration.test_fused_logprobs import fused_head_agrees, fused_head_main_grad_agrees
 from tests.integration.test_input_validation import BAD_VALUES, out_of_range_refused
 from tests.integration.test_rope_bands import rope_bands_checkpoint, rope_bands_parity, rope_matches_transformers
+from tests.integration.test_thd_contract import thd_matches_packed
 from tests.integration.test_training_step import training_step_passes
 from tests.integration.test_parity import (
     edge_case_microbatches,
@@ -111,6 +112,7 @@ CHECKS = {
         loader_refuses(ckpt, layout, case) for case in ("lower_eps", "upper_eps"))),
     "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
         out_of_range_refused(ckpt, layout, case, padded) for case, padded in INPUT_RANGE_CASES)),
+    "thd": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: thd_matches_packed(ckpt, layout)),
 }
 
 

@@ -49,7 +49,8 @@ REGISTRY_CLASSES = {
     CAUSAL_PP: ("splitllama.pipeline", CAUSAL_RMPAD),
     VALUE_PP: ("splitllama.pipeline", VALUE_RMPAD),
 }
-HEAD_METHODS = ("_init_head", "_forward_head")  # all the value model may change
+HEAD_METHODS = ("_init_head", "_forward_head")  # all the value model may change,
+HEAD_CLASS = "head_class"  # with the class attribute naming its head (whose ``kind`` names the checkpoint's head)
 # What the trainer and megatron's schedules call on a pipeline class.
 PP_INIT = ("self", "config", "megatron_config", "pre_process", "post_process",
            "share_embeddings_and_output_weights")
@@ -339,9 +340,14 @@ def registry_classes(project: Project) -> list[Violation]:
         is_doc = isinstance(statement, cst.SimpleStatementLine) and all(
             isinstance(s, cst.Pass) or (isinstance(s, cst.Expr) and isinstance(s.value, cst.SimpleString))
             for s in statement.body)
-        if not is_doc and getattr(getattr(statement, "name", None), "value", None) not in HEAD_METHODS:
+        is_head_class = isinstance(statement, cst.SimpleStatementLine) and all(
+            isinstance(s, cst.Assign) and [t.target for t in s.targets if isinstance(t.target, cst.Name)]
+            and all(isinstance(t.target, cst.Name) and t.target.value == HEAD_CLASS for t in s.targets)
+            for s in statement.body)
+        if not (is_doc or is_head_class) and getattr(getattr(statement, "name", None), "value", None) \
+                not in HEAD_METHODS:
             out.append(Violation(source.path, source.line(statement), "registry-classes",
-                                 f"{VALUE_RMPAD} may define only {' and '.join(HEAD_METHODS)}; "
+                                 f"{VALUE_RMPAD} may define only {' and '.join(HEAD_METHODS)} and {HEAD_CLASS}; "
                                  f"move the rest to {CAUSAL_RMPAD}"))
     for method in HEAD_METHODS:
         if method not in members(value) or project.owner(qualify(CAUSAL_RMPAD), method) is None:

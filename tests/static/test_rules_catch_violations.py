@@ -48,6 +48,8 @@ MODEL = src('''
     class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMRmPad):
         """The critic: a 1 x h_hi value head."""
 
+        head_class = None
+
         def _init_head(self, config):
             self.value_head = None
 
@@ -112,6 +114,9 @@ CASES = {
         MODEL, "        return hidden[..., 0]\n",
         "        return hidden[..., 0]\n\n    def forward(self, input_ids):\n        return input_ids\n")),
         "may define only _init_head and _forward_head"),
+    "classes-value-sets-another-attribute": ("registry-classes", hierarchy(model=variant(
+        MODEL, "        return hidden[..., 0]\n", "        return hidden[..., 0]\n\n    packed = False\n")),
+        "may define only _init_head and _forward_head and head_class"),
     "classes-causal-has-no-head": ("registry-classes", hierarchy(model=variant(
         MODEL, "    def _init_head(self, config):\n        self.lm_head = None\n", "")),
         "_init_head must be defined by both"),

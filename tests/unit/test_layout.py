@@ -10,22 +10,22 @@ from splitllama.layout import ParallelLayout, stage_layout, stage_layouts, valid
 
 def describe(stage):
     return (list(stage.lower_layers), stage.has_adapter, list(stage.upper_layers),
-            stage.has_embedding, stage.has_head, stage.input_hidden, stage.output_hidden)
+            stage.has_embedding, stage.has_head)
 
 
 def test_whole_model_on_one_stage():
     config = tiny_split_config()
     (stage,) = stage_layouts(config)
-    assert describe(stage) == ([0, 1], True, [0, 1], True, True, None, config.h_hi)
+    assert describe(stage) == ([0, 1], True, [0, 1], True, True)
 
 
 @pytest.mark.parametrize("split,expected", [
     # boundary inside the lower stack: stage 1 receives h_lo and holds the adapter
-    ((1, 3), [([0], False, [], True, False, None, 64), ([1], True, [0, 1], False, True, 64, 128)]),
-    # boundary at the adapter: stage 1 starts with it
-    ((2, 2), [([0, 1], False, [], True, False, None, 64), ([], True, [0, 1], False, True, 64, 128)]),
+    ((1, 3), [([0], False, [], True, False), ([1], True, [0, 1], False, True)]),
+    # boundary at the adapter: stage 1 starts with it (and receives h_lo)
+    ((2, 2), [([0, 1], False, [], True, False), ([], True, [0, 1], False, True)]),
     # boundary inside the upper stack: stage 1 receives h_hi
-    ((3, 1), [([0, 1], True, [0], True, False, None, 128), ([], False, [1], False, True, 128, 128)]),
+    ((3, 1), [([0, 1], True, [0], True, False), ([], False, [1], False, True)]),
 ])
 def test_pipeline_boundaries(split, expected):
     stages = stage_layouts(tiny_split_config(), pp=2, layers_per_stage=list(split))
@@ -41,7 +41,9 @@ def test_interleaved_chunks_follow_megatron_order():
 
 
 def test_parallel_layout_sets_the_split():
-    stages = ParallelLayout(pp=2, layers_per_stage=[3, 1]).validate(tiny_split_config())
+    layout = ParallelLayout(pp=2, layers_per_stage=[3, 1])
+    assert layout.layers_per_stage == (3, 1)  # normalised: the layout is frozen and hashable
+    stages = layout.validate(tiny_split_config())
     assert [len(s.upper_layers) for s in stages] == [1, 1]
 
 
@@ -50,6 +52,8 @@ def test_parallel_layout_sets_the_split():
     (dict(sp=True), "sp needs tp > 1"),
     (dict(vpp=2), "vpp 2 needs pp > 1"),
     (dict(pp=2, vpp=0), "vpp must be None or a positive int"),
+    (dict(pp=2, layers_per_stage=3), "layers_per_stage must be None or a sequence"),
+    (dict(pp=2, layers_per_stage="2,2"), "layers_per_stage must be None or a sequence"),
 ])
 def test_parallel_layout_refuses_impossible_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
