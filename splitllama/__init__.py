@@ -51,7 +51,7 @@ _LAZY = {
     "use_cpu": "splitllama.cpu_support",
     "init_distributed": "splitllama.distributed",
     "setup_parallel": "splitllama.distributed",
-    "megatron_config": "splitllama.distributed",
+    "megatron_config": "splitllama.megatron_configs",
     "shutdown": "splitllama.distributed",
     "read_split_config": "splitllama.checkpoint.directory",
     "validate_checkpoint_dir": "splitllama.checkpoint.directory",

@@ -43,7 +43,8 @@ from tqdm import tqdm
 from splitllama.attention import BACKEND_ENV, available_backends
 from splitllama.bench_workload import Batch, actor_step, bench_config, make_batch, oracle_step, rl_lengths, useful_flops
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
-from splitllama.distributed import init_distributed, megatron_config, setup_parallel, shutdown
+from splitllama.distributed import init_distributed, setup_parallel, shutdown
+from splitllama.megatron_configs import megatron_config
 from splitllama.layout import ParallelLayout
 from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
 

@@ -21,23 +21,19 @@ every weight of this model once, and the loader, saver and exporter read that.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Generator
 
 import torch
 from mbridge.core import Bridge, register_model
 from mbridge.core.util import unwrap_model
 from megatron.core.enums import ModelType
-from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import weight_names as wn
 from splitllama.checkpoint.split import iter_full_state, load_checkpoint, save_checkpoint
 from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled
-from splitllama.layers import RECOMPUTE, stack_config
-from splitllama.layout import ParallelLayout
-from splitllama.model import schedule_config
+from splitllama.megatron_configs import EngineConfigs, engine_configs
 from splitllama.options import ModelOptions
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
@@ -47,8 +43,6 @@ from splitllama.pipeline import (
 )
 from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
-_PARALLEL_FIELDS = {f.name for f in dataclasses.fields(ModelParallelConfig)}
-_TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 # Callbacks mbridge's and verl's get_model pass for GPTModel: a value head in place of
 # the output layer (this bridge builds the value class instead) and a frozen MoE router
 # (this model has none).
@@ -90,39 +84,14 @@ class SplitLlamaBridge(Bridge):
         super().__init__(split_config(hf_config), dtype, parallel_states, make_vocab_size_divisible_by)
 
     # ---- config -------------------------------------------------------------------------
-    def _parallel_config(self) -> tuple[ModelParallelConfig, str, dict]:
-        """(what the model is built with, its recompute choice, engine-only fields)."""
-        vpp = self.mpu.vpp_size if self.mpu.vpp_size and self.mpu.vpp_size > 1 else None
-        fields = dict(
-            tensor_model_parallel_size=self.mpu.tp_size, pipeline_model_parallel_size=self.mpu.pp_size,
-            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=self.mpu.tp_size > 1,
-            params_dtype=self.dtype, pipeline_dtype=self.dtype, bf16=self.dtype == torch.bfloat16,
-            fp16=self.dtype == torch.float16, use_cpu_initialization=_device().type == "cpu",
-        )
-        recompute, engine_only = "none", {}
-        for key, value in self.extra_args.items():
-            if key == "recompute_granularity":
-                recompute = value or "none"
-                if recompute not in RECOMPUTE:
-                    raise ValueError(f"recompute_granularity={value!r} is not one of {sorted(RECOMPUTE)}")
-            elif key in _PARALLEL_FIELDS:
-                fields[key] = value
-            elif key in _TRANSFORMER_FIELDS:
-                engine_only[key] = value
-            else:
-                raise ValueError(f"override_transformer_config has {key!r}, which is no field of megatron's "
-                                 "TransformerConfig")
-        return ModelParallelConfig(**fields), recompute, engine_only
+    def _configs(self) -> EngineConfigs:
+        """The model's parallel config, recompute choice and the engine's config, from
+        megatron's parallel state (mbridge's ``mpu``) and verl's overrides (``extra_args``)."""
+        return engine_configs(self.hf_config, self.mpu.tp_size, self.mpu.pp_size, self.mpu.vpp_size, self.dtype,
+                              self.extra_args, cpu=_device().type == "cpu")
 
     def _build_config(self) -> TransformerConfig:
-        parallel, recompute, engine_only = self._parallel_config()
-        # a layout the config cannot take is refused here, naming the field
-        ParallelLayout.from_megatron(parallel).validate(self.hf_config)
-        config = schedule_config(stack_config(self.hf_config.upper, parallel, self.hf_config.num_upper, recompute),
-                                 parallel)
-        for key, value in engine_only.items():
-            setattr(config, key, value)
-        return config
+        return self._configs().engine
 
     # ---- model --------------------------------------------------------------------------
     def get_model(self, weight_path: str | None = None, model_type=ModelType.encoder_or_decoder,
@@ -138,7 +107,8 @@ class SplitLlamaBridge(Bridge):
         outputs, and its cast of every buffer would round the float32 rotary frequencies."""
         callbacks = list(post_model_creation_callbacks or ())
         value = value or any(getattr(cb, "__name__", "") == _VALUE_CALLBACK for cb in callbacks)
-        parallel, recompute, _ = self._parallel_config()
+        configs = self._configs()
+        parallel, recompute = configs.parallel, configs.recompute
         cls = ParallelCustomSplitLLamaForValueRmPadPP if value else ParallelCustomSplitLLamaForCausalLMRmPadPP
         options = ModelOptions(recompute=recompute, make_vocab_size_divisible_by=self.make_vocab_size_divisible_by or 1)
         chunks = build_chunks(cls, self.hf_config, parallel, options)

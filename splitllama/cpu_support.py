@@ -30,7 +30,7 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
   handling by its type string, "torch.cuda.FloatTensor").
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
-config (``distributed.megatron_config(layout, dtype, "cpu")`` sets it).
+config (``megatron_configs.megatron_config(layout, dtype, "cpu")`` sets it).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import os
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.model_parallel_config import ModelParallelConfig
 
 from splitllama.cpu_support import use_cpu
 from splitllama.layout import ParallelLayout
@@ -78,23 +77,6 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def megatron_config(layout: ParallelLayout, dtype: torch.dtype, device: str,
-                    initialize: bool = False) -> ModelParallelConfig:
-    """Megatron's config of ``layout``. ``initialize=False`` skips weight init (the
-    weights are loaded right after construction); benchmarks draw random ones."""
-    return ModelParallelConfig(
-        tensor_model_parallel_size=layout.tp,
-        sequence_parallel=layout.sp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=device == "cpu",
-        perform_initialization=initialize,
-    )
 
 
 def agree(passed: bool) -> bool:

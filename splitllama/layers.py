@@ -1,14 +1,12 @@
 """Building blocks of the production model, on megatron-core.
 
-* ``stack_config``: a megatron ``TransformerConfig`` for one Llama stack (lower or upper),
-  from its Llama config and the caller's parallel settings;
 * ``RMSNorm``: Llama's norm, usable under sequence parallelism (its weight is marked
   ``sequence_parallel`` so its gradient gets all-reduced over TP, see ``grads.py``);
 * ``SwiGLU``: the MLP's activation, one compiled kernel each way;
 * ``layer_spec``: megatron's local layer spec with ``RMSNorm``, ``SwiGLU`` and the ONE
   attention dispatch point (``attention.SplitCoreAttention``) in the ``core_attention`` slot;
 * ``decoder_stack``: megatron's ``TransformerBlock`` over the layers of one stack that a
-  pipeline stage holds (so megatron's activation recompute applies, ``RECOMPUTE``);
+  pipeline stage holds (so megatron's activation recompute applies, ``megatron_configs.RECOMPUTE``);
 * ``RotaryPositions``: per-token rotary angles (and their cos/sin) from position ids
   (inverse frequencies from the stack's rope settings by transformers' rope functions,
   llama3 scaling included);
@@ -45,71 +43,6 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from splitllama import elementwise
 from splitllama.attention import SplitCoreAttention
 from splitllama.config import SUPPORTED_ROPE_TYPES, rope_parameters
-from splitllama.options import RECOMPUTE_CHOICES
-
-
-def parallel_fields(megatron_config: ModelParallelConfig) -> dict:
-    """The ``ModelParallelConfig`` fields of the caller's config (which may itself be a
-    ``TransformerConfig``)."""
-    return {
-        f.name: getattr(megatron_config, f.name)
-        for f in dataclasses.fields(ModelParallelConfig)
-        if f.init and hasattr(megatron_config, f.name)
-    }
-
-
-# Activation recompute, megatron's settings per choice. ``selective`` recomputes the MLP:
-# its [tokens, 2 ffn] and [tokens, ffn] intermediates are about two thirds of a layer's
-# activations (ffn = 3.5 h). Not core attention, megatron's default: a varlen kernel keeps
-# no [S, S] scores, so there is nothing to save there. Not the norms: megatron-core
-# 0.16.1's norm recompute (CheckpointWithoutOutput) needs Transformer Engine. ``full``
-# keeps only each layer's input.
-RECOMPUTE: dict[str, dict] = {
-    "none": dict(recompute_granularity=None),
-    "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
-    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-}
-assert tuple(RECOMPUTE) == RECOMPUTE_CHOICES, "one setting per recompute choice"
-
-
-def stack_config(sub: LlamaConfig, megatron_config: ModelParallelConfig, num_layers: int,
-                 recompute: str = "none") -> TransformerConfig:
-    """Megatron config of one Llama stack. Pipeline fields are reset: a stack's layers do
-    not depend on them, and stage placement is ``layout.stage_layouts``'s job alone.
-    ``recompute``: a key of ``RECOMPUTE`` (``options.ModelOptions`` validated it)."""
-    fields = parallel_fields(megatron_config)
-    fields.update(
-        pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None,
-        # needs apex's fused wgrad kernel, which this package does not require
-        gradient_accumulation_fusion=False,
-        num_layers=max(num_layers, 1),
-        hidden_size=sub.hidden_size,
-        ffn_hidden_size=sub.intermediate_size,
-        num_attention_heads=sub.num_attention_heads,
-        num_query_groups=sub.num_key_value_heads,
-        kv_channels=sub.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=sub.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        # SwiGLU is ``SwiGLU`` in the MLP's activation slot, which megatron reads only with
-        # this flag (named for Transformer Engine, which is not used); its own fused SwiGLU
-        # (bias_activation_fusion) is off: see ``SwiGLU`` for why
-        use_te_activation_func=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        init_method_std=sub.initializer_range,
-        **RECOMPUTE[recompute],
-    )
-    return TransformerConfig(**fields)
 
 
 def param_device(config: ModelParallelConfig) -> torch.device:

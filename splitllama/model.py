@@ -18,20 +18,19 @@ classes, the stage they hold.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama.checkpoint import megatron_dist
 from splitllama import weight_names as wn
 from splitllama.batches import Batch, HeadRequest, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.heads import LMHead, ValueHead
-from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack, stack_config
+from splitllama.layers import Adapter, RMSNorm, RotaryPositions, decoder_stack
+from splitllama.megatron_configs import schedule_config, stack_config
 from splitllama.layout import ParallelLayout, StageLayout, padded_vocab_size, stage_layouts, validate_tensor_parallel
 from splitllama.options import ModelOptions, model_options
 from splitllama.checkpoint.sharding import mark_tensor_parallel, weight_specs
@@ -115,24 +114,6 @@ class ParallelCustomSplitLLamaModelRmPad(ParallelCustomSplitLLamaModel):
 
 
 # ---- models with heads ---------------------------------------------------------------------
-def schedule_config(upper_config: TransformerConfig, megatron_config: ModelParallelConfig) -> TransformerConfig:
-    """The config megatron's pipeline schedules (and verl's engine: ``sequence_parallel``,
-    ``fp8``) read as ``model.config``: the upper stack's, with the pipeline settings.
-
-    Stages exchange tensors of different widths (h_lo before the adapter, h_hi after)
-    and lengths (packed batches), so p2p must send shapes first: variable_seq_lengths.
-    Set after construction, because TransformerConfig validation would otherwise ask for
-    an all-to-all MoE dispatcher this dense model does not have."""
-    config = dataclasses.replace(upper_config)
-    config.pipeline_model_parallel_size = megatron_config.pipeline_model_parallel_size
-    config.virtual_pipeline_model_parallel_size = megatron_config.virtual_pipeline_model_parallel_size
-    config.microbatch_group_size_per_vp_stage = (megatron_config.microbatch_group_size_per_vp_stage
-                                                 or megatron_config.pipeline_model_parallel_size)
-    config.variable_seq_lengths = True
-    config.pipeline_dtype = megatron_config.pipeline_dtype or megatron_config.params_dtype
-    return config
-
-
 class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     """Padded TP(+SP) causal LM: ``forward(input_ids, attention_mask, position_ids=None)``
     -> fp32 logits ``[B, S, V]`` (zeros at padded positions).

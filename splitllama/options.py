@@ -16,7 +16,7 @@ from typing import Any
 
 from splitllama.parallel_sizes import is_positive_int
 
-# Activation recompute (megatron's settings per choice: ``layers.RECOMPUTE``).
+# Activation recompute (megatron's settings per choice: ``megatron_configs.RECOMPUTE``).
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 # How the LM head computes log-probabilities and entropy (``heads.LMHead``).
 LOG_PROBS_CHOICES = ("fused", "materialise")

@@ -20,7 +20,8 @@ from splitllama import weight_names as wn
 from splitllama.checkpoint.assemble import fresh_value_head
 from splitllama.checkpoint.split import iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.distributed import agree, megatron_config, setup_parallel
+from splitllama.distributed import agree, setup_parallel
+from splitllama.megatron_configs import megatron_config
 from splitllama.grads import allreduce_sequence_parallel_grads
 from splitllama.layout import ParallelLayout, real_vocab_rows
 from splitllama.model import (

@@ -381,10 +381,10 @@ def fused_head_main_grad_error(layout) -> float:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from splitllama.verify.tiny import tiny_split_config
-    from splitllama.distributed import megatron_config
+    from splitllama.megatron_configs import megatron_config
     from splitllama.batches import HeadRequest
     from splitllama.heads import LMHead
-    from splitllama.layers import stack_config
+    from splitllama.megatron_configs import stack_config
 
     setup_parallel(layout, DEVICE)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()

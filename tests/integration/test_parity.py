@@ -198,7 +198,8 @@ def test_full_recompute_keeps_only_the_last_layer(layout):
     pipeline: recomputing it would save no memory); with vpp every layer is recomputed."""
     from megatron.core import parallel_state
 
-    from splitllama.distributed import megatron_config, setup_parallel
+    from splitllama.distributed import setup_parallel
+    from splitllama.megatron_configs import megatron_config
     from splitllama.pipeline import ParallelCustomSplitLLamaForCausalLMRmPadPP, build_chunks
 
     setup_parallel(layout, DEVICE)

@@ -22,8 +22,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from splitllama.config import CustomSplitLlamaConfig, rope_parameters
 from splitllama.verify.tiny import tiny_split_config
-from splitllama.distributed import megatron_config
-from splitllama.layers import RotaryPositions, stack_config
+from splitllama.megatron_configs import megatron_config
+from splitllama.layers import RotaryPositions
+from splitllama.megatron_configs import stack_config
 from splitllama.layout import ParallelLayout
 from splitllama.verify.runner import run_parity
 from tests.integration.conftest import DEVICE, DTYPE

@@ -79,7 +79,7 @@ def test_check_batch_count_fits_the_interleaved_schedule(pp):
 
 def test_choices_mirror_the_library():
     from splitllama.bench import PARTS
-    from splitllama.layers import RECOMPUTE
+    from splitllama.megatron_configs import RECOMPUTE
     from splitllama.options import RECOMPUTE_CHOICES
 
     assert tuple(RECOMPUTE) == RECOMPUTE_CHOICES  # megatron's settings exist for every choice
