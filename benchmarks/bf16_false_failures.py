@@ -1,7 +1,8 @@
 """How often does a CORRECT tiny mlp-adapter model fail the bf16 rule? (BENCHMARKS.md)
 
 Each seed x {lm, value} is one model (the bf16 test checkpoint init), compared at TP=1 on
-the edge-case micro-batches in bf16; a model fails when any row fails.
+the micro-batches ``splitllama check`` compares on (``verify.batches.check_microbatches``:
+its edge cases) in bf16; a model fails when any row fails.
 
     python benchmarks/bf16_false_failures.py --seeds 12 [--without-ties]
 
@@ -26,7 +27,7 @@ from splitllama.verify.tiny import tiny_split_config  # noqa: E402
 from splitllama.distributed import init_distributed  # noqa: E402
 from splitllama.layout import ParallelLayout  # noqa: E402
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint  # noqa: E402
-from tests.integration.test_parity import edge_case_microbatches  # noqa: E402
+from splitllama.verify.batches import check_microbatches  # noqa: E402
 
 
 def main() -> int:
@@ -48,7 +49,7 @@ def main() -> int:
                                     **TEST_CHECKPOINT_INIT[torch.bfloat16])
             config = CustomSplitLlamaConfig.from_pretrained(ckpt)
             report = runner.run_parity(ckpt, config, ParallelLayout(), head, torch.bfloat16, device,
-                                       edge_case_microbatches(head))
+                                       check_microbatches(config.vocab_size, head))
             worst = max((r for r in report.rows if r.rel_bound > 0), key=lambda r: r.max_rel / r.rel_bound)
             failed += not report.passed
             print(f"{head} seed {seed}: {'PASS' if report.passed else 'FAIL'}, worst row "

@@ -3,7 +3,7 @@
     python benchmarks/verl_engine.py --json verl_engine.json [--tokens 16384]
 
 Bench shape: 2 real Llama-3.1-8B layers + 2 real Llama-3.1-70B layers, vocabulary 128,256,
-bf16, packed RL documents (log-normal lengths, ``splitllama.bench.rl_lengths``). The model
+bf16, packed RL documents (log-normal lengths, ``splitllama.bench_workload.rl_lengths``). The model
 is built by ``splitllama.bridge`` (random weights) and driven two ways on the same rows:
 
 - ``verl``: verl 0.9.1's own ``forward_backward_batch`` (one micro-batch, megatron's

@@ -33,14 +33,15 @@ from splitllama import weight_names as wn
 from splitllama.checkpoint.split import iter_full_state, load_checkpoint, save_checkpoint
 from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled
+from splitllama.grads import wrap_ddp
 from splitllama.megatron_configs import EngineConfigs, engine_configs
 from splitllama.options import ModelOptions
 from splitllama.pipeline import (
     ParallelCustomSplitLLamaForCausalLMRmPadPP,
     ParallelCustomSplitLLamaForValueRmPadPP,
     build_chunks,
-    wrap_ddp,
 )
+from splitllama.checkpoint.directory import check_model_type
 from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
 # Callbacks mbridge's and verl's get_model pass for GPTModel: a value head in place of
@@ -53,10 +54,7 @@ _IGNORED_CALLBACKS = {_VALUE_CALLBACK, "freeze_moe_router"}
 def split_config(hf_config) -> CustomSplitLlamaConfig:
     """The bridge's config: a ``CustomSplitLlamaConfig`` (or any config object of that
     model type), validated."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != MODEL_TYPE:
-        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
-        raise ValueError(f"hf_config has model_type={model_type!r}, expected {MODEL_TYPE!r}{hint}")
+    check_model_type(getattr(hf_config, "model_type", None), "hf_config")
     if not isinstance(hf_config, CustomSplitLlamaConfig):
         hf_config = CustomSplitLlamaConfig.from_dict(hf_config.to_dict())
     hf_config.validate()

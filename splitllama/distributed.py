@@ -77,13 +77,3 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def agree(passed: bool) -> bool:
-    """All ranks pass, or all fail together (no rank hangs waiting for another)."""
-    flag = torch.tensor([1 if passed else 0], dtype=torch.int64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())

@@ -1,9 +1,11 @@
-"""Gradient finalisation for models not wrapped in megatron's DistributedDataParallel.
+"""Gradients: megatron's DistributedDataParallel around the model chunks for training
+(``wrap_ddp``), and the same sequence-parallel reduction for plain modules.
 
 Parameters replicated over TP but fed different tokens under sequence parallelism (the
 RMSNorm weights, the value head) carry partial gradients; ``sequence_parallel=True`` on
 the parameter marks them. Megatron's ``finalize_model_grads`` all-reduces those in
-training (it needs DDP-wrapped chunks); this is the same reduction for plain modules.
+training (it needs DDP-wrapped chunks); ``allreduce_sequence_parallel_grads`` is the same
+reduction for plain modules.
 """
 
 from __future__ import annotations
@@ -31,3 +33,13 @@ def allreduce_sequence_parallel_grads(chunks: torch.nn.Module | list[torch.nn.Mo
     dist.all_reduce(coalesced, group=parallel_state.get_tensor_model_parallel_group())
     for grad, synced in zip(grads, _unflatten_dense_tensors(coalesced, grads)):
         grad.copy_(synced)
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], ddp_config) -> list[torch.nn.Module]:
+    """Each chunk in megatron's ``DistributedDataParallel`` (gradients in float32 or the
+    weights' dtype ``main_grad`` buffers, per ``ddp_config``), bucketing on the first chunk
+    only, as megatron's training loop wraps virtual pipeline chunks."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=k > 0) for k, chunk in enumerate(chunks)]

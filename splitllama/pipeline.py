@@ -110,16 +110,6 @@ def build_chunks(cls: type, config: CustomSplitLlamaConfig, megatron_config: Mod
                 options=options) for stage in mine]
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], ddp_config) -> list[torch.nn.Module]:
-    """Each chunk in megatron's ``DistributedDataParallel`` (gradients in float32 or the
-    weights' dtype ``main_grad`` buffers, per ``ddp_config``), bucketing on the first chunk
-    only, as megatron's training loop wraps virtual pipeline chunks."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=k > 0) for k, chunk in enumerate(chunks)]
-
-
 def run_pipeline(chunks: list[torch.nn.Module], microbatches: list, forward_step: Callable,
                  forward_only: bool = False) -> list:
     """Run megatron's schedule (1F1B, interleaved with VPP) over ``microbatches``.

@@ -17,6 +17,15 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
 
+def check_model_type(model_type, where: str) -> None:
+    """Refuse a config of another model type, naming where it came from; a plain Llama
+    config (the usual mistake) gets the way to a split checkpoint."""
+    if model_type != CustomSplitLlamaConfig.model_type:
+        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
+        raise ValueError(f"{where} has model_type={model_type!r}, expected "
+                         f"{CustomSplitLlamaConfig.model_type!r}{hint}")
+
+
 def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
     """The split config of a checkpoint directory, or a ValueError that says what is wrong
     with it (missing directory or config.json, not JSON, not a split checkpoint)."""
@@ -32,11 +41,7 @@ def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(fields, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
-    model_type = fields.get("model_type")
-    if model_type != CustomSplitLlamaConfig.model_type:
-        hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
-        raise ValueError(f"{path} has model_type={model_type!r}, expected "
-                         f"{CustomSplitLlamaConfig.model_type!r}{hint}")
+    check_model_type(fields.get("model_type"), str(path))
     try:
         return CustomSplitLlamaConfig.from_pretrained(directory)
     except ValueError as err:  # names the field

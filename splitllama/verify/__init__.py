@@ -1,11 +1,18 @@
 """The verification machinery behind ``splitllama check`` and the test suite: production
-vs the oracle, outputs and every gradient, on a parallel layout. The product never
-imports this package.
+vs the oracle, outputs and every gradient, on a parallel layout. No product module imports
+it at module level: only ``cli.py``'s ``check`` command does, inside that command's
+function, so ``import splitllama`` never loads it.
 
+``tiny``               the built-in tiny model the check and the tests compare on
 ``rules``              what "equal" means (tolerances, the bf16 rule) and the report
 ``batches``            micro-batches, edge cases, and the loss that ties both models
 ``random_checkpoints`` the random split checkpoints compared on
 ``adapter_ties``       the bf16 rule at the mlp adapter's ReLU
-``runner``             builds and runs both models, gathers gradients, compares
+``runner``             builds and runs both models, gathers gradients, compares; the
+                       verdict every rank agrees on (``agree``)
 ``check``              the ``splitllama check`` job (the CLI prints what it returns)
+``training``           one optimizer step through megatron's DDP, finalize_model_grads and
+                       Adam against the oracle's AdamW step
+``verl_engine``        verl's engine object and batches around bridge-built chunks (tests,
+                       benchmark)
 """

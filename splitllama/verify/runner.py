@@ -20,7 +20,7 @@ from splitllama import weight_names as wn
 from splitllama.checkpoint.assemble import fresh_value_head
 from splitllama.checkpoint.split import iter_stage_tensors, load_checkpoint, tp_all_gather
 from splitllama.config import CustomSplitLlamaConfig
-from splitllama.distributed import agree, setup_parallel
+from splitllama.distributed import setup_parallel
 from splitllama.megatron_configs import megatron_config
 from splitllama.grads import allreduce_sequence_parallel_grads
 from splitllama.layout import ParallelLayout, real_vocab_rows
@@ -83,6 +83,17 @@ def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: 
     # compared forwards are training-style: the config's default would fill a KV cache
     oracle.config.use_cache = False
     return oracle.to(device)
+
+
+# ---- verdicts ----
+def agree(passed: bool) -> bool:
+    """All ranks pass, or all fail together (no rank hangs waiting for another)."""
+    flag = torch.tensor([1 if passed else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 # ---- running ------------------------------------------------------------------------------------

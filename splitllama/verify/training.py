@@ -32,12 +32,13 @@ from splitllama import weight_names as wn
 from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
-from splitllama.distributed import agree, setup_parallel
+from splitllama.distributed import setup_parallel
 from splitllama.layout import ParallelLayout
-from splitllama.pipeline import wrap_ddp
+from splitllama.grads import wrap_ddp
 from splitllama.verify.batches import Microbatch
 from splitllama.verify.rules import TOLERANCE, Report, Row, _row, bf16_allowed_error, compare
 from splitllama.verify.runner import (
+    agree,
     _oracle_observe,
     build_production,
     gather_full_state,

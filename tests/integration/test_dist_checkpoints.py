@@ -23,7 +23,7 @@ from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.cpu_support import cuda_means_cpu
 from splitllama.distributed import setup_parallel
-from splitllama.pipeline import wrap_ddp
+from splitllama.grads import wrap_ddp
 from splitllama.verify.runner import build_production, gather_full_state
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS, layout_name, layouts

@@ -24,7 +24,8 @@ from splitllama.logprobs import (
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
 )
-from splitllama.distributed import agree, setup_parallel
+from splitllama.distributed import setup_parallel
+from splitllama.verify.runner import agree
 from tests.integration.conftest import DEVICE, world_size
 from tests.integration.layouts import LAYOUTS, layouts
 

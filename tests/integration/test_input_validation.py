@@ -18,12 +18,12 @@ import torch
 from splitllama.checkpoint.split import load_checkpoint
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
-from splitllama.distributed import agree, setup_parallel
+from splitllama.distributed import setup_parallel
 from splitllama.megatron_configs import megatron_config
 from splitllama.layout import ParallelLayout
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.options import ModelOptions
-from splitllama.verify.runner import build_production
+from splitllama.verify.runner import agree, build_production
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 

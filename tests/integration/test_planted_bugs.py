@@ -12,8 +12,8 @@ from megatron.core import parallel_state
 
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
-from splitllama.distributed import agree, setup_parallel
-from splitllama.verify.runner import run_parity
+from splitllama.distributed import setup_parallel
+from splitllama.verify.runner import agree, run_parity
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED

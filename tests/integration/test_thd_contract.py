@@ -14,7 +14,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from splitllama.batches import TokenLogProbs
-from splitllama.distributed import agree
+from splitllama.verify.runner import agree
 from tests.integration.conftest import DEVICE, DTYPE
 from tests.integration.layouts import layouts
 from tests.integration.test_input_validation import loaded_model

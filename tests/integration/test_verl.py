@@ -31,7 +31,8 @@ import splitllama.bridge  # noqa: E402,F401  (registers custom_split_llama with 
 from splitllama.bridge import SplitLlamaBridge  # noqa: E402
 from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
 from splitllama.cpu_support import cpu_schedule_context  # noqa: E402
-from splitllama.distributed import agree, setup_parallel  # noqa: E402
+from splitllama.distributed import setup_parallel  # noqa: E402
+from splitllama.verify.runner import agree  # noqa: E402
 from splitllama.grads import allreduce_sequence_parallel_grads  # noqa: E402
 from splitllama.checkpoint.safetensors_io import SafetensorsReader  # noqa: E402
 from splitllama.verify import verl_engine  # noqa: E402

@@ -83,7 +83,7 @@ PRODUCT_MAY_CALL_COLLECTIVES = {
     "splitllama/logprobs.py": "vocab-parallel log-probs/entropy: model math whose max and "
                               "sum-exp reductions over TP are written with their backward",
     "splitllama/bench.py": "synchronises ranks around timed regions",
-    "splitllama/distributed.py": "sets up and tears down process groups; agrees on a verdict",
+    "splitllama/distributed.py": "sets up and tears down process groups",
     "splitllama/checkpoint/megatron_dist.py": "creates a distributed checkpoint's directory on rank 0 before all ranks write",
 }
 COLLECTIVES = frozenset(
