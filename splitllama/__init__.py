@@ -4,35 +4,37 @@ layers) for Megatron-core, with tensor, sequence and pipeline parallelism and pa
 Reading path (each file says what is inside):
 
 1. ``config.py``        the split config, its validation, named shape presets
-   ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding, pipeline
-                        split; one frozen object every entry point takes
+   ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding; one
+                        frozen object every entry point takes
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
    ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
-   ``layout.py``        ParallelLayout, TP requirements, vocabulary padding, the pipeline
-                        stage layout function
+   ``layout.py``        ParallelLayout (the one owner of the pipeline split), TP
+                        requirements, vocabulary padding, the stage placement function
+   ``megatron_configs.py`` megatron's configurations, made in one place
 2. ``elementwise.py``   the compiled element-wise pieces: RMSNorm, SwiGLU, rotary rotation
    ``attention.py``     the ONE attention dispatch point (rotary, then torch varlen /
                         FlexAttention / SDPA; flash-attn when forced), planned once per batch
    ``layers.py``        RMSNorm, SwiGLU, rotary positions, megatron layer spec and block, the adapter
-3. ``batches.py``       input validation; padded and packed batches (pack, pad, restore)
-   ``model.py``         the production model classes (padded and packed)
+3. ``batches.py``       the batch record, the model's one input, made once at the edge
+   ``model.py``         the production model classes: trunk(batch), head, restore
 4. ``heads.py``         LM head and value head: the one head contract
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
-   ``pipeline.py``      pipeline-parallel classes and the schedule runner
+   ``pipeline.py``      pipeline-parallel classes, a rank's chunks, the schedule runner
 5. ``checkpoint/``     everything about checkpoints (its ``__init__`` lists the modules):
                         the sharding declaration, safetensors I/O, directory checks, split
                         checkpoints (sharded load, gathered save, export), megatron
                         distributed checkpoints (the models' sharded_state_dict), assembly
                         of a split checkpoint from two Llama checkpoints
-   ``registry.py``      the RL trainer's model registry entry
+   ``registry.py``      the older trainer registry's entry; ``bridge.py`` verl's (mbridge)
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;
-``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` all-reduces the gradients
-of weights replicated over the SP region; ``bench.py`` times the model on GPUs (its
-workload and FLOP model in ``bench_workload.py``, its report in ``bench_report.py``); ``cli.py``
-is the ``splitllama`` command (the only module that prints). ``verify/`` is the
-verification machinery behind ``splitllama check`` and the tests (the built-in tiny model
-included); no product module imports it at module level: only ``cli.py``'s ``check``
-command does, inside that command's function, so importing the package never loads it.
+``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` wraps chunks in megatron's
+DDP and all-reduces the gradients of weights replicated over the SP region for plain
+modules; ``bench.py`` times the model on GPUs (its workload and FLOP model in
+``bench_workload.py``, its report in ``bench_report.py``); ``cli.py`` is the
+``splitllama`` command (the only module that prints). ``verify/`` is the verification
+machinery behind ``splitllama check`` and the tests (the built-in tiny model included); no
+product module imports it at module level: only ``cli.py``'s ``check`` command does,
+inside that command's function, so importing the package never loads it.
 
 Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays light.
 """
