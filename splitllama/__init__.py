@@ -4,10 +4,10 @@ layers) for Megatron-core, with tensor, sequence and pipeline parallelism and pa
 Reading path (each file says what is inside):
 
 1. ``config.py``        the split config, its validation, named shape presets
+   ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
    ``options.py``       ModelOptions: recompute, log-prob path, vocabulary padding; one
                         frozen object every entry point takes
    ``weight_names.py``  names and shapes of a split checkpoint's tensors
-   ``parallel_sizes.py`` the rules parallel sizes obey (standard library only)
    ``layout.py``        ParallelLayout (the one owner of the pipeline split), TP
                         requirements, vocabulary padding, the stage placement function
    ``megatron_configs.py`` megatron's configurations, made in one place
@@ -21,10 +21,10 @@ Reading path (each file says what is inside):
    ``logprobs.py``      vocab-parallel log-probs and entropy (never gather the vocabulary)
    ``pipeline.py``      pipeline-parallel classes, a rank's chunks, the schedule runner
 5. ``checkpoint/``     everything about checkpoints (its ``__init__`` lists the modules):
-                        the sharding declaration, safetensors I/O, directory checks, split
-                        checkpoints (sharded load, gathered save, export), megatron
-                        distributed checkpoints (the models' sharded_state_dict), assembly
-                        of a split checkpoint from two Llama checkpoints
+                        the sharding declaration, safetensors I/O, directory checks, assembly
+                        of a split checkpoint from two Llama checkpoints, split checkpoints
+                        (sharded load, gathered save, export), megatron distributed
+                        checkpoints (the models' sharded_state_dict)
    ``registry.py``      the older trainer registry's entry; ``bridge.py`` verl's (mbridge)
 ``distributed.py`` sets up process groups and megatron's parallel state for a layout;
 ``cpu_support.py`` runs megatron-core on CPU (gloo); ``grads.py`` wraps chunks in megatron's

@@ -6,12 +6,12 @@
 ``safetensors_io``  the one safetensors reader, the streaming sharded writer, size grammar
 ``directory``       checks a split checkpoint directory from its config and headers alone
                     (no megatron, no model: the command line refuses a bad path fast)
+``assemble``        a split checkpoint from two Hugging Face Llama checkpoints, and the
+                    fresh weights it may draw (adapter, value head)
 ``split``           split checkpoints <-> a model of any TP x PP layout: sharded load,
                     gathered save, the full-tensor export a rollout engine receives
 ``megatron_dist``   megatron ``dist_checkpointing`` of the model (``sharded_state_dict``):
                     saved at one layout, loaded at another
-``assemble``        a split checkpoint from two Hugging Face Llama checkpoints, and the
-                    fresh weights it may draw (adapter, value head)
 
 The tensor names themselves are ``splitllama.weight_names`` (data the oracle shares).
 """
