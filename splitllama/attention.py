@@ -2,15 +2,22 @@
 
 Backends (``select_backend``), in order of preference on CUDA:
 
-1. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
-                    without repeating K/V); the default on CUDA;
-2. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
-3. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
+1. ``flash_attn_4`` flash-attn 4 (package ``flash-attn-4``, ``flash_attn.cute``'s varlen
+                    kernel: CuTe DSL, compiled at first use for each shape family); the
+                    default on Hopper (SM90) when importable, where its forward + backward
+                    ran 1.7-1.8x faster than torch's varlen on the 70B layer's heads
+                    (BENCHMARKS.md); fp16/bf16, GQA without repeating K/V, head dims 8 to
+                    256 in multiples of 8;
+2. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
+                    without repeating K/V); the default on other CUDA devices;
+3. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
+4. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
                     dtype; the CPU path, float32 and float64).
 
-``flash_attn`` (flash-attn's varlen kernel) is used only when forced: no machine this
-project tests on can install flash-attn, so it is never chosen by default until its path
-has been run against the oracle (README: how to check it on your machine).
+``flash_attn`` (flash-attn 2's varlen kernel) is used only when forced: no machine this
+project tests on can install flash-attn 2 (source-only), so it is never chosen by default
+until its path has been run against the oracle (README: how to check it on your machine).
+``flash_attn_4`` may also be forced on a CUDA device other than SM90 where it imports.
 ``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name.
 
 The choice, the document boundaries and the FlexAttention block mask are made ONCE per
@@ -49,17 +56,41 @@ try:
 except ImportError:
     varlen_attn = None
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
+BACKENDS = ("flash_attn_4", "flash_attn", "torch_varlen", "flex", "sdpa")
 BACKEND_ENV = "SPLITLLAMA_ATTENTION_BACKEND"
 _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---- backend selection -------------------------------------------------------------------
+@functools.cache
+def flash_attn_4_varlen():
+    """flash-attn 4's varlen function, or None where the package does not import. Imported
+    on first use, not with this module: it loads the CuTe DSL's compiler (seconds), which
+    CPU runs and other backends never need."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func as fa4_varlen
+    except ImportError:
+        return None
+    return fa4_varlen
+
+
+# The compute capability flash-attn 4 is chosen by default on: Hopper, where its forward and
+# backward were measured against the oracle and against torch's varlen kernel.
+FLASH_ATTN_4_DEFAULT_CAPABILITY = (9, 0)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends that run on ``(device, dtype)``, in the default order of preference."""
+    """Backends chosen by default on ``(device, dtype)``, in order of preference."""
     names = []
-    if device.type == "cuda" and dtype in _HALF and varlen_attn is not None:
-        names.append("torch_varlen")
+    if device.type == "cuda" and dtype in _HALF:
+        if _cuda_capability(device) == FLASH_ATTN_4_DEFAULT_CAPABILITY and flash_attn_4_varlen() is not None:
+            names.append("flash_attn_4")
+        if varlen_attn is not None:
+            names.append("torch_varlen")
     if device.type == "cuda":
         names.append("flex")
     names.append("sdpa")
@@ -70,8 +101,12 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend used for ``(device, dtype)``: the env override, else the first available."""
     forced = os.environ.get(BACKEND_ENV)
     names = available_backends(device, dtype)
-    if device.type == "cuda" and dtype in _HALF and flash_attn_varlen_func is not None:
-        names.append("flash_attn")  # only when forced
+    if device.type == "cuda" and dtype in _HALF:
+        # only when forced
+        if "flash_attn_4" not in names and flash_attn_4_varlen() is not None:
+            names.append("flash_attn_4")
+        if flash_attn_varlen_func is not None:
+            names.append("flash_attn")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
@@ -167,6 +202,18 @@ def _flash_attn(q, k, v, plan: PackedAttention, scale):
     return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
 
 
+def _flash_attn_4(q, k, v, plan: PackedAttention, scale):
+    head_dim = q.shape[-1]
+    if not (8 <= head_dim <= 256 and head_dim % 8 == 0):
+        raise ValueError(f"flash-attn 4 takes head dims 8 to 256 in multiples of 8, not {head_dim}: set "
+                         f"{BACKEND_ENV}=torch_varlen")
+    cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
+    # GQA: k/v keep their groups, the kernel maps query heads onto them; returns (out, lse)
+    out, _ = flash_attn_4_varlen()(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                   max_seqlen_k=longest, softmax_scale=scale, causal=True)
+    return out
+
+
 @functools.cache
 def _varlen_kwargs() -> dict:
     # torch >= 2.13 asks for enable_gqa; 2.11 accepts GQA without the flag.
@@ -222,7 +269,7 @@ def _sdpa(q, k, v, plan: PackedAttention, scale):
     return out
 
 
-_BACKEND_FNS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
+_BACKEND_FNS = {"flash_attn_4": _flash_attn_4, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
 
 
 def padded_attention(q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,

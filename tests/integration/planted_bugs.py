@@ -38,6 +38,9 @@ class PlantedBug:
     check: str = "parity"  # or a kind of test_planted_bugs.CHECKS
     options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
+    # the attention backend the bug lives in: its cases run only where the dispatch point
+    # chooses that backend (flash-attn 4: Hopper GPUs with the package)
+    backend: str | None = None
 
 
 def _two_projection_adapter(mp):
@@ -266,6 +269,35 @@ def _padded_attention_ignores_padding(mp):
 
     # batches.py imported the name
     mp.setattr(batches, "plan_padded", causal_only)
+
+
+def _flash_attn_4_groups_swapped(mp):
+    from splitllama import attention
+
+    flash_attn_4 = attention._BACKEND_FNS["flash_attn_4"]
+
+    def swapped(q, k, v, plan, scale):
+        # K/V groups handed over in reverse order: query heads read another group's keys
+        return flash_attn_4(q, k.flip(1), v.flip(1), plan, scale)
+
+    mp.setitem(attention._BACKEND_FNS, "flash_attn_4", swapped)
+
+
+def _flash_attn_4_sp_tail_joined(mp):
+    import dataclasses
+
+    from splitllama import attention
+
+    flash_attn_4 = attention._BACKEND_FNS["flash_attn_4"]
+
+    def joined(q, k, v, plan, scale):
+        # the last boundary dropped: the SP-padding tail attends into the last document
+        cu = torch.cat([plan.cu_seqlens_q[:-2], plan.cu_seqlens_q[-1:]])
+        plan = dataclasses.replace(plan, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=q.shape[0],
+                                   max_seqlen_kv=q.shape[0])
+        return flash_attn_4(q, k, v, plan, scale)
+
+    mp.setitem(attention._BACKEND_FNS, "flash_attn_4", joined)
 
 
 def _after_trunk_init(mp, change):
@@ -574,6 +606,11 @@ PLANTED = [
                "half split", ("tp1", "tp2_sp"), _rotary_pairs_interleaved),
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
+    PlantedBug("flash_attn_4_groups_swapped", "flash-attn 4 given the K/V groups in reverse order",
+               ("tp1",), _flash_attn_4_groups_swapped, backend="flash_attn_4"),
+    PlantedBug("flash_attn_4_sp_tail_joined", "flash-attn 4 told the SP-padding tail belongs to the last "
+               "document", ("tp1",), _flash_attn_4_sp_tail_joined, check="attention_backends",
+               backend="flash_attn_4"),
     # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
     # reading one from the wrong place moves the outputs.
     PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",
