@@ -394,8 +394,12 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                     grad = _ELEMENTWISE(_tile_grad_kept, is_full(a, b, v0, v1), probs, label_col, m,
                                         lse[a:b], ent[a:b], *per_token)
                 if grad_hidden is not None:
-                    part = _mm_wide(grad, w)
-                    acc = part if acc is None else acc.add_(part)
+                    # summed over the blocks in float32 by the GEMM's epilogue (no
+                    # [chunk_tokens, H] partial product beside the sum)
+                    if acc is None:
+                        acc = _mm_wide(grad, w)
+                    else:
+                        _addmm_wide_(acc, grad, w)
                 if grad_weight is not None:
                     _addmm_wide_(grad_weight[v0:v1], grad.t(), h)
                 del grad
