@@ -4,10 +4,12 @@ Backends (``select_backend``), in order of preference on CUDA:
 
 1. ``flash_attn_4`` flash-attn 4 (package ``flash-attn-4``, ``flash_attn.cute``'s varlen
                     kernel: CuTe DSL, compiled at first use for each shape family); the
-                    default on Hopper (SM90) when importable, where its forward + backward
-                    ran 1.7-1.8x faster than torch's varlen on the 70B layer's heads
-                    (BENCHMARKS.md); fp16/bf16, GQA without repeating K/V, head dims 8 to
-                    256 in multiples of 8;
+                    default on Hopper (SM90) when importable, for the head dims it was
+                    checked at (``FLASH_ATTN_4_HEAD_DIMS``; a layer with another head dim
+                    runs the next default instead); fp16/bf16, GQA without repeating K/V.
+                    On an H200 it made the 2 + 8-layer RL actor step 1.01x faster on RL
+                    documents (median 512 tokens) and 1.24x on 32k-token documents
+                    (BENCHMARKS.md);
 2. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
                     without repeating K/V); the default on other CUDA devices;
 3. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
@@ -17,7 +19,8 @@ Backends (``select_backend``), in order of preference on CUDA:
 ``flash_attn`` (flash-attn 2's varlen kernel) is used only when forced: no machine this
 project tests on can install flash-attn 2 (source-only), so it is never chosen by default
 until its path has been run against the oracle (README: how to check it on your machine).
-``flash_attn_4`` may also be forced on a CUDA device other than SM90 where it imports.
+``flash_attn_4`` may also be forced on a CUDA device other than SM90 where it imports (for
+the head dims of ``FLASH_ATTN_4_HEAD_DIMS`` only).
 ``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name.
 
 The choice, the document boundaries and the FlexAttention block mask are made ONCE per
@@ -77,6 +80,11 @@ def flash_attn_4_varlen():
 # The compute capability flash-attn 4 is chosen by default on: Hopper, where its forward and
 # backward were measured against the oracle and against torch's varlen kernel.
 FLASH_ATTN_4_DEFAULT_CAPABILITY = (9, 0)
+# Head dims at which flash-attn 4 (4.0.0b36, SM90) was measured equal to per-document
+# attention in forward AND backward under the bf16 rule: the Llama-3 models' 128. At 8 (the
+# tiny test models') its forward was right but dq, dk and dv were off by about their own
+# scale (relative error ~1.0); other head dims were not measured.
+FLASH_ATTN_4_HEAD_DIMS = (128,)
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -152,9 +160,19 @@ class PackedAttention(AttentionPlan):
     backend: str = "sdpa"
     bounds: list[int] = field(default_factory=list)
     block_mask: Any = None
+    # where flash-attn 4 was chosen by default: the backend of layers whose head dim is not
+    # in FLASH_ATTN_4_HEAD_DIMS (None where it was forced: such a layer is refused)
+    fallback: str | None = None
 
     def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
-        out = _BACKEND_FNS[self.backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
+        backend = self.backend
+        if backend == "flash_attn_4" and q_SBHD.shape[-1] not in FLASH_ATTN_4_HEAD_DIMS:
+            if self.fallback is None:
+                raise ValueError(f"{BACKEND_ENV}=flash_attn_4: flash-attn 4 was checked at head dims "
+                                 f"{FLASH_ATTN_4_HEAD_DIMS} only, not {q_SBHD.shape[-1]} (at 8 its backward is "
+                                 "wrong); choose another backend")
+            backend = self.fallback
+        out = _BACKEND_FNS[backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
         return out.reshape(out.shape[0], 1, -1)
 
 
@@ -174,13 +192,17 @@ def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: t
     padding tokens form a document of their own)."""
     device = cu_seqlens.device
     backend = select_backend(device, dtype)
-    block_mask = _flex_block_mask(cu_seqlens, tokens, device) if backend == "flex" else None
+    fallback = None
+    if backend == "flash_attn_4" and not os.environ.get(BACKEND_ENV):
+        fallback = available_backends(device, dtype)[1]
+    used = (backend, fallback)
+    block_mask = _flex_block_mask(cu_seqlens, tokens, device) if "flex" in used else None
     # the per-document loop needs the boundaries on the host: the CPU path, no device sync
-    bounds = cu_seqlens.tolist() if backend == "sdpa" else []
+    bounds = cu_seqlens.tolist() if "sdpa" in used else []
     return PackedAttention(
         cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-        backend=backend, bounds=bounds, block_mask=block_mask,
+        backend=backend, bounds=bounds, block_mask=block_mask, fallback=fallback,
     )
 
 
@@ -203,10 +225,6 @@ def _flash_attn(q, k, v, plan: PackedAttention, scale):
 
 
 def _flash_attn_4(q, k, v, plan: PackedAttention, scale):
-    head_dim = q.shape[-1]
-    if not (8 <= head_dim <= 256 and head_dim % 8 == 0):
-        raise ValueError(f"flash-attn 4 takes head dims 8 to 256 in multiples of 8, not {head_dim}: set "
-                         f"{BACKEND_ENV}=torch_varlen")
     cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
     # GQA: k/v keep their groups, the kernel maps query heads onto them; returns (out, lse)
     out, _ = flash_attn_4_varlen()(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,

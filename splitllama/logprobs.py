@@ -121,12 +121,13 @@ def vocab_parallel_entropy(logits_local: torch.Tensor, vocab_size: int | None = 
 # spot; smaller chunks lose GEMM efficiency, larger ones only grow the tile memory).
 DEFAULT_CHUNK_TOKENS = 4096
 # Vocabulary rows per tile: the rank's shard is cut into equal blocks of at most this many
-# rows, so one tile of float32 logits stays at 4096 x 8192 x 4 B = 128 MiB whatever V/tp is
-# (128256 splits into 16 blocks of 8016 at TP=1, 8 per rank at TP=2, 4 at TP=4). The GEMMs
-# stay large (4096 x 8192 x 8016: compute-bound, as are their float32 epilogues), and the
-# transient memory is the tile, its 16-bit gradient and a chunk's hidden-gradient sum:
-# measured 4x smaller than with 32768-row blocks at the same time (BENCHMARKS.md).
-DEFAULT_VOCAB_BLOCK = 8192
+# rows, so one tile of float32 logits stays at 4096 x 16384 x 4 B = 256 MiB whatever V/tp
+# is (128256 splits into 8 blocks of 16032 at TP=1, 4 per rank at TP=2, 2 at TP=4). With the
+# tile's bf16 gradient (125 MiB) and a chunk's float32 hidden-gradient sum (128 MiB at
+# H = 8192) that is the head's whole transient: measured 0.49 GiB, against 0.98 GiB with
+# 32768-row blocks, in the same time (1.00x; 8192-row blocks: 0.31 GiB but 1.03x; H200,
+# BENCHMARKS.md).
+DEFAULT_VOCAB_BLOCK = 16384
 MEGATRON_TP_GROUP = "megatron"
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -469,15 +470,15 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
 
     Memory: saved for backward are references to the inputs plus the log-sum-exp and entropy
     (``[T]`` each), and without ``recompute_logits`` the kept tiles. Forward holds one
-    float32 logits tile (``chunk_tokens x vocab_block x 4 B``, 128 MiB at the defaults) and
-    its statistics; backward holds the returned gradients (``[T, H]`` like hidden,
-    ``[V/tp, H]`` like the weight, the latter accumulated in place in the weight's dtype;
-    with ``grad_weight_into`` none, or under megatron DDP an uninitialised weight-shaped
-    placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in
-    the weight's dtype (64 MiB) and a float32 ``[chunk_tokens, H]`` sum of the chunk's hidden
-    gradient (128 MiB at H = 8192), to which each block's GEMM adds in place: about 0.3 GiB
-    above inputs, outputs and gradients (and the kept tiles) at the defaults and H = 8192,
-    whatever T is.
+    float32 logits tile (``chunk_tokens x vocab_block x 4 B``, 250 MiB at the defaults and
+    V/tp = 128,256) and its statistics; backward holds the returned gradients (``[T, H]``
+    like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in the
+    weight's dtype; with ``grad_weight_into`` none, or under megatron DDP an uninitialised
+    weight-shaped placeholder that DDP's hook drops at once), one float32 logits tile, its
+    gradient in the weight's dtype (125 MiB) and a float32 ``[chunk_tokens, H]`` sum of the
+    chunk's hidden gradient (128 MiB at H = 8192), to which each block's GEMM adds in place:
+    0.49 GiB above inputs, outputs and gradients (and the kept tiles) at the defaults,
+    H = 8192 and V/tp = 128,256, whatever T is (measured on an H200).
     """
     if hidden_TH.dim() != 2 or weight_VH.dim() != 2 or hidden_TH.shape[1] != weight_VH.shape[1]:
         raise ValueError(f"hidden_TH {tuple(hidden_TH.shape)} and weight_VH {tuple(weight_VH.shape)}: "

@@ -468,6 +468,14 @@ def equal_width_config() -> CustomSplitLlamaConfig:
                                         num_key_value_heads=4, intermediate_size=448))
 
 
+def head_dim_128_config() -> CustomSplitLlamaConfig:
+    """The tiny model with the Llama-3 head dim (128), the one flash-attn 4 is given: 4 query
+    heads in 2 K/V groups in each stack."""
+    heads = dict(hidden_size=512, head_dim=128, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=1024)
+    return tiny_split_config(lower=heads, upper=heads)
+
+
 def _padded_vocab_not_masked(mp):
     from splitllama import heads, logprobs
 
@@ -607,7 +615,7 @@ PLANTED = [
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
     PlantedBug("flash_attn_4_groups_swapped", "flash-attn 4 given the K/V groups in reverse order",
-               ("tp1",), _flash_attn_4_groups_swapped, backend="flash_attn_4"),
+               ("tp1",), _flash_attn_4_groups_swapped, config=head_dim_128_config, backend="flash_attn_4"),
     PlantedBug("flash_attn_4_sp_tail_joined", "flash-attn 4 told the SP-padding tail belongs to the last "
                "document", ("tp1",), _flash_attn_4_sp_tail_joined, check="attention_backends",
                backend="flash_attn_4"),

@@ -7,8 +7,9 @@ GQA with K/V in their groups (never repeated before the kernel), and the SP-padd
 (the tokens that round the count up to a multiple of TP form a document of their own).
 Empty documents never reach a kernel: the batch code drops them before planning.
 
-On CUDA every varlen kernel that imports is checked in bf16 (flash-attn 4, flash-attn 2,
-torch's varlen) under the bf16 rule (``verify.rules``: at most twice the error of the same
+On CUDA every varlen kernel that imports is checked in bf16 (flash-attn 4 at the head dims
+the dispatch point gives it, ``attention.FLASH_ATTN_4_HEAD_DIMS``; flash-attn 2; torch's
+varlen) under the bf16 rule (``verify.rules``: at most twice the error of the same
 reference computed in bf16, plus two bf16 roundings of the scale) against the reference in
 float32, at the 70B layer's heads and at the tiny test models'; on CPU the ``sdpa`` path
 in float64 at 1e-9 relative (summation order only: ~1e-16). One process: the kernels see
@@ -38,12 +39,12 @@ CPU_HEADS = [(8, 2, 8)]
 CPU_REL = 1e-9
 
 
-def kernels_here() -> list[str]:
-    """The varlen kernels that run here (CUDA, bf16), or ``sdpa`` on CPU."""
+def kernels_here(head_dim: int) -> list[str]:
+    """The varlen kernels that run here (CUDA, bf16) at ``head_dim``, or ``sdpa`` on CPU."""
     if DEVICE != "cuda":
         return ["sdpa"]
     names = []
-    if attention.flash_attn_4_varlen() is not None:
+    if attention.flash_attn_4_varlen() is not None and head_dim in attention.FLASH_ATTN_4_HEAD_DIMS:
         names.append("flash_attn_4")
     if attention.flash_attn_varlen_func is not None:
         names.append("flash_attn")
@@ -116,15 +117,16 @@ def backend_mismatches(backend: str, heads: int, groups: int, dim: int, seed: in
     return bad
 
 
+CASES = [(backend, *shape) for shape in (GPU_HEADS if DEVICE == "cuda" else CPU_HEADS)
+         for backend in kernels_here(shape[2])]
+
+
 def attention_backends_agree(layout=None) -> bool:
     """Every kernel here at every head shape (the planted-bug check; same on every rank)."""
-    heads = GPU_HEADS if DEVICE == "cuda" else CPU_HEADS
-    return agree(not any(backend_mismatches(b, *h) for b in kernels_here() for h in heads))
+    return agree(not any(backend_mismatches(*case) for case in CASES))
 
 
 @pytest.mark.skipif(world_size() != 1, reason="one process: every rank would repeat the same work")
-@pytest.mark.parametrize("backend", kernels_here())
-@pytest.mark.parametrize("heads,groups,dim", GPU_HEADS if DEVICE == "cuda" else CPU_HEADS,
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("backend,heads,groups,dim", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_kernel_matches_per_document_attention(backend, heads, groups, dim):
     assert not backend_mismatches(backend, heads, groups, dim)

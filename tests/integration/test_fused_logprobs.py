@@ -295,8 +295,8 @@ def test_gpu_accuracy_against_float32_gemm():
 def test_gpu_memory_bounded_by_tiles():
     """At 64k tokens the materialising path would hold ~230 GiB of logits and their float32
     copies; the fused head's peak above its inputs, outputs and the two gradients it returns
-    stays <= 0.5 GiB (one float32 logits tile of 128 MiB, its bf16 gradient, a chunk's
-    float32 hidden-grad sum of 128 MiB: ~0.3 GiB at the defaults)."""
+    stays <= 0.5 GiB (one float32 logits tile of 250 MiB, its bf16 gradient of 125 MiB, a
+    chunk's float32 hidden-grad sum of 128 MiB: 0.49 GiB measured on an H200)."""
     hidden, weight, labels = _real_head(65536)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
