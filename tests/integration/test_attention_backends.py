@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from splitllama import attention
-from splitllama.distributed import agree
+from splitllama.verify.runner import agree
 from splitllama.verify.rules import bf16_allowed_error
 from tests.integration.conftest import DEVICE, world_size
 
