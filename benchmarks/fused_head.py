@@ -1,20 +1,32 @@
-"""The LM head alone, log-prob + entropy, forward + backward: fused vs materialising.
+"""The LM head alone, log-prob + entropy, forward + backward: fused vs materialising, and
+beside the fused heads of verl and Liger.
 
     python benchmarks/fused_head.py --json out.json [--tokens 16384 --max-tokens 131072]
+    git show <commit>:splitllama/logprobs.py > /tmp/logprobs_before.py
+    python benchmarks/fused_head.py --paths fused,fused_before,verl,liger --before /tmp/logprobs_before.py
 
 hidden ``[T, H]`` and the weight shard ``[V/tp, H]`` in bf16 on one GPU (``--tp`` only
 shrinks the shard to V/tp rows, as one rank of a TP group would hold; no collectives run).
 For T = --tokens, 2x, 4x, ... up to --max-tokens, each path reports:
 - paths: fused (weight gradient returned in bf16), materialising, and with --paths
-  fused_fp32_grad (weight gradient added into a resident float32 buffer, as main_grad) or
+  fused_fp32_grad (weight gradient added into a resident float32 buffer, as main_grad),
   fused_kept (the fused head as a model without activation recompute runs it: each tile's
-  probabilities kept in bf16 for backward instead of recomputing its logits);
+  probabilities kept in bf16 for backward instead of recomputing its logits),
+  ``fused@CxB`` (the fused head with chunks of C tokens and vocabulary blocks of B rows),
+  fused_before (``fused_log_probs_entropy`` of the module file given by --before: an earlier
+  revision, measured in the same process), verl (verl 0.9.1's Triton
+  ``linear_cross_entropy``, what its ``use_fused_kernels`` runs) and liger (Liger 0.8.5's
+  ``LigerFusedLinearScaledCrossEntropyFunction``: its CuTe kernel on SM90, a torch fallback
+  elsewhere);
 - ms: median over --repeats of CUDA-event timings of forward + backward (after --warmup);
 - peak GiB above resident: ``max_memory_allocated`` during the step minus what was
   allocated before it (inputs, weight); ``transient`` subtracts what the step leaves
   behind (outputs, grad of hidden, grad of the weight);
 - max-abs error of log-prob and entropy against a float32-GEMM reference (the same bf16
-  inputs, logits from a float32 GEMM, log_softmax in float64).
+  inputs, logits from a float32 GEMM, log_softmax in float64);
+- on --check-tokens tokens (once per path): max-abs error of log-prob and entropy and the
+  relative error (norm of the difference over the norm) of the hidden and weight gradients
+  against float64 (the same bf16 inputs, everything after them in float64).
 A path that runs out of memory is reported as OOM and not tried at larger T.
 Runs on CPU too (tiny --hidden/--vocab only: a smoke test of the script).
 """
@@ -22,6 +34,7 @@ Runs on CPU too (tiny --hidden/--vocab only: a smoke test of the script).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -70,6 +83,54 @@ def make_fused_fp32_grad(chunk_tokens, vocab_block):
         return fused_log_probs_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens, vocab_block=vocab_block,
                                        tp_group=None, grad_weight_into=buffers[weight])
     return fused
+
+
+def make_before(path):
+    """``fused_log_probs_entropy`` of an earlier revision's logprobs.py, at its defaults."""
+    spec = importlib.util.spec_from_file_location("logprobs_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def fused(hidden, weight, labels):
+        return module.fused_log_probs_entropy(hidden, weight, labels, tp_group=None)
+    return fused
+
+
+def verl_head(hidden, weight, labels):
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, labels, 1.0, "none", None)
+
+
+def liger_head(hidden, weight, labels):
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+    nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(hidden, weight, labels, 1.0, -100, 1, True)
+    return -nll, ent
+
+
+def float64_errors(head, weight, tokens, gen, device) -> dict:
+    """Errors of ``head`` on ``tokens`` tokens against float64 autograd of the same bf16
+    inputs: log-prob and entropy max-abs, hidden and weight gradients relative (norm)."""
+    hidden = torch.randn(tokens, weight.shape[1], generator=gen, device=device).to(torch.bfloat16)
+    labels = torch.randint(0, weight.shape[0], (tokens,), generator=gen, device=device)
+    g_lp, g_ent = torch.randn(2, tokens, generator=gen, device=device)
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    log_p = torch.log_softmax(h64 @ w64.T, -1)
+    ref_lp, ref_ent = log_p.gather(1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
+    ((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum()).backward()
+    del log_p
+    h = hidden.clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    lp, ent = head(h, w, labels)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    def rel(got, want):
+        return float((got.double() - want).norm() / want.norm())
+    return {"check_tokens": tokens, "check_lp_err": float((lp.detach().double() - ref_lp.detach()).abs().max()),
+            "check_ent_err": float((ent.detach().double() - ref_ent.detach()).abs().max()),
+            "grad_hidden_rel": rel(h.grad, h64.grad), "grad_weight_rel": rel(w.grad, w64.grad)}
 
 
 def reference(hidden, weight32, labels, chunk=4096):
@@ -132,15 +193,29 @@ def main() -> int:
     parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     parser.add_argument("--vocab-block", type=int, default=DEFAULT_VOCAB_BLOCK)
     parser.add_argument("--paths", default="fused,materialising",
-                        help="comma-separated: fused, materialising, fused_fp32_grad, fused_kept")
+                        help="comma-separated: fused, materialising, fused_fp32_grad, fused_kept, fused@CxB, "
+                             "fused_before, verl, liger")
+    parser.add_argument("--before", metavar="FILE", help="an earlier logprobs.py, for the fused_before path")
+    parser.add_argument("--check-tokens", type=int, default=2048,
+                        help="tokens of the float64 error check of each path (0: none)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     paths = args.paths.split(",")
+    fixed = ("fused", "materialising", "fused_fp32_grad", "fused_kept", "fused_before", "verl", "liger")
+    variants = {}
     for name in paths:
-        if name not in ("fused", "materialising", "fused_fp32_grad", "fused_kept"):
-            parser.error(f"--paths: {name!r} is not one of fused, materialising, fused_fp32_grad, fused_kept")
+        if name.startswith("fused@"):
+            try:
+                chunk, block = (int(x) for x in name[len("fused@"):].split("x"))
+            except ValueError:
+                parser.error(f"--paths: {name!r}: expected fused@CxB with integers C and B")
+            variants[name] = make_fused(chunk, block)
+        elif name not in fixed:
+            parser.error(f"--paths: {name!r} is not one of {', '.join(fixed)} or fused@CxB")
+    if "fused_before" in paths and not args.before:
+        parser.error("--paths fused_before needs --before FILE")
     if args.vocab % args.tp:
         parser.error(f"--vocab {args.vocab} is not divisible by --tp {args.tp}")
     if args.tokens < 1 or args.max_tokens < args.tokens:
@@ -150,7 +225,10 @@ def main() -> int:
     setup_parallel(ParallelLayout(), device)  # the materialising path reads megatron's TP state (tp=1)
     heads = {"fused": make_fused(args.chunk_tokens, args.vocab_block), "materialising": materialising,
              "fused_fp32_grad": make_fused_fp32_grad(args.chunk_tokens, args.vocab_block),
-             "fused_kept": make_fused(args.chunk_tokens, args.vocab_block, recompute_logits=False)}
+             "fused_kept": make_fused(args.chunk_tokens, args.vocab_block, recompute_logits=False),
+             "verl": verl_head, "liger": liger_head, **variants}
+    if args.before:
+        heads["fused_before"] = make_before(args.before)
 
     gen = torch.Generator(device=device).manual_seed(0)
     width = args.vocab // args.tp
@@ -158,6 +236,14 @@ def main() -> int:
     weight = (torch.randn(width, args.hidden, generator=gen, device=device) * 0.02).to(torch.bfloat16)
     weight.requires_grad_(True)
     results, alive, tokens = [], set(paths), args.tokens
+    if args.check_tokens:
+        for name in paths:
+            check_gen = torch.Generator(device=device).manual_seed(1)  # the same tokens for every path
+            results.append({"path": name, "check": True,
+                            **float64_errors(heads[name], weight, args.check_tokens, check_gen, device)})
+            weight.grad = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
     while tokens <= args.max_tokens and alive:
         hidden = torch.randn(tokens, args.hidden, generator=gen, device=device).to(torch.bfloat16).requires_grad_(True)
         labels = torch.randint(0, width, (tokens,), generator=gen, device=device)
@@ -186,11 +272,20 @@ def main() -> int:
 
     print(f"{'path':<16}{'tokens':>8}{'ms':>10}{'peak GiB':>10}{'transient':>11}{'lp err':>10}{'ent err':>10}")
     for r in results:
+        if r.get("check"):
+            continue
         if r.get("oom"):
             print(f"{r['path']:<16}{r['tokens']:>8}{'OOM':>10}")
             continue
         print(f"{r['path']:<16}{r['tokens']:>8}{r['ms']:>10.1f}{r.get('peak_gib', float('nan')):>10.2f}"
               f"{r.get('transient_gib', float('nan')):>11.2f}{r['lp_err']:>10.2e}{r['ent_err']:>10.2e}")
+    checks = [r for r in results if r.get("check")]
+    if checks:
+        print(f"\nagainst float64 on {args.check_tokens} tokens:")
+        print(f"{'path':<16}{'lp err':>10}{'ent err':>10}{'grad_h rel':>12}{'grad_w rel':>12}")
+        for r in checks:
+            print(f"{r['path']:<16}{r['check_lp_err']:>10.2e}{r['check_ent_err']:>10.2e}"
+                  f"{r['grad_hidden_rel']:>12.2e}{r['grad_weight_rel']:>12.2e}")
     if args.json:
         info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                 "args": vars(args), "results": results}

@@ -2,15 +2,25 @@
 
 Backends (``select_backend``), in order of preference on CUDA:
 
-1. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
-                    without repeating K/V); the default on CUDA;
-2. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
-3. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
+1. ``flash_attn_4`` flash-attn 4 (package ``flash-attn-4``, ``flash_attn.cute``'s varlen
+                    kernel: CuTe DSL, compiled at first use for each shape family); the
+                    default on Hopper (SM90) when importable, for the head dims it was
+                    checked at (``FLASH_ATTN_4_HEAD_DIMS``; a layer with another head dim
+                    runs the next default instead); fp16/bf16, GQA without repeating K/V.
+                    On an H200 it made the 2 + 8-layer RL actor step 1.01x faster on RL
+                    documents (median 512 tokens) and 1.24x on 32k-token documents
+                    (BENCHMARKS.md);
+2. ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; GQA
+                    without repeating K/V); the default on other CUDA devices;
+3. ``flex``         FlexAttention with a document-causal block mask (CUDA, compiled);
+4. ``sdpa``         plain ``scaled_dot_product_attention`` per document (any device and
                     dtype; the CPU path, float32 and float64).
 
-``flash_attn`` (flash-attn's varlen kernel) is used only when forced: no machine this
-project tests on can install flash-attn, so it is never chosen by default until its path
-has been run against the oracle (README: how to check it on your machine).
+``flash_attn`` (flash-attn 2's varlen kernel) is used only when forced: no machine this
+project tests on can install flash-attn 2 (source-only), so it is never chosen by default
+until its path has been run against the oracle (README: how to check it on your machine).
+``flash_attn_4`` may also be forced on a CUDA device other than SM90 where it imports (for
+the head dims of ``FLASH_ATTN_4_HEAD_DIMS`` only).
 ``SPLITLLAMA_ATTENTION_BACKEND`` forces one by name.
 
 The choice, the document boundaries and the FlexAttention block mask are made ONCE per
@@ -49,17 +59,46 @@ try:
 except ImportError:
     varlen_attn = None
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
+BACKENDS = ("flash_attn_4", "flash_attn", "torch_varlen", "flex", "sdpa")
 BACKEND_ENV = "SPLITLLAMA_ATTENTION_BACKEND"
 _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---- backend selection -------------------------------------------------------------------
+@functools.cache
+def flash_attn_4_varlen():
+    """flash-attn 4's varlen function, or None where the package does not import. Imported
+    on first use, not with this module: it loads the CuTe DSL's compiler (seconds), which
+    CPU runs and other backends never need."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func as fa4_varlen
+    except ImportError:
+        return None
+    return fa4_varlen
+
+
+# The compute capability flash-attn 4 is chosen by default on: Hopper, where its forward and
+# backward were measured against the oracle and against torch's varlen kernel.
+FLASH_ATTN_4_DEFAULT_CAPABILITY = (9, 0)
+# Head dims at which flash-attn 4 (4.0.0b36, SM90) was measured equal to per-document
+# attention in forward AND backward under the bf16 rule: the Llama-3 models' 128. At 8 (the
+# tiny test models') its forward was right but dq, dk and dv were off by about their own
+# scale (relative error ~1.0); other head dims were not measured.
+FLASH_ATTN_4_HEAD_DIMS = (128,)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends that run on ``(device, dtype)``, in the default order of preference."""
+    """Backends chosen by default on ``(device, dtype)``, in order of preference."""
     names = []
-    if device.type == "cuda" and dtype in _HALF and varlen_attn is not None:
-        names.append("torch_varlen")
+    if device.type == "cuda" and dtype in _HALF:
+        if _cuda_capability(device) == FLASH_ATTN_4_DEFAULT_CAPABILITY and flash_attn_4_varlen() is not None:
+            names.append("flash_attn_4")
+        if varlen_attn is not None:
+            names.append("torch_varlen")
     if device.type == "cuda":
         names.append("flex")
     names.append("sdpa")
@@ -70,8 +109,12 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend used for ``(device, dtype)``: the env override, else the first available."""
     forced = os.environ.get(BACKEND_ENV)
     names = available_backends(device, dtype)
-    if device.type == "cuda" and dtype in _HALF and flash_attn_varlen_func is not None:
-        names.append("flash_attn")  # only when forced
+    if device.type == "cuda" and dtype in _HALF:
+        # only when forced
+        if "flash_attn_4" not in names and flash_attn_4_varlen() is not None:
+            names.append("flash_attn_4")
+        if flash_attn_varlen_func is not None:
+            names.append("flash_attn")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
@@ -117,9 +160,19 @@ class PackedAttention(AttentionPlan):
     backend: str = "sdpa"
     bounds: list[int] = field(default_factory=list)
     block_mask: Any = None
+    # where flash-attn 4 was chosen by default: the backend of layers whose head dim is not
+    # in FLASH_ATTN_4_HEAD_DIMS (None where it was forced: such a layer is refused)
+    fallback: str | None = None
 
     def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
-        out = _BACKEND_FNS[self.backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
+        backend = self.backend
+        if backend == "flash_attn_4" and q_SBHD.shape[-1] not in FLASH_ATTN_4_HEAD_DIMS:
+            if self.fallback is None:
+                raise ValueError(f"{BACKEND_ENV}=flash_attn_4: flash-attn 4 was checked at head dims "
+                                 f"{FLASH_ATTN_4_HEAD_DIMS} only, not {q_SBHD.shape[-1]} (at 8 its backward is "
+                                 "wrong); choose another backend")
+            backend = self.fallback
+        out = _BACKEND_FNS[backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
         return out.reshape(out.shape[0], 1, -1)
 
 
@@ -139,13 +192,17 @@ def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: t
     padding tokens form a document of their own)."""
     device = cu_seqlens.device
     backend = select_backend(device, dtype)
-    block_mask = _flex_block_mask(cu_seqlens, tokens, device) if backend == "flex" else None
+    fallback = None
+    if backend == "flash_attn_4" and not os.environ.get(BACKEND_ENV):
+        fallback = available_backends(device, dtype)[1]
+    used = (backend, fallback)
+    block_mask = _flex_block_mask(cu_seqlens, tokens, device) if "flex" in used else None
     # the per-document loop needs the boundaries on the host: the CPU path, no device sync
-    bounds = cu_seqlens.tolist() if backend == "sdpa" else []
+    bounds = cu_seqlens.tolist() if "sdpa" in used else []
     return PackedAttention(
         cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
-        backend=backend, bounds=bounds, block_mask=block_mask,
+        backend=backend, bounds=bounds, block_mask=block_mask, fallback=fallback,
     )
 
 
@@ -165,6 +222,14 @@ def plan_padded(mask_BS: torch.Tensor) -> torch.Tensor:
 def _flash_attn(q, k, v, plan: PackedAttention, scale):
     cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
     return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
+
+
+def _flash_attn_4(q, k, v, plan: PackedAttention, scale):
+    cu, longest = plan.cu_seqlens_q, plan.max_seqlen_q
+    # GQA: k/v keep their groups, the kernel maps query heads onto them; returns (out, lse)
+    out, _ = flash_attn_4_varlen()(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                   max_seqlen_k=longest, softmax_scale=scale, causal=True)
+    return out
 
 
 @functools.cache
@@ -222,7 +287,7 @@ def _sdpa(q, k, v, plan: PackedAttention, scale):
     return out
 
 
-_BACKEND_FNS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
+_BACKEND_FNS = {"flash_attn_4": _flash_attn_4, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
 
 
 def padded_attention(q_SBHD: torch.Tensor, k_SBGD: torch.Tensor, v_SBGD: torch.Tensor,

@@ -7,6 +7,12 @@ Parts (``--only`` picks some):
                 a padding mask) vs the padded oracle, on documents drawn from an RL length
                 distribution (padding fraction p reported), and the p = 0 control;
 * ``backends``  the packed model with each available attention backend;
+* ``long``      long-context RL: the RL documents and batches of ``LONG_TOKENS`` tokens in
+                documents of 8k, 16k and 32k tokens, each timed with torch's varlen
+                kernel and with flash-attn 4 on the same model and batch; each batch at the
+                lightest activation recompute it fits with (``--recompute`` first); then
+                which recompute setting 4 x 32k-token documents need, with the default
+                backend;
 * ``tp``        (world size 2) TP=2 with and without SP vs TP=1, for 8B-shaped and
                 70B-shaped stacks: per-GPU efficiency and peak memory;
 * ``recompute`` activation recompute none / selective / full on the packed model: step
@@ -30,8 +36,10 @@ plot are ``bench_report``'s. This module holds the settings, timing, the parts a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import statistics
 from dataclasses import dataclass
@@ -40,7 +48,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from splitllama.attention import BACKEND_ENV, available_backends
+from splitllama.attention import BACKEND_ENV, available_backends, flash_attn_4_varlen, select_backend
 from splitllama.bench_workload import Batch, actor_step, bench_config, make_batch, oracle_step, rl_lengths, useful_flops
 from splitllama.model import ParallelCustomSplitLLamaForCausalLM, ParallelCustomSplitLLamaForCausalLMRmPad
 from splitllama.distributed import init_distributed, setup_parallel, shutdown
@@ -48,7 +56,9 @@ from splitllama.megatron_configs import megatron_config
 from splitllama.layout import ParallelLayout
 from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
 
-PARTS = ("ceiling", "packing", "backends", "tp", "recompute", "head", "max_tokens", "profile")
+logger = logging.getLogger(__name__)
+
+PARTS = ("ceiling", "packing", "backends", "long", "tp", "recompute", "head", "max_tokens", "profile")
 # max_tokens stops doubling here even if memory is left (16M tokens: far past one GPU).
 MAX_TOKENS_LIMIT = 1 << 24
 
@@ -125,9 +135,12 @@ def measure(name: str, step, batch: Batch, config, ceiling: float, settings, gpu
         ms = time_ms(step, settings.warmup, settings.repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
+        logger.info("%s: out of memory", name)
         return {"name": name, "error": "out of memory", "real_tokens": sum(batch.lengths)}
     peak, resident = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
     tflops = useful_flops(config, batch.lengths) / (ms * 1e-3) / 1e12 / gpus
+    # each row as it is measured: a run cut short still leaves its figures in the log
+    logger.info("%s: %.1f ms, %.1f TFLOP/s, %.1f GiB peak", name, ms, tflops, peak / 2**30)
     return {
         "name": name, "ms": ms, "tokens_per_s": sum(batch.lengths) / (ms * 1e-3),
         "useful_tflops": tflops, "fraction_of_ceiling": tflops / ceiling if ceiling else None,
@@ -203,22 +216,104 @@ def part_packing(config, ceiling, settings, gen) -> list[dict]:
     return rows
 
 
-def part_backends(config, ceiling, settings, gen) -> list[dict]:
-    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
-                  settings.options())
-    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
-    rows = []
+@contextlib.contextmanager
+def forced_backend(backend: str):
+    """Every batch planned inside runs ``backend`` (the dispatch point's override)."""
     previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = backend
     try:
-        for backend in available_backends(torch.device("cuda"), torch.bfloat16):
-            os.environ[BACKEND_ENV] = backend
-            rows.append({**measure(f"backend/{backend}", actor_step(model, batch), batch, config, ceiling, settings),
-                         "part": "backends"})
+        yield
     finally:
         if previous is None:
             os.environ.pop(BACKEND_ENV, None)
         else:
             os.environ[BACKEND_ENV] = previous
+
+
+def part_backends(config, ceiling, settings, gen) -> list[dict]:
+    model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
+                  settings.options())
+    batch = make_batch(rl_lengths(settings.tokens, gen), config.vocab_size, gen, "cuda")
+    rows = []
+    for backend in available_backends(torch.device("cuda"), torch.bfloat16):
+        with forced_backend(backend):
+            rows.append({**measure(f"backend/{backend}", actor_step(model, batch), batch, config, ceiling, settings),
+                         "part": "backends"})
+    return rows
+
+
+# Long-context RL (reasoning traces): tokens per batch of long documents, the document
+# lengths, the kernels compared, and the batch whose recompute setting is asked for.
+LONG_TOKENS = 32768
+LONG_DOCUMENTS = (8192, 16384, 32768)
+LONG_BACKENDS = ("torch_varlen", "flash_attn_4")
+LONGEST_BATCH = (4, 32768)
+
+
+def long_backends() -> list[str]:
+    """``LONG_BACKENDS`` that run here (flash-attn 4 where it imports)."""
+    return [b for b in LONG_BACKENDS if b != "flash_attn_4" or flash_attn_4_varlen() is not None]
+
+
+def recompute_ladder(first: str) -> list[str]:
+    """``first`` and the heavier activation recompute settings after it."""
+    return list(RECOMPUTE_CHOICES[RECOMPUTE_CHOICES.index(first):])
+
+
+def part_long(config, ceiling, settings, gen) -> list[dict]:
+    """Actor steps (entropy on) on the RL documents and on ``LONG_TOKENS``-token batches of
+    ``LONG_DOCUMENTS``-token documents, with each of ``long_backends()`` on the same model
+    and batch. A batch runs at the lightest recompute setting (from ``--recompute`` on) at
+    which every backend fits. Then ``LONGEST_BATCH`` with the default backend: the first
+    setting it fits with, timed once."""
+    lengths = rl_lengths(settings.tokens, gen)
+    batches = {f"rl{len(lengths)}docs": lengths}
+    for length in LONG_DOCUMENTS:
+        batches[f"{LONG_TOKENS // length}x{length}"] = [length] * (LONG_TOKENS // length)
+    backends = long_backends()
+    rows, pending = [], dict(batches)
+    for recompute in recompute_ladder(settings.recompute):
+        if not pending:
+            break
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
+                      settings.options(recompute=recompute))
+        for label, lengths in list(pending.items()):
+            batch = make_batch(lengths, config.vocab_size, gen, "cuda")
+            timed = []
+            for backend in backends:
+                with forced_backend(backend):
+                    row = measure(f"long/{label}/{backend}", actor_step(model, batch), batch, config, ceiling,
+                                  settings)
+                timed.append({**row, "part": "long", "batch": label, "backend": backend, "recompute": recompute})
+                if "error" in row:
+                    break
+            rows += timed
+            if all("error" not in r for r in timed):
+                del pending[label]
+            del batch
+        del model
+        torch.cuda.empty_cache()
+    rows += longest_batch(config, ceiling, settings, gen)
+    return rows
+
+
+def longest_batch(config, ceiling, settings, gen) -> list[dict]:
+    """``LONGEST_BATCH`` with the default backend at each recompute setting until one fits."""
+    count, length = LONGEST_BATCH
+    batch = make_batch([length] * count, config.vocab_size, gen, "cuda")
+    backend = select_backend(torch.device("cuda"), torch.bfloat16)
+    once = dataclasses.replace(settings, warmup=0, repeats=1)
+    rows = []
+    for recompute in RECOMPUTE_CHOICES:
+        model = build(ParallelCustomSplitLLamaForCausalLMRmPad, config, ParallelLayout(),
+                      settings.options(recompute=recompute))
+        row = measure(f"long/{count}x{length}/{backend}", actor_step(model, batch), batch, config, ceiling, once)
+        rows.append({**row, "part": "long", "batch": f"{count}x{length}", "backend": backend,
+                     "recompute": recompute, "longest": True})
+        del model
+        torch.cuda.empty_cache()
+        if "error" not in row:
+            break
     return rows
 
 
@@ -385,7 +480,7 @@ def part_profile(config, ceiling, settings, gen) -> list[dict]:
     }]
 
 
-PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "tp": part_tp,
+PART_FUNCTIONS = {"packing": part_packing, "backends": part_backends, "long": part_long, "tp": part_tp,
                   "recompute": part_recompute, "head": part_head, "max_tokens": part_max_tokens,
                   "profile": part_profile}
 

@@ -121,9 +121,13 @@ def vocab_parallel_entropy(logits_local: torch.Tensor, vocab_size: int | None = 
 # spot; smaller chunks lose GEMM efficiency, larger ones only grow the tile memory).
 DEFAULT_CHUNK_TOKENS = 4096
 # Vocabulary rows per tile: the rank's shard is cut into equal blocks of at most this many
-# rows, so one tile of float32 logits stays at 4096 x 32768 x 4 B = 512 MiB whatever V/tp
-# is (128256 splits into 4 blocks of 32064 at TP=1, 2 per rank at TP=2, 1 at TP=4).
-DEFAULT_VOCAB_BLOCK = 32768
+# rows, so one tile of float32 logits stays at 4096 x 16384 x 4 B = 256 MiB whatever V/tp
+# is (128256 splits into 8 blocks of 16032 at TP=1, 4 per rank at TP=2, 2 at TP=4). With the
+# tile's bf16 gradient (125 MiB) and a chunk's float32 hidden-gradient sum (128 MiB at
+# H = 8192) that is the head's whole transient: measured 0.49 GiB, against 0.98 GiB with
+# 32768-row blocks, in the same time (1.00x; 8192-row blocks: 0.31 GiB but 1.03x; H200,
+# BENCHMARKS.md).
+DEFAULT_VOCAB_BLOCK = 16384
 MEGATRON_TP_GROUP = "megatron"
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -394,8 +398,12 @@ class _FusedLogProbsEntropy(torch.autograd.Function):
                     grad = _ELEMENTWISE(_tile_grad_kept, is_full(a, b, v0, v1), probs, label_col, m,
                                         lse[a:b], ent[a:b], *per_token)
                 if grad_hidden is not None:
-                    part = _mm_wide(grad, w)
-                    acc = part if acc is None else acc.add_(part)
+                    # summed over the blocks in float32 by the GEMM's epilogue (no
+                    # [chunk_tokens, H] partial product beside the sum)
+                    if acc is None:
+                        acc = _mm_wide(grad, w)
+                    else:
+                        _addmm_wide_(acc, grad, w)
                 if grad_weight is not None:
                     _addmm_wide_(grad_weight[v0:v1], grad.t(), h)
                 del grad
@@ -462,14 +470,15 @@ def fused_log_probs_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, la
 
     Memory: saved for backward are references to the inputs plus the log-sum-exp and entropy
     (``[T]`` each), and without ``recompute_logits`` the kept tiles. Forward holds one
-    float32 logits tile (``chunk_tokens x vocab_block x 4 B``, 512 MiB at the defaults) and
-    its statistics; backward holds the returned gradients (``[T, H]`` like hidden,
-    ``[V/tp, H]`` like the weight, the latter accumulated in place in the weight's dtype;
-    with ``grad_weight_into`` none, or under megatron DDP an uninitialised weight-shaped
-    placeholder that DDP's hook drops at once), one float32 logits tile, its gradient in
-    the weight's dtype and a float32 ``[chunk_tokens, H]`` accumulator of the chunk's hidden
-    gradient: about 1 GiB above inputs, outputs and gradients (and the kept tiles) at the
-    defaults and H = 8192, whatever T is.
+    float32 logits tile (``chunk_tokens x vocab_block x 4 B``, 250 MiB at the defaults and
+    V/tp = 128,256) and its statistics; backward holds the returned gradients (``[T, H]``
+    like hidden, ``[V/tp, H]`` like the weight, the latter accumulated in place in the
+    weight's dtype; with ``grad_weight_into`` none, or under megatron DDP an uninitialised
+    weight-shaped placeholder that DDP's hook drops at once), one float32 logits tile, its
+    gradient in the weight's dtype (125 MiB) and a float32 ``[chunk_tokens, H]`` sum of the
+    chunk's hidden gradient (128 MiB at H = 8192), to which each block's GEMM adds in place:
+    0.49 GiB above inputs, outputs and gradients (and the kept tiles) at the defaults,
+    H = 8192 and V/tp = 128,256, whatever T is (measured on an H200).
     """
     if hidden_TH.dim() != 2 or weight_VH.dim() != 2 or hidden_TH.shape[1] != weight_VH.shape[1]:
         raise ValueError(f"hidden_TH {tuple(hidden_TH.shape)} and weight_VH {tuple(weight_VH.shape)}: "

@@ -38,6 +38,9 @@ class PlantedBug:
     check: str = "parity"  # or a kind of test_planted_bugs.CHECKS
     options: ModelOptions = ModelOptions()  # the production model's (recompute, log-prob path)
     padded: bool = False  # parity of the padded ParallelCustomSplitLLamaForCausalLM
+    # the attention backend the bug lives in: its cases run only where the dispatch point
+    # chooses that backend (flash-attn 4: Hopper GPUs with the package)
+    backend: str | None = None
 
 
 def _two_projection_adapter(mp):
@@ -268,6 +271,35 @@ def _padded_attention_ignores_padding(mp):
     mp.setattr(batches, "plan_padded", causal_only)
 
 
+def _flash_attn_4_groups_swapped(mp):
+    from splitllama import attention
+
+    flash_attn_4 = attention._BACKEND_FNS["flash_attn_4"]
+
+    def swapped(q, k, v, plan, scale):
+        # K/V groups handed over in reverse order: query heads read another group's keys
+        return flash_attn_4(q, k.flip(1), v.flip(1), plan, scale)
+
+    mp.setitem(attention._BACKEND_FNS, "flash_attn_4", swapped)
+
+
+def _flash_attn_4_sp_tail_joined(mp):
+    import dataclasses
+
+    from splitllama import attention
+
+    flash_attn_4 = attention._BACKEND_FNS["flash_attn_4"]
+
+    def joined(q, k, v, plan, scale):
+        # the last boundary dropped: the SP-padding tail attends into the last document
+        cu = torch.cat([plan.cu_seqlens_q[:-2], plan.cu_seqlens_q[-1:]])
+        plan = dataclasses.replace(plan, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=q.shape[0],
+                                   max_seqlen_kv=q.shape[0])
+        return flash_attn_4(q, k, v, plan, scale)
+
+    mp.setitem(attention._BACKEND_FNS, "flash_attn_4", joined)
+
+
 def _after_trunk_init(mp, change):
     """Patch the trunk (every class's, pipeline stages included) to apply ``change(trunk,
     config)`` after its own constructor."""
@@ -436,6 +468,14 @@ def equal_width_config() -> CustomSplitLlamaConfig:
                                         num_key_value_heads=4, intermediate_size=448))
 
 
+def head_dim_128_config() -> CustomSplitLlamaConfig:
+    """The tiny model with the Llama-3 head dim (128), the one flash-attn 4 is given: 4 query
+    heads in 2 K/V groups in each stack."""
+    heads = dict(hidden_size=512, head_dim=128, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=1024)
+    return tiny_split_config(lower=heads, upper=heads)
+
+
 def _padded_vocab_not_masked(mp):
     from splitllama import heads, logprobs
 
@@ -574,6 +614,11 @@ PLANTED = [
                "half split", ("tp1", "tp2_sp"), _rotary_pairs_interleaved),
     PlantedBug("padded_attention_ignores_padding", "padded class: queries attend to padded keys",
                ("tp1", "tp2_sp"), _padded_attention_ignores_padding, padded=True),
+    PlantedBug("flash_attn_4_groups_swapped", "flash-attn 4 given the K/V groups in reverse order",
+               ("tp1",), _flash_attn_4_groups_swapped, config=head_dim_128_config, backend="flash_attn_4"),
+    PlantedBug("flash_attn_4_sp_tail_joined", "flash-attn 4 told the SP-padding tail belongs to the last "
+               "document", ("tp1",), _flash_attn_4_sp_tail_joined, check="attention_backends",
+               backend="flash_attn_4"),
     # The tiny model's stacks differ in every non-shape setting (verify.tiny.TINY_*_SETTINGS), so
     # reading one from the wrong place moves the outputs.
     PlantedBug("lower_rope_theta_from_upper", "lower stack's rotary built with the upper's rope theta",

@@ -295,7 +295,8 @@ def test_gpu_accuracy_against_float32_gemm():
 def test_gpu_memory_bounded_by_tiles():
     """At 64k tokens the materialising path would hold ~230 GiB of logits and their float32
     copies; the fused head's peak above its inputs, outputs and the two gradients it returns
-    stays <= 2 GiB (one float32 logits tile, its gradient, a chunk's hidden-grad sum)."""
+    stays <= 0.5 GiB (one float32 logits tile of 250 MiB, its bf16 gradient of 125 MiB, a
+    chunk's float32 hidden-grad sum of 128 MiB: 0.49 GiB measured on an H200)."""
     hidden, weight, labels = _real_head(65536)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
@@ -308,7 +309,7 @@ def test_gpu_memory_bounded_by_tiles():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     left = sum(t.numel() * t.element_size() for t in (lp, ent, hidden.grad, weight.grad))
-    assert peak - left <= 2 * 2**30, f"{(peak - left) / 2**30:.2f} GiB above inputs, outputs and gradients"
+    assert peak - left <= 2**29, f"{(peak - left) / 2**30:.2f} GiB above inputs, outputs and gradients"
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from splitllama.attention import select_backend
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 from splitllama.distributed import setup_parallel
@@ -17,6 +18,7 @@ from splitllama.verify.runner import agree, run_parity
 from tests.integration.conftest import DEVICE, DTYPE, world_size
 from tests.integration.layouts import LAYOUTS
 from tests.integration.planted_bugs import PLANTED
+from tests.integration.test_attention_backends import attention_backends_agree
 from tests.integration.test_checkpoints import loader_refuses, round_trip_mismatches
 from tests.integration.test_dist_checkpoints import declaration_problems, dist_round_trip_mismatches, reshard_loads
 from tests.integration.test_fused_logprobs import fused_head_agrees, fused_head_main_grad_agrees
@@ -32,9 +34,16 @@ from tests.integration.test_parity import (
 )
 
 
+def _backend_missing(bug) -> list:
+    """A skip mark for a bug in an attention backend the dispatch point does not choose here."""
+    if bug.backend is None or select_backend(torch.device(DEVICE), DTYPE) == bug.backend:
+        return []
+    return [pytest.mark.skip(reason=f"the attention backend here is not {bug.backend}")]
+
+
 def planted_cases():
     cases = [
-        pytest.param(bug, name, id=f"{bug.name}-{name}")
+        pytest.param(bug, name, id=f"{bug.name}-{name}", marks=_backend_missing(bug))
         for bug in PLANTED for name in bug.layouts if LAYOUTS[name].world_size == world_size()
     ]
     return cases or [pytest.param(None, None, id="none", marks=pytest.mark.skip(
@@ -100,6 +109,8 @@ CHECKS = {
     "dist_declaration": (lambda bug, f: f(bug.head, bug.mlp),
                          lambda bug, layout, ckpt, scratch: not declaration_problems(ckpt, layout, bug.head)),
     "fused_head": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: fused_head_agrees(layout)),
+    "attention_backends": (lambda bug, f: None,
+                           lambda bug, layout, ckpt, scratch: attention_backends_agree(layout)),
     "large_logits": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: large_logits_agree(layout)),
     "rope_parity": (lambda bug, f: rope_bands_checkpoint(f),
                     lambda bug, layout, ckpt, scratch: rope_bands_parity(ckpt, layout).passed),

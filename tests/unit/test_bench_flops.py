@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from splitllama.options import ModelOptions
-from splitllama.bench import MAX_TOKENS_LIMIT, PART_FUNCTIONS, PARTS, BenchSettings, kernel_kind, max_tokens_row
-from splitllama.bench_report import head_pairs, speedup_pairs, summary
+from splitllama.bench import (
+    MAX_TOKENS_LIMIT,
+    PART_FUNCTIONS,
+    PARTS,
+    BenchSettings,
+    kernel_kind,
+    max_tokens_row,
+    recompute_ladder,
+)
+from splitllama.bench_report import backend_pairs, head_pairs, speedup_pairs, summary
 from splitllama.bench_workload import ENTROPY_COEF, actor_step, bench_config, make_batch, rl_lengths, useful_flops
 
 
@@ -179,3 +187,27 @@ def test_head_and_recompute_parts_time_each_variant_on_one_batch(monkeypatch):
 def test_bench_settings_are_refused_at_construction(fields, message):
     with pytest.raises(ValueError, match=message):
         BenchSettings(**fields)
+
+
+def test_long_part_pairs_kernels_on_the_same_batch_and_setting():
+    def long(batch, backend, recompute, ms, **extra):
+        return {**_timed(f"long/{batch}/{backend}", "long", ms, 40.0, None), "batch": batch, "backend": backend,
+                "recompute": recompute, **extra}
+
+    rows = [long("rl26docs", "torch_varlen", "none", 100.0), long("rl26docs", "flash_attn_4", "none", 97.0),
+            {"name": "long/1x32768/torch_varlen", "error": "out of memory", "part": "long", "batch": "1x32768",
+             "backend": "torch_varlen", "recompute": "none"},
+            long("1x32768", "torch_varlen", "selective", 600.0), long("1x32768", "flash_attn_4", "selective", 500.0),
+            long("4x32768", "flash_attn_4", "full", 9000.0, longest=True)]
+    assert [(a["name"], b["name"], a["recompute"]) for a, b in backend_pairs(rows)] == [
+        ("long/rl26docs/torch_varlen", "long/rl26docs/flash_attn_4", "none"),
+        ("long/1x32768/torch_varlen", "long/1x32768/flash_attn_4", "selective")]
+    text = summary(rows, ceiling=700.0)
+    assert "flash_attn_4 vs torch_varlen at rl26docs (recompute none): 1.031x faster (target >= 1.02)" in text
+    assert "flash_attn_4 vs torch_varlen at 1x32768 (recompute selective): 1.200x faster (target >= 1.15)" in text
+    assert "4x32768 with flash_attn_4, recompute full: fits: 9000 ms" in text
+
+
+def test_recompute_ladder_goes_from_the_given_setting_to_heavier_ones():
+    assert recompute_ladder("none") == ["none", "selective", "full"]
+    assert recompute_ladder("selective") == ["selective", "full"]
