@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel import (
 )
 
 from splitllama.layout import real_vocab_rows
+from splitllama.parallel_sizes import ceil_div
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +283,8 @@ _ELEMENTWISE = _Elementwise()
 
 def _blocks(width: int, block: int) -> list[tuple[int, int]]:
     """Equal contiguous blocks of at most ``block`` rows covering ``range(width)``."""
-    count = max(1, -(-width // block))
-    size = -(-width // count)
+    count = max(1, ceil_div(width, block))
+    size = ceil_div(width, count)
     return [(start, min(start + size, width)) for start in range(0, width, size)]
 
 

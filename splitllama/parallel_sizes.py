@@ -1,8 +1,8 @@
 """The rules tensor, sequence, pipeline and virtual pipeline sizes obey, in one place and
 on the standard library only: the command line checks its flags with them before it
 imports torch, and ``layout.ParallelLayout`` and ``layout.stage_layouts`` check theirs.
-Also ``round_up`` (the one ceiling division of sizes) and ``free_port``, for the process
-group's rendezvous.
+Also ``ceil_div`` / ``round_up`` (the one ceiling division of sizes) and ``free_port``, for
+the process group's rendezvous.
 
 Each check names the sizes as its caller's user knows them (``names``): the layout's
 fields, megatron's config fields or the command line's flags.
@@ -40,10 +40,15 @@ def check_parallel_sizes(tp: Any = 1, sp: bool = False, pp: Any = 1, vpp: Any = 
         raise ValueError(f"{names['sp']} needs {names['tp']} > 1 (sequence parallelism splits tokens over TP ranks)")
 
 
+def ceil_div(n: int, d: int) -> int:
+    """How many parts of at most ``d`` cover ``n``."""
+    return -(-n // d)
+
+
 def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (token counts under SP, vocabulary
     rows over TP)."""
-    return -(-n // multiple) * multiple
+    return ceil_div(n, multiple) * multiple
 
 
 def free_port() -> int:
