@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from splitllama import __version__
+from splitllama.checkpoint.directory import BrokenCheckpointError
 from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
 from splitllama.parallel_sizes import FLAG_NAMES, check_parallel_sizes
 
@@ -504,20 +505,13 @@ def _run(args, argv: list[str], rank: int) -> int:
         _report(args, rank, f"splitllama {args.command}: error: {in_flag_terms(args.command, str(err))}")
         return 2
     except Exception as err:
-        if _is_broken_checkpoint(err):  # found inside the run (the check reads the weights there)
+        if isinstance(err, BrokenCheckpointError):  # found inside the run (the check reads the weights there)
             _report(args, rank, f"splitllama {args.command}: error: {err}")
             return 2
         # a failure inside the run: reported once
         _report(args, rank, f"splitllama {args.command}: error: {type(err).__name__}: {err}"
                             f"{'' if args.debug else ' (--debug shows the traceback)'}")
         return 1
-
-
-def _is_broken_checkpoint(err: Exception) -> bool:
-    # Only a command that imported checkpoint.directory can raise its error; importing it here
-    # for every command would put transformers' import (seconds) before each flag check.
-    module = sys.modules.get("splitllama.checkpoint.directory")
-    return module is not None and isinstance(err, module.BrokenCheckpointError)
 
 
 def _report(args, rank: int, line: str) -> None:

@@ -24,9 +24,10 @@ def init_distributed(device: str, timeout: datetime.timedelta | None = None,
     """The process group: from ``init_method`` (with ``RANK`` and ``WORLD_SIZE`` from the
     environment; ``splitllama check`` hands its ranks a ``file://`` rendezvous in a fresh
     directory), else from torchrun's environment (``env://``), else a world of one held in
-    this process's memory (no launcher, or ``WORLD_SIZE=1`` without ``MASTER_PORT``). No port is picked and released to be bound later: two runs
-    started at once cannot take the same one. ``timeout`` bounds every collective, so a
-    diverging rank becomes an error instead of a hang."""
+    this process's memory (no launcher, or ``WORLD_SIZE=1`` without ``MASTER_PORT``). No
+    port is picked and released to be bound later: two runs started at once cannot take
+    the same one. ``timeout`` bounds every collective, so a diverging rank becomes an error
+    instead of a hang."""
     if dist.is_initialized():
         return
     backend = "nccl" if device == "cuda" else "gloo"

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
-from splitllama.attention import select_backend
+from splitllama.attention import PackedAttention, select_backends
 from splitllama.checkpoint.directory import BrokenCheckpointError, check_finite
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
@@ -20,6 +20,18 @@ from splitllama.verify.batches import check_microbatches
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
 from splitllama.verify.rules import BUILT_IN_MODEL, Report
 from splitllama.verify.runner import run_parity
+
+
+def attention_backends(config: CustomSplitLlamaConfig, device: str, dtype: torch.dtype) -> str:
+    """The production model's attention backend on ``(device, dtype)``, as its batches' plans
+    choose it: one name, or one per stack head dim where they differ (flash-attn 4 runs at
+    the head dims it was checked at only)."""
+    backend, fallback = select_backends(torch.device(device), dtype)
+    plan = PackedAttention(backend=backend, fallback=fallback)
+    per_dim = {dim: plan.backend_at(dim) for dim in sorted({config.lower.head_dim, config.upper.head_dim})}
+    if len(set(per_dim.values())) == 1:
+        return next(iter(per_dim.values()))
+    return ", ".join(f"{name} (head dim {dim})" for dim, name in per_dim.items())
 
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
@@ -69,6 +81,6 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
     report.adapter = "mlp" if config.mlp else "linear"
     report.recompute = options.recompute or "none"
     report.log_probs = options.log_probs if head == "lm" else None
-    report.attention = select_backend(torch.device(device), dtype)
+    report.attention = attention_backends(config, device, dtype)
     report.seed = seed
     return report
