@@ -144,7 +144,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats, the median reported (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--only", default=None,
-                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), recompute, "
+                   help="comma list of parts: ceiling, packing, backends, long (long-context RL documents), "
+                        "tp (needs 2 processes), recompute, "
                         "head (fused vs materialising log-probs), max_tokens (largest packed batch per "
                         "log-prob path), profile (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the documents (default 0)")
