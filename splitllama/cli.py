@@ -219,7 +219,7 @@ class _CommandLine(_Parser):
     """The top-level parser: a flag no sub-command knows is reported by that sub-command
     (``splitllama check: error: unrecognized arguments: ...``), as its own errors are."""
 
-    commands: dict[str, argparse.ArgumentParser] = {}
+    commands: dict[str, argparse.ArgumentParser]  # by name; set by build_parser
 
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
