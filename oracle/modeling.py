@@ -12,9 +12,9 @@ Precision: runs in float64 or float32 (CPU) and bfloat16 (CUDA). Norms and softm
 at least float32 (float64 for a float64 model); rotary angles are always computed in
 float64 and then cast to the compute dtype.
 
-Hugging Face behaviour (docs/huggingface.md): eager attention is the default and the
-reference; ``attn_implementation="sdpa"`` and gradient checkpointing are options that
-change no math. ``labels`` give the shifted cross-entropy; forward reads ``use_cache``,
+Hugging Face behaviour (docs/huggingface.md): sdpa attention is the default, as in
+Hugging Face models; eager is the reference (what the verification harness asks for);
+both, and gradient checkpointing, compute the same math. ``labels`` give the shifted cross-entropy; forward reads ``use_cache``,
 ``output_*`` and ``return_dict`` defaults from the config; ``hidden_states`` has
 ``num_hidden_layers + 1 = N + M + 1`` entries.
 """
@@ -38,6 +38,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 
 from splitllama import weight_names
 from splitllama.config import CustomSplitLlamaConfig, rope_parameters
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to
 # `cache` (5.17, on the GPU machines, still says `past_key_values`). Both spellings are
-# accepted as forward arguments; outputs use the field this transformers version has.
+# accepted as forward arguments (the old one with transformers' deprecation warning where
+# it is deprecated); outputs use the field this transformers version has.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -54,7 +56,15 @@ def _with_cache(output_cls: type, cache: Cache | None, **fields: Any):
     return output_cls(**fields, **{CACHE_FIELD: cache})
 
 
-# Attention implementations: "eager" (the reference, default) and "sdpa"
+def _cache_argument(forward):
+    """Where transformers calls the cache ``cache``, ``past_key_values`` is taken with its own
+    deprecation warning, as its Llama's forward does (the same decorator and version)."""
+    if CACHE_FIELD != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
+# Attention implementations: "eager" (the reference) and "sdpa" (transformers' default)
 # (torch.nn.functional.scaled_dot_product_attention on the same boolean mask).
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -181,14 +191,15 @@ class OracleAttention(nn.Module):
                 allowed: torch.Tensor, cache: Cache | None,
                 output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, Q, h]``; ``allowed [B, 1, Q, K]`` (K = cached + new keys) says which key
-        each query may attend. Returns the output ``[B, Q, h]`` and, when asked (eager
-        only), the attention probabilities ``[B, H, Q, K]``."""
+        each query may attend. Returns the output ``[B, Q, h]`` and, when asked (computed
+        the eager way whatever the implementation), the attention probabilities ``[B, H, Q, K]``."""
         implementation = self.config._attn_implementation or "eager"
         if implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(unsupported_attention(implementation))
-        if output_attentions and implementation != "eager":
-            raise ValueError(f"output_attentions=True needs attn_implementation='eager' "
-                             f"(this model uses {implementation!r})")
+        if output_attentions:
+            # the probabilities exist on the eager path only: it runs for this call, as
+            # Hugging Face models fall back to eager when attentions are asked for
+            implementation = "eager"
         batch, q_len, _ = x.shape
         q = apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
@@ -313,7 +324,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 
 class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     """Shared Hugging Face plumbing: config class, weight init, strict loading, the
-    attention implementations (eager by default; sdpa on request)."""
+    attention implementations (sdpa by default, as transformers chooses; eager on request)."""
 
     config_class = CustomSplitLlamaConfig
     base_model_prefix = "model"
@@ -333,15 +344,16 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
 
     def get_correct_attn_implementation(self, requested_attention: str | None,
                                         is_init_check: bool = False) -> str:
-        """Eager unless another implementation is asked for: transformers would default to
-        sdpa, but the eager path is the reference."""
-        requested = "eager" if requested_attention is None else requested_attention
+        """transformers' choice (sdpa unless another implementation is asked for; the
+        verification harness asks for eager, the reference), refusing what this class
+        does not have."""
         # flash and flex attention: transformers' own refusal (this class does not declare
         # them); any other name but eager and sdpa (unknown, paged, kernels from the Hub) in
         # transformers' words, listing the two this class has
-        if requested not in ATTN_IMPLEMENTATIONS and not requested.startswith(("flash_attention", "flex_attention")):
-            raise ValueError(unsupported_attention(requested))
-        return super().get_correct_attn_implementation(requested, is_init_check)
+        if requested_attention is not None and requested_attention not in ATTN_IMPLEMENTATIONS \
+                and not requested_attention.startswith(("flash_attention", "flex_attention")):
+            raise ValueError(unsupported_attention(requested_attention))
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -458,7 +470,7 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
 
     def __init__(self, config: CustomSplitLlamaConfig) -> None:
         super().__init__(config)
-        config.validate()
+        config.check_split()
         lower, upper = config.lower, config.upper
         for sub in (lower, upper):
             # transformers resolves the default implementation on the top config only; the
@@ -494,6 +506,7 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
             return self.adapter_linear_2(torch.relu(self.adapter_linear_1(x)))
         return self.adapter(x)
 
+    @_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -518,7 +531,7 @@ class CustomSplitLLamaModel(CustomSplitLLamaPreTrainedModel):
         N + M + 1`` tensors, the embeddings then each decoder layer's output (lower layers,
         then upper layers), the last one after the final norm. The adapter's output is not
         one of them (it is the first upper layer's input; a forward hook on the adapter
-        reads it). ``attentions`` (eager only): ``[B, H, S, K]`` per decoder layer."""
+        reads it). ``attentions``: ``[B, H, S, K]`` per decoder layer (computed the eager way)."""
         use_cache = _default(use_cache, self.config, "use_cache")
         output_attentions = _default(output_attentions, self.config, "output_attentions")
         output_hidden_states = _default(output_hidden_states, self.config, "output_hidden_states")
@@ -615,6 +628,7 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -642,9 +656,9 @@ class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMix
         return_dict = _default(return_dict, self.config, "return_dict")
         trunk = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True, cache_position=cache_position, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True, cache_position=cache_position,
+            cache=_one_cache(past_key_values, cache),
         )
         hidden = trunk.last_hidden_state
         if isinstance(logits_to_keep, int):

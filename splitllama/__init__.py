@@ -42,9 +42,19 @@ Heavy modules (megatron) are imported lazily, so ``splitllama.config`` stays lig
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+# megatron-core's notices about itself, which a user of this package cannot act on: that it
+# falls back to plain torch kernels without Transformer Engine or Apex (four of them when
+# it is imported) and that a default it sets itself (cuda_graph_scope) is deprecated. Only
+# warnings issued by megatron's own modules are filtered, so library calls are as quiet as
+# the command line.
+for _notice in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_notice, module="megatron")
 
 _LAZY = {
     "CustomSplitLlamaConfig": "splitllama.config",

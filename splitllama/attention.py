@@ -164,14 +164,19 @@ class PackedAttention(AttentionPlan):
     # in FLASH_ATTN_4_HEAD_DIMS (None where it was forced: such a layer is refused)
     fallback: str | None = None
 
-    def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
-        backend = self.backend
-        if backend == "flash_attn_4" and q_SBHD.shape[-1] not in FLASH_ATTN_4_HEAD_DIMS:
+    def backend_at(self, head_dim: int) -> str:
+        """The backend the layers of ``head_dim`` run: flash-attn 4 only at the head dims it
+        was checked at."""
+        if self.backend == "flash_attn_4" and head_dim not in FLASH_ATTN_4_HEAD_DIMS:
             if self.fallback is None:
                 raise ValueError(f"{BACKEND_ENV}=flash_attn_4: flash-attn 4 was checked at head dims "
-                                 f"{FLASH_ATTN_4_HEAD_DIMS} only, not {q_SBHD.shape[-1]} (at 8 its backward is "
+                                 f"{FLASH_ATTN_4_HEAD_DIMS} only, not {head_dim} (at 8 its backward is "
                                  "wrong); choose another backend")
-            backend = self.fallback
+            return self.fallback
+        return self.backend
+
+    def attend(self, q_SBHD, k_SBGD, v_SBGD, scale):
+        backend = self.backend_at(q_SBHD.shape[-1])
         out = _BACKEND_FNS[backend](q_SBHD.squeeze(1), k_SBGD.squeeze(1), v_SBGD.squeeze(1), self, scale)
         return out.reshape(out.shape[0], 1, -1)
 
@@ -187,14 +192,22 @@ class PaddedAttention(AttentionPlan):
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 
-def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: torch.dtype) -> PackedAttention:
-    """The packed batch's attention plan. ``cu_seqlens`` covers all ``tokens`` (SP
-    padding tokens form a document of their own)."""
-    device = cu_seqlens.device
+def select_backends(device: torch.device, dtype: torch.dtype) -> tuple[str, str | None]:
+    """(backend, fallback) of a packed batch's plan: ``select_backend``'s choice and, where
+    flash-attn 4 was chosen by default, the backend of layers at head dims it was not
+    checked at (``PackedAttention.backend_at``)."""
     backend = select_backend(device, dtype)
     fallback = None
     if backend == "flash_attn_4" and not os.environ.get(BACKEND_ENV):
         fallback = available_backends(device, dtype)[1]
+    return backend, fallback
+
+
+def plan_packed(cu_seqlens: torch.Tensor, max_seqlen: int, tokens: int, dtype: torch.dtype) -> PackedAttention:
+    """The packed batch's attention plan. ``cu_seqlens`` covers all ``tokens`` (SP
+    padding tokens form a document of their own)."""
+    device = cu_seqlens.device
+    backend, fallback = select_backends(device, dtype)
     used = (backend, fallback)
     block_mask = _flex_block_mask(cu_seqlens, tokens, device) if "flex" in used else None
     # the per-document loop needs the boundaries on the host: the CPU path, no device sync

@@ -37,6 +37,7 @@ plot are ``bench_report``'s. This module holds the settings, timing, the parts a
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -160,7 +161,8 @@ def build_oracle(config):
     from oracle import CustomSplitLLamaForCausalLM
 
     with torch.device("cuda"):
-        oracle = CustomSplitLLamaForCausalLM(config).to(torch.bfloat16)
+        oracle = CustomSplitLLamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager")
+        oracle = oracle.to(torch.bfloat16)
     oracle.config.use_cache = False  # a training step: the config's default would fill a KV cache
     return oracle
 

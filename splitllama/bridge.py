@@ -57,7 +57,7 @@ def split_config(hf_config) -> CustomSplitLlamaConfig:
     check_model_type(getattr(hf_config, "model_type", None), "hf_config")
     if not isinstance(hf_config, CustomSplitLlamaConfig):
         hf_config = CustomSplitLlamaConfig.from_dict(hf_config.to_dict())
-    hf_config.validate()
+    hf_config.check_split()
     return hf_config
 
 

@@ -6,10 +6,11 @@ library returns reports and this module shows them.
 
 Errors: bad input (arguments, the checkpoint directory, a layout the config cannot take)
 is found BEFORE any process is launched and printed as one line
-``splitllama <cmd>: error: ...``, exit code 2 (``--debug`` adds the traceback). A failure
-inside a distributed run is printed once, exit code 1: by rank 0 under torchrun; when the
-command launched the ranks itself, the first failure of any rank (its cause). ``check``
-exits 1 when production differs from the oracle.
+``splitllama <cmd>: error: ...``, exit code 2 (``--debug`` adds the traceback); flags and
+a path that holds no checkpoint are refused before torch is imported. A failure inside a
+distributed run is printed once, exit code 1: by rank 0 under torchrun; when the command
+launched the ranks itself, the first failure of any rank (its cause). ``check`` exits 1
+when production differs from the oracle. Ctrl-C prints one line, exit code 130.
 """
 
 from __future__ import annotations
@@ -17,17 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from splitllama import __version__
+from splitllama.checkpoint.directory import BrokenCheckpointError
 from splitllama.options import LOG_PROBS_CHOICES, RECOMPUTE_CHOICES, ModelOptions
-from splitllama.parallel_sizes import FLAG_NAMES, check_parallel_sizes, free_port
+from splitllama.parallel_sizes import FLAG_NAMES, check_parallel_sizes
 
-# Set by ``_spawn_ranks`` for the ranks it launches: where a failing rank writes its error.
-RANK_ERRORS_ENV = "SPLITLLAMA_RANK_ERRORS"
+# Set by ``_spawn_ranks`` for the ranks it launches: a fresh directory holding their
+# rendezvous file (``RENDEZVOUS_FILE``) and the error a failing rank writes (rank{r}.json).
+LAUNCH_DIR_ENV = "SPLITLLAMA_LAUNCH_DIR"
+RENDEZVOUS_FILE = "rendezvous"
+# The exit code of a command stopped by Ctrl-C (SIGINT), as shells report it.
+INTERRUPTED = 128 + signal.SIGINT
 EPILOG = """\
 examples:
   splitllama check                              # built-in tiny model, CPU, TP=1
@@ -85,9 +94,11 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="split checkpoint directory")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--sp", action="store_true", help="sequence parallel (needs --tp > 1 to matter)")
+    p.add_argument("--sp", action="store_true", help="sequence parallel: splits the tokens over the TP ranks "
+                                                     "(needs --tp > 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--vpp", type=int, default=None, metavar="N",
+                   help="virtual pipeline chunks per stage (needs --pp > 1; default: none)")
     p.add_argument("--layers-per-stage", type=_counts, default=None, metavar="N,N,...",
                    help="layers on each pipeline stage in model order, pp*vpp counts (default: an even "
                         "split); e.g. --pp 2 --layers-per-stage 3,2 for 5 layers")
@@ -103,13 +114,15 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         help="compute dtype (default: float64 on CPU, bfloat16 on CUDA)",
     )
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random batch, of the built-in model's weights and of a fresh value head "
+                        "(default 0)")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the production model (default none)")
     p.add_argument("--log-probs", default="fused", choices=LOG_PROBS_CHOICES,
                    help="how the LM head computes log-probs and entropy: fused (from the hidden "
                         "states in tiles, default) or materialise (from the full logits)")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the report (what was checked, every row) as JSON")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -128,13 +141,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lower-layers", type=int, default=2, help="8B-shaped layers (default 2)")
     p.add_argument("--upper-layers", type=int, default=2, help="70B-shaped layers (default 2)")
     p.add_argument("--tokens", type=int, default=16384, help="real tokens per batch (default 16384)")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats, the median reported (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--only", default=None,
-                   help="comma list of parts: ceiling, packing, backends, tp (needs 2 processes), recompute, "
+                   help="comma list of parts: ceiling, packing, backends, long (long-context RL documents), "
+                        "tp (needs 2 processes), recompute, "
                         "head (fused vs materialising log-probs), max_tokens (largest packed batch per "
                         "log-prob path), profile (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the documents (default 0)")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                    help="activation recompute of the timed model (default none; the 'recompute' part "
                         "times all three)")
@@ -187,8 +201,12 @@ def in_flag_terms(command: str, message: str) -> str:
 
 
 def emit(text: str = "") -> None:
-    """User-facing output of every sub-command goes through here."""
-    print(text, flush=True)
+    """User-facing output of every sub-command goes through here. A reader that has gone
+    (``splitllama check | head``) gets no more; the command still runs to its end."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,20 +215,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandLine(_Parser):
+    """The top-level parser: a flag no sub-command knows is reported by that sub-command
+    (``splitllama check: error: unrecognized arguments: ...``), as its own errors are."""
+
+    commands: dict[str, argparse.ArgumentParser]  # by name; set by build_parser
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = _CommandLine(
         prog="splitllama",
         description="Custom Split LLaMA on Megatron-core: assemble checkpoints, prove "
                     "production equals the reference, benchmark.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"splitllama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_assemble(sub)
     _add_check(sub)
     _add_bench(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -220,7 +254,8 @@ class UsageError(ValueError):
 
 # ---- assemble ----------------------------------------------------------------------------
 def _assemble(args) -> int:
-    from splitllama.checkpoint.assemble import assemble_split_checkpoint
+    from splitllama import weight_names as names
+    from splitllama.checkpoint.assemble import LlamaCheckpoint, assemble_split_checkpoint, lm_head_source
     from splitllama.checkpoint.safetensors_io import SafetensorsReader
 
     try:
@@ -233,7 +268,13 @@ def _assemble(args) -> int:
         raise UsageError(str(err)) from err
     files = SafetensorsReader(out).files()
     size = sum(f.stat().st_size for f in files)
-    head = "a fresh value head (score.weight)" if args.value else "the upper LM head"
+    if args.value:
+        head = "a fresh value head (score.weight)"
+    elif lm_head_source(LlamaCheckpoint(args.upper, "upper")) == names.EMBED:
+        head = (f"the upper model's input embedding as the LM head (its embeddings are tied: it stores no "
+                f"{names.LM_HEAD})")
+    else:
+        head = "the upper LM head"
     emit(f"assembled {out}: lower layers 0..{args.num_lower - 1}, the last {args.num_upper} upper "
          f"layers, adapter {args.adapter}, {head}; {size / 1e9:.3f} GB in {len(files)} safetensors file(s)")
     return 0
@@ -252,6 +293,8 @@ def _check_inputs(args):
         raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
     if args.fresh_value_head and not args.checkpoint:
         raise UsageError("--fresh-value-head needs a CHECKPOINT (the built-in model with --value has a value head)")
+    if args.checkpoint:
+        _checkpoint_config(args.checkpoint, fields_only=True)  # a path holding no checkpoint: refused now
     import torch
 
     from splitllama.layout import ParallelLayout
@@ -291,12 +334,15 @@ def _check_output_file(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path}: the directory {target.parent} does not exist")
 
 
-def _checkpoint_config(path: str, head: str, fresh_value_head: bool):
+def _checkpoint_config(path: str, head: str = "lm", fresh_value_head: bool = False, fields_only: bool = False):
     """The split config of checkpoint directory ``path``, after checking its tensors'
-    names and shapes (safetensors headers only: no weight is read)."""
-    from splitllama.checkpoint.directory import validate_checkpoint_dir
+    names and shapes (safetensors headers only: no weight is read). ``fields_only``: check
+    only that ``path`` holds a readable config.json (standard library only)."""
+    from splitllama.checkpoint.directory import config_fields, validate_checkpoint_dir
 
     try:
+        if fields_only:
+            return config_fields(path)
         return validate_checkpoint_dir(path, head, fresh_value_head)
     except ValueError as err:
         message = str(err)  # names the directory or a file in it, as the user wrote it
@@ -307,15 +353,53 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
     """Run this command in ``world`` processes (one per rank, this machine). If a rank
     fails, the others are given a moment to report and then stopped: no hang. Failing
     ranks leave their error in a file instead of printing it; this process prints the
-    FIRST one (the cause: the other ranks fail after it, on the collective it left)."""
+    FIRST one (the cause: the other ranks fail after it, on the collective it left).
+
+    The ranks meet through a file in a directory made for this run (no port is picked
+    here and bound later by a rank, which two runs started at once could both pick). They
+    start with Ctrl-C ignored: on Ctrl-C this process stops them and prints one line."""
     import tempfile
 
-    errors = tempfile.mkdtemp(prefix="splitllama-errors-")
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               **{RANK_ERRORS_ENV: errors})
-    procs = [subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
+    launch = tempfile.mkdtemp(prefix="splitllama-launch-")
+    env = dict(os.environ, WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **{LAUNCH_DIR_ENV: launch})
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    procs: list[subprocess.Popen] = []
+    try:
+        # a child inherits the ignored SIGINT (and Python leaves an ignored SIGINT ignored)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for r in range(world):
+                procs.append(subprocess.Popen([sys.executable, "-m", "splitllama.cli", *argv],
+                                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        _wait_for_ranks(procs)
+        reports = sorted(json.loads(f.read_text()) for f in Path(launch).glob("rank*.json"))
+        if reports:
+            print(reports[0][2], file=sys.stderr, flush=True)
+        elif any(p.returncode not in (0, 1) for p in procs):
+            codes = {r: p.returncode for r, p in enumerate(procs) if p.returncode}
+            print(f"splitllama {argv[0]}: error: rank(s) exited with codes {codes} without a report (killed?)",
+                  file=sys.stderr, flush=True)
+        return max(p.returncode for p in procs)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        raise
+    finally:
+        shutil.rmtree(launch, ignore_errors=True)
+
+
+def _wait_for_ranks(procs: list[subprocess.Popen]) -> None:
+    """Until every rank has exited; ranks still running 30 s after one failed are killed."""
     failed_at = None
     while any(p.poll() is None for p in procs):
         if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
@@ -325,17 +409,6 @@ def _spawn_ranks(world: int, argv: list[str]) -> int:
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.1)
-    reports = sorted(json.loads(f.read_text()) for f in Path(errors).glob("rank*.json"))
-    if reports:
-        print(reports[0][2], file=sys.stderr, flush=True)
-    elif any(p.returncode not in (0, 1) for p in procs):
-        codes = {r: p.returncode for r, p in enumerate(procs) if p.returncode}
-        print(f"splitllama {argv[0]}: error: rank(s) exited with codes {codes} without a report (killed?)",
-              file=sys.stderr, flush=True)
-    for f in Path(errors).iterdir():
-        f.unlink()
-    os.rmdir(errors)
-    return max(p.returncode for p in procs)
 
 
 def _check(args, argv: list[str]) -> int:
@@ -346,6 +419,10 @@ def _check(args, argv: list[str]) -> int:
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
     if "RANK" not in os.environ and layout.world_size > 1:
         return _spawn_ranks(layout.world_size, argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != layout.world_size:  # under a launcher (torchrun) started with another process count
+        raise UsageError(f"world size {world} != tp*pp = {layout.world_size}: run with "
+                         f"torchrun --nproc-per-node {layout.world_size}")
     import datetime
 
     import torch.distributed as dist
@@ -355,18 +432,18 @@ def _check(args, argv: list[str]) -> int:
     from splitllama.verify.check import run_check
 
     hf_logging.disable_progress_bar()  # the oracle's save/load of a small checkpoint: noise here
+    launch = os.environ.get(LAUNCH_DIR_ENV)
     init_distributed(device, timeout=datetime.timedelta(seconds=float(os.environ.get(
-        "SPLITLLAMA_COLLECTIVE_TIMEOUT", "300"))))
-    if dist.get_world_size() != layout.world_size:
-        raise UsageError(f"world size {dist.get_world_size()} != tp*pp = {layout.world_size}: run with "
-                         f"torchrun --nproc-per-node {layout.world_size}")
+        "SPLITLLAMA_COLLECTIVE_TIMEOUT", "300"))),
+        init_method=Path(launch, RENDEZVOUS_FILE).as_uri() if launch else None)
+    assert dist.get_world_size() == layout.world_size, (dist.get_world_size(), layout)
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
                        options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs),
                        fresh_value_head=args.fresh_value_head)
     if dist.get_rank() == 0:
-        emit(report.table())
         if args.json:
             Path(args.json).write_text(report.to_json())
+        emit(report.table())
     shutdown()
     return 0 if report.passed else 1
 
@@ -405,16 +482,20 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    # megatron's notices that it falls back to plain torch kernels, once per import per rank,
-    # and that a default it sets itself (cuda_graph_scope) is deprecated
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message="Apex is not installed")
-    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    # (megatron's notices about itself are filtered by the package, for library calls too)
     # torch's deprecation of collectives megatron-core 0.16 calls (reduce_scatter_tensor, ...)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _run(args, argv, rank)
+    except KeyboardInterrupt:
+        _report(args, rank, f"splitllama {args.command}: interrupted")
+        return INTERRUPTED
+
+
+def _run(args, argv: list[str], rank: int) -> int:
     try:
         if args.command == "assemble":
             return _assemble(args)
@@ -425,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args, rank, f"splitllama {args.command}: error: {in_flag_terms(args.command, str(err))}")
         return 2
     except Exception as err:
-        if _is_broken_checkpoint(err):  # found inside the run (the check reads the weights there)
+        if isinstance(err, BrokenCheckpointError):  # found inside the run (the check reads the weights there)
             _report(args, rank, f"splitllama {args.command}: error: {err}")
             return 2
         # a failure inside the run: reported once
@@ -434,20 +515,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _is_broken_checkpoint(err: Exception) -> bool:
-    # Only a command that imported checkpoint.directory can raise its error; importing it here
-    # for every command would put transformers' import (seconds) before each flag check.
-    module = sys.modules.get("splitllama.checkpoint.directory")
-    return module is not None and isinstance(err, module.BrokenCheckpointError)
-
-
 def _report(args, rank: int, line: str) -> None:
     """Print the error once: by rank 0, or, in ranks that ``_spawn_ranks`` launched, into
     the file from which the launcher prints the first failure of any rank."""
     text = (traceback.format_exc() if args.debug else "") + line
-    errors = os.environ.get(RANK_ERRORS_ENV)
-    if errors:
-        Path(errors, f"rank{rank}.json").write_text(json.dumps([time.time(), rank, text]))
+    launch = os.environ.get(LAUNCH_DIR_ENV)
+    if launch:
+        Path(launch, f"rank{rank}.json").write_text(json.dumps([time.time(), rank, text]))
     elif rank == 0:
         print(text, file=sys.stderr, flush=True)
 

@@ -229,7 +229,7 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
                 sub.base_model_pp_plan = None
         super().__post_init__(**kwargs)
         if self.lower_config is not None or self.upper_config is not None:
-            self.validate()
+            self.check_split()
         for name, value in derived.items():
             if self.lower_config is None or self.upper_config is None:
                 raise ValueError(f"{name} is given but lower_config/upper_config are missing: "
@@ -368,7 +368,17 @@ class CustomSplitLlamaConfig(PreTrainedConfig):
 
     # ---- validation --------------------------------------------------------------------
     def validate(self) -> None:
-        """Refuse inconsistent configs with a message that names the field."""
+        """transformers' own checks (it runs them when a config is saved), then the split's
+        (``check_split``), which a config made without its stacks (``CustomSplitLlamaConfig()``,
+        as transformers' tools make one before filling it in) is spared until a model is
+        built from it."""
+        super().validate()
+        if self.lower_config is not None or self.upper_config is not None:
+            self.check_split()
+
+    def check_split(self) -> None:
+        """Refuse an incomplete or inconsistent split config with a message that names the
+        field: what every model built from it checks first."""
         for field in ("lower_config", "upper_config"):
             if getattr(self, field) is None:
                 path_field = "path8b" if field == "lower_config" else "path70b"

@@ -17,21 +17,34 @@ from megatron.core import parallel_state, tensor_parallel
 
 from splitllama.cpu_support import use_cpu
 from splitllama.layout import ParallelLayout
-from splitllama.parallel_sizes import free_port
 
 
-def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> None:
-    """Process group from torchrun's environment (or a world of one). ``timeout`` bounds
-    every collective, so a diverging rank becomes an error instead of a hang."""
+def init_distributed(device: str, timeout: datetime.timedelta | None = None,
+                     init_method: str | None = None) -> None:
+    """The process group: from ``init_method`` (with ``RANK`` and ``WORLD_SIZE`` from the
+    environment; ``splitllama check`` hands its ranks a ``file://`` rendezvous in a fresh
+    directory), else from torchrun's environment (``env://``), else a world of one held in
+    this process's memory (no launcher, or ``WORLD_SIZE=1`` without ``MASTER_PORT``). No
+    port is picked and released to be bound later: two runs started at once cannot take
+    the same one. ``timeout`` bounds every collective, so a diverging rank becomes an error
+    instead of a hang."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+    if init_method is not None:
+        dist.init_process_group(backend, init_method=init_method, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_PORT" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        # for code that reads the launcher's variables (the command line reads RANK)
+        for name in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ["WORLD_SIZE"] = "1"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def setup_parallel(layout: ParallelLayout, device: str, seed: int = 0) -> None:

@@ -138,7 +138,7 @@ class ParallelCustomSplitLLamaForCausalLM(torch.nn.Module):
     def __init__(self, config: CustomSplitLlamaConfig, megatron_config: ModelParallelConfig, *,
                  stage: StageLayout | None = None, options: ModelOptions | None = None):
         super().__init__()
-        config.validate()
+        config.check_split()
         self.hf_config = config
         self.megatron_config = megatron_config
         self.options = model_options(options).resolve(megatron_config)

@@ -1,8 +1,7 @@
 """The rules tensor, sequence, pipeline and virtual pipeline sizes obey, in one place and
 on the standard library only: the command line checks its flags with them before it
 imports torch, and ``layout.ParallelLayout`` and ``layout.stage_layouts`` check theirs.
-Also ``ceil_div`` / ``round_up`` (the one ceiling division of sizes) and ``free_port``, for
-the process group's rendezvous.
+Also ``ceil_div`` / ``round_up``, the one ceiling division of sizes.
 
 Each check names the sizes as its caller's user knows them (``names``): the layout's
 fields, megatron's config fields or the command line's flags.
@@ -10,7 +9,6 @@ fields, megatron's config fields or the command line's flags.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,10 +47,3 @@ def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (token counts under SP, vocabulary
     rows over TP)."""
     return ceil_div(n, multiple) * multiple
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now, for ``MASTER_PORT``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

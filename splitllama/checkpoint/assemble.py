@@ -105,12 +105,17 @@ def _source_plan(config: CustomSplitLlamaConfig, lower: LlamaCheckpoint,
     plan.append((names.FINAL_NORM, upper, names.FINAL_NORM))
     if value_head:
         return plan
-    head_source = names.LM_HEAD
-    if names.LM_HEAD not in upper and upper.config.tie_word_embeddings:
-        # A tied upper model stores no lm_head: its head IS its input embedding.
-        head_source = names.EMBED
-    plan.append((names.LM_HEAD, upper, head_source))
+    plan.append((names.LM_HEAD, upper, lm_head_source(upper)))
     return plan
+
+
+def lm_head_source(upper: LlamaCheckpoint) -> str:
+    """The upper checkpoint's tensor the split LM head is copied from: its ``lm_head``, or
+    the input embedding of a model with tied embeddings that stores no ``lm_head`` (its head
+    IS its embedding)."""
+    if names.LM_HEAD not in upper and upper.config.tie_word_embeddings:
+        return names.EMBED
+    return names.LM_HEAD
 
 
 def _checked_dtype(config: CustomSplitLlamaConfig,
@@ -144,11 +149,11 @@ def adapter_tensors(config: CustomSplitLlamaConfig, adapter: str | Path, seed: i
     """The adapter's tensors (names of ``weight_names.adapter_shapes``) in ``dtype``."""
     shapes = names.adapter_shapes(config)
     if str(adapter) == "identity":
-        if config.mlp or config.h_lo != config.h_hi:
-            raise ValueError(
-                f"adapter='identity' needs the linear adapter (mlp=False; got mlp={config.mlp}) "
-                f"and equal hidden sizes (lower {config.h_lo}, upper {config.h_hi})"
-            )
+        if config.mlp:
+            raise ValueError("adapter='identity' needs the linear adapter (mlp=False; got mlp=True)")
+        if config.h_lo != config.h_hi:
+            raise ValueError(f"adapter='identity' needs equal hidden sizes, got lower {config.h_lo} and upper "
+                             f"{config.h_hi} (use adapter='init' or a safetensors file)")
         return {names.ADAPTER_LINEAR: torch.eye(config.h_hi, dtype=dtype)}
     if str(adapter) == "init":
         # Seeded normal(0, upper initializer_range), drawn in float32 so that the values do
@@ -240,14 +245,15 @@ def assemble_split_checkpoint(
     seed: int = 0,
     value_head: bool = False,
     max_shard_size: int | str = "5GB",
-    progress: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write a split checkpoint to ``out_dir`` (which must not exist or be empty) and return
     its path. ``adapter``: ``"identity"`` (mlp=False, equal hidden sizes), ``"init"``
     (normal(0, upper initializer_range) seeded by ``seed``) or a ``.safetensors`` file with
     exactly the adapter tensors. The adapter takes the dtype of the source checkpoints.
     ``value_head``: a value (critic) checkpoint, ``score.weight [1, h_hi]`` drawn from
-    ``seed`` in place of the upper model's LM head (config: ``num_labels=1``)."""
+    ``seed`` in place of the upper model's LM head (config: ``num_labels=1``). ``progress``:
+    a progress bar (off by default; the command line shows it on a terminal)."""
     max_bytes = parse_size(max_shard_size)
     lower = LlamaCheckpoint(lower_dir, "lower")
     upper = LlamaCheckpoint(upper_dir, "upper")

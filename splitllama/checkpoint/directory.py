@@ -1,8 +1,10 @@
 """Checking a split checkpoint directory without loading it: its config and every
 tensor's name and shape from the safetensors headers. Imports neither megatron nor the
-model, so the ``splitllama`` command refuses a bad directory in about a second, before it
-launches any process; ``split.load_checkpoint`` runs the same checks (and ``check_config``,
-the model's config against the checkpoint's).
+model, so the ``splitllama`` command refuses a bad directory before it launches any
+process; ``split.load_checkpoint`` runs the same checks (and ``check_config``, the model's
+config against the checkpoint's). ``config_fields`` needs the standard library only
+(transformers and torch are imported by the functions that use them), so a path that
+holds no checkpoint at all is refused before either is imported.
 ``check_finite`` reads the weights, one tensor at a time, for NaN and Inf.
 """
 
@@ -11,24 +13,28 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from splitllama import weight_names as wn
-from splitllama.config import CustomSplitLlamaConfig
-from splitllama.checkpoint.safetensors_io import SafetensorsReader
+if TYPE_CHECKING:
+    from splitllama import weight_names as wn
+    from splitllama.checkpoint.safetensors_io import SafetensorsReader
+    from splitllama.config import CustomSplitLlamaConfig
 
 
 def check_model_type(model_type, where: str) -> None:
     """Refuse a config of another model type, naming where it came from; a plain Llama
     config (the usual mistake) gets the way to a split checkpoint."""
+    from splitllama.config import CustomSplitLlamaConfig
+
     if model_type != CustomSplitLlamaConfig.model_type:
         hint = (": make a split checkpoint with `splitllama assemble` first" if model_type == "llama" else "")
         raise ValueError(f"{where} has model_type={model_type!r}, expected "
                          f"{CustomSplitLlamaConfig.model_type!r}{hint}")
 
 
-def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
-    """The split config of a checkpoint directory, or a ValueError that says what is wrong
-    with it (missing directory or config.json, not JSON, not a split checkpoint)."""
+def config_fields(directory: str | os.PathLike) -> dict[str, Any]:
+    """The fields of ``directory/config.json``, or a ValueError that says what is wrong with
+    the path (missing directory or config.json, not JSON, not a JSON object)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
@@ -41,7 +47,17 @@ def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(fields, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(fields).__name__}")
-    check_model_type(fields.get("model_type"), str(path))
+    return fields
+
+
+def read_split_config(directory: str | os.PathLike) -> CustomSplitLlamaConfig:
+    """The split config of a checkpoint directory, or a ValueError that says what is wrong
+    with it (``config_fields``'s refusals, not a split checkpoint)."""
+    from splitllama.config import CustomSplitLlamaConfig
+
+    directory = Path(directory)
+    path = directory / "config.json"
+    check_model_type(config_fields(directory).get("model_type"), str(path))
     try:
         return CustomSplitLlamaConfig.from_pretrained(directory)
     except ValueError as err:  # names the field
@@ -90,6 +106,8 @@ def check_finite(directory: str | os.PathLike) -> None:
     NaN or Inf. Reads every tensor once, one at a time."""
     import torch
 
+    from splitllama.checkpoint.safetensors_io import SafetensorsReader
+
     reader = SafetensorsReader(directory)
     for name in sorted(reader.names()):
         tensor = reader.read(name)
@@ -108,6 +126,8 @@ def validate_checkpoint_dir(directory: str | os.PathLike, head: wn.Head = "lm",
                             fresh_value_head: bool = False) -> CustomSplitLlamaConfig:
     """Check a split checkpoint without reading any weight: its config, and every
     tensor's name and shape from the safetensors headers. Returns the config."""
+    from splitllama.checkpoint.safetensors_io import SafetensorsReader
+
     config = read_split_config(directory)
     check_tensors(SafetensorsReader(directory), config, head, fresh_value_head)
     return config
@@ -120,6 +140,8 @@ def _listing(names) -> str:
 
 
 def check_tensors(reader: SafetensorsReader, config, head: wn.Head, fresh_value_head: bool) -> None:
+    from splitllama import weight_names as wn
+
     expected = wn.split_checkpoint_shapes(config, head)
     present = set(reader.names())
     ignored: set[str] = set()

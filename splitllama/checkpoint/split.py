@@ -49,12 +49,13 @@ def _is_rank0() -> bool:
 
 
 def load_checkpoint(model_or_chunks, checkpoint_dir: str | os.PathLike, *,
-                    fresh_value_head: bool = False, seed: int = 0, progress: bool = True) -> None:
+                    fresh_value_head: bool = False, seed: int = 0, progress: bool = False) -> None:
     """Load a split checkpoint into a production model (or its list of VPP chunks).
 
     Strict: the checkpoint's config must match the model's, and every tensor must be
     present with its exact shape. A value model may start from a CausalLM checkpoint only
-    with ``fresh_value_head=True`` (head initialised from ``seed``)."""
+    with ``fresh_value_head=True`` (head initialised from ``seed``). ``progress``: a
+    progress bar on rank 0 (off by default: library calls are quiet)."""
     chunks = model_chunks(model_or_chunks)
     config, head = chunks[0].hf_config, chunks[0].head_kind
     directory = Path(checkpoint_dir)
@@ -148,9 +149,10 @@ def iter_full_state(model_or_chunks):
 
 # ---- saving ----------------------------------------------------------------------------------
 def save_checkpoint(model_or_chunks, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-                    progress: bool = True) -> None:
+                    progress: bool = False) -> None:
     """Gather TP/PP shards into a split checkpoint (HF layout, safetensors, index when
-    sharded, self-contained config). Collective: every rank of the model must call it."""
+    sharded, self-contained config). Collective: every rank of the model must call it.
+    ``progress``: a progress bar on rank 0 (off by default)."""
     chunks = model_chunks(model_or_chunks)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)

@@ -10,15 +10,28 @@ import torch
 import torch.distributed as dist
 
 from splitllama import weight_names as wn
+from splitllama.attention import PackedAttention, select_backends
 from splitllama.checkpoint.directory import BrokenCheckpointError, check_finite
 from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
-from splitllama.options import ModelOptions
+from splitllama.options import ModelOptions, model_options
 from splitllama.verify.batches import check_microbatches
 from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
-from splitllama.verify.rules import Report
+from splitllama.verify.rules import BUILT_IN_MODEL, Report
 from splitllama.verify.runner import run_parity
+
+
+def attention_backends(config: CustomSplitLlamaConfig, device: str, dtype: torch.dtype) -> str:
+    """The production model's attention backend on ``(device, dtype)``, as its batches' plans
+    choose it: one name, or one per stack head dim where they differ (flash-attn 4 runs at
+    the head dims it was checked at only)."""
+    backend, fallback = select_backends(torch.device(device), dtype)
+    plan = PackedAttention(backend=backend, fallback=fallback)
+    per_dim = {dim: plan.backend_at(dim) for dim in sorted({config.lower.head_dim, config.upper.head_dim})}
+    if len(set(per_dim.values())) == 1:
+        return next(iter(per_dim.values()))
+    return ", ".join(f"{name} (head dim {dim})" for dim, name in per_dim.items())
 
 
 def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dtype: torch.dtype,
@@ -32,7 +45,11 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
     checkpoint): both models get the same freshly initialised value head, drawn from ``seed``.
 
     A given checkpoint is first read by rank 0 for NaN and Inf (``BrokenCheckpointError``
-    on every rank): a broken checkpoint is not a difference between the two models."""
+    on every rank): a broken checkpoint is not a difference between the two models.
+
+    The report names what was checked: the checkpoint, head, adapter, layout, dtype, the
+    production model's options and attention backend, and the seed."""
+    given = checkpoint
     with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
         if checkpoint is None:
             holder = [local if dist.get_rank() == 0 else None]
@@ -57,4 +74,13 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
         report = run_parity(checkpoint, config, layout, head, dtype, device, batches, options,
                             fresh_value_head_seed=seed if fresh_value_head else None)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
+    options = model_options(options)
+    report.checkpoint = given if given is not None else BUILT_IN_MODEL
+    if fresh_value_head:
+        report.head = f"{head} (fresh, seed {seed})"
+    report.adapter = "mlp" if config.mlp else "linear"
+    report.recompute = options.recompute or "none"
+    report.log_probs = options.log_probs if head == "lm" else None
+    report.attention = attention_backends(config, device, dtype)
+    report.seed = seed
     return report

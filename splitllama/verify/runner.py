@@ -71,12 +71,14 @@ def load_oracle(checkpoint_dir: str, head: wn.Head, dtype: torch.dtype, device: 
     model from a CausalLM checkpoint, with production's fresh head of that seed."""
     from oracle import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
 
+    # eager attention: the reference (sdpa, transformers' default, computes the same math)
     if head == "lm":
-        oracle = CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
+        oracle = CustomSplitLLamaForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype, attn_implementation="eager")
     else:
         fresh = fresh_value_head_seed is not None
         oracle = CustomSplitLLamaForTokenClassification.from_pretrained(checkpoint_dir, dtype=dtype, num_labels=1,
-                                                                        fresh_value_head=fresh)
+                                                                        fresh_value_head=fresh,
+                                                                        attn_implementation="eager")
         if fresh:
             with torch.no_grad():
                 oracle.score.weight.copy_(fresh_value_head(oracle.config, fresh_value_head_seed))

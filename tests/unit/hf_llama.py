@@ -9,6 +9,7 @@ tolerances of the tests.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -53,8 +54,10 @@ def random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torch.floa
 
 def random_oracle(config: CustomSplitLlamaConfig, seed: int,
                   dtype: torch.dtype = torch.float64) -> CustomSplitLLamaForCausalLM:
-    """An oracle CausalLM with random weights (``randomize_weights``)."""
-    return randomize_weights(CustomSplitLLamaForCausalLM(config).to(dtype), seed)
+    """An oracle CausalLM with random weights (``randomize_weights``), eager attention (the
+    reference)."""
+    return randomize_weights(CustomSplitLLamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").to(dtype),
+                             seed)
 
 
 def save_llama(model: LlamaForCausalLM, directory: Path, max_shard_size: str | None = None) -> Path:
@@ -88,7 +91,7 @@ def assembled_oracle(lower_dir: Path, upper_dir: Path, num_lower: int, num_upper
     """Assemble a split checkpoint (identity adapter unless given) and load the oracle."""
     kwargs.setdefault("adapter", "identity")
     assemble_split_checkpoint(lower_dir, upper_dir, num_lower, num_upper, out_dir, progress=False, **kwargs)
-    return CustomSplitLLamaForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
+    return CustomSplitLLamaForCausalLM.from_pretrained(out_dir, dtype=dtype, attn_implementation="eager").eval()
 
 
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:

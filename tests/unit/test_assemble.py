@@ -160,7 +160,7 @@ def test_identity_adapter(sources, tmp_path):
 
 
 @pytest.mark.parametrize(("upper", "mlp", "match"), [
-    ("upper", False, r"equal hidden sizes \(lower 64, upper 128\)"),
+    ("upper", False, r"equal hidden sizes, got lower 64 and upper 128 \(use adapter=.init. or"),
     ("lower_deep", True, r"mlp=False; got mlp=True"),
 ])
 def test_identity_adapter_refused(sources, tmp_path, upper, mlp, match):

@@ -128,3 +128,19 @@ def test_forced_flash_attn_4_refuses_an_unchecked_head_dim(machine, monkeypatch)
     q = torch.randn(4, 1, 4, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="checked at head dims"):
         plan.attend(q, q[:, :, :2], q[:, :, :2], 1.0)
+
+
+def test_the_check_report_names_each_head_dims_backend(machine, monkeypatch):
+    """`splitllama check` reports the backend the model's layers run: where flash-attn 4 is
+    the default and the stacks' head dims are 8 and 128, one per head dim; on CPU, sdpa."""
+    from splitllama.verify.check import attention_backends
+    from splitllama.verify.tiny import tiny_split_config
+
+    machine()
+    config = tiny_split_config(upper={"head_dim": 128})
+    assert attention_backends(config, "cpu", torch.float64) == "sdpa"
+    select, available = attention.select_backend, attention.available_backends
+    monkeypatch.setattr(attention, "select_backend", lambda device, dtype: select(CUDA, dtype))
+    monkeypatch.setattr(attention, "available_backends", lambda device, dtype: available(CUDA, dtype))
+    assert attention_backends(config, "cuda", torch.bfloat16) == "torch_varlen (head dim 8), flash_attn_4 (head dim 128)"
+    assert attention_backends(tiny_split_config(), "cuda", torch.bfloat16) == "torch_varlen"

@@ -3,8 +3,10 @@ exit code (0 on a correct model, 1 when production is wrong)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +42,32 @@ def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
 
 def test_help_lists_commands_and_examples():
     text = build_parser().format_help()
-    for word in ("assemble", "check", "bench", "splitllama check --tp 2 --sp"):
+    for word in ("assemble", "check", "bench", "splitllama check --tp 2 --sp", "--version"):
         assert word in text
+
+
+def _commands() -> dict:
+    return build_parser().commands
+
+
+def test_help_states_every_default_and_the_conditions_that_are_enforced():
+    """An option with a default says it; --sp and --vpp say what they need, as the refusals
+    do (test_cli_errors: sp_without_tp, vpp_without_pp)."""
+    for name, command in _commands().items():
+        for action in command._actions:
+            if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+                assert "default" in (action.help or ""), (name, action.option_strings, action.help)
+    check = {a.dest: a.help for a in _commands()["check"]._actions}
+    assert "needs --tp > 1" in check["sp"] and "to matter" not in check["sp"]
+    assert "needs --pp > 1" in check["vpp"]
+
+
+def test_version(capsys):
+    from splitllama import __version__
+
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"splitllama {__version__}\n"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -55,13 +81,25 @@ def test_check_refuses_bad_arguments(argv, message):
     assert message in result.stderr
 
 
-def test_check_passes_on_the_built_in_model_and_writes_json(tmp_path):
+def test_check_passes_on_the_built_in_model_and_reports_what_it_checked(tmp_path):
+    """The header names what was checked (options other than the defaults here, so each is
+    seen to reach it), and the JSON carries the same content as the printed report."""
     out = tmp_path / "check.json"
-    result = run("check", "--json", str(out))
+    result = run("check", "--recompute", "selective", "--log-probs", "materialise", "--seed", "5", "--json", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed: PASS" in result.stdout
     report = json.loads(out.read_text())
     assert report["passed"] and all(row["passed"] for row in report["rows"])
+    header, table = result.stdout.split("\n\n", 1)
+    printed = dict(line.split(maxsplit=1) for line in header.splitlines())
+    assert printed == {key: str(value) for key, value in report.items() if key not in ("rows", "passed")}
+    assert printed == {"checkpoint": "built-in tiny model", "head": "lm", "adapter": "linear", "layout": "tp1_pp1",
+                       "dtype": "float64", "recompute": "selective", "log_probs": "materialise",
+                       "attention": "sdpa", "seed": "5"}
+    rows = [line.split() for line in table.splitlines()[2:-1]]
+    assert [[r["name"], f"{r['max_abs']:.3e}", f"{r['max_rel']:.3e}", f"{r['rel_bound']:.3e}",
+             "pass" if r["passed"] else "FAIL"] for r in report["rows"]] == [
+        [" ".join(r[:-4]), *r[-4:]] for r in rows]
 
 
 def test_check_exits_1_when_production_is_wrong():
@@ -93,10 +131,7 @@ def test_choices_mirror_the_library():
 # Loaded by every rank the command launches (PYTHONPATH): rank 1 alone fails inside the run.
 RANK1_FAILS = """
 import os
-import warnings
 if os.environ.get("RANK") == "1":
-    # imported before the command filters megatron's import notice: filter it here too
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     import splitllama.verify.check as check
 
     def failing(*args, **kwargs):
@@ -142,6 +177,49 @@ def test_check_value_model_from_a_causal_lm_checkpoint(tmp_path):
     checkpoint = random_split_checkpoint(tiny_split_config(), str(tmp_path / "causal"), dtype=torch.float32)
     result = run("check", "--value", "--fresh-value-head", "--seed", "3", checkpoint)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "head value" in result.stdout and "grad score.weight" in result.stdout and "passed: PASS" in result.stdout
+    assert "\nhead        value (fresh, seed 3)\n" in result.stdout, result.stdout
+    assert "grad score.weight" in result.stdout and "passed: PASS" in result.stdout
     # the fresh head was asked for: transformers' table of a missing score / unexpected lm_head is not shown
     assert "LOAD REPORT" not in result.stdout + result.stderr
+
+
+def test_ctrl_c_stops_the_launched_ranks_with_one_line(monkeypatch, capfd):
+    """Ctrl-C reaches every process in the terminal's foreground group: the launcher and each
+    rank it started. The ranks ignore it (five tracebacks were printed before); the launcher
+    stops them, prints one line and exits 130. The ranks meet through a file in the run's
+    own directory: no port is picked by the launcher (two runs once picked the same one)."""
+    import signal
+    import time
+
+    import psutil
+
+    from splitllama import cli
+
+    for name in (*_LAUNCHER_ENV, cli.LAUNCH_DIR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+
+    def ignores_sigint(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+        return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+    def interrupted(procs):
+        time.sleep(1.5)  # the ranks are running Python (a SIGINT not ignored would raise in them)
+        seen["env"] = [psutil.Process(p.pid).environ() for p in procs]
+        seen["ignore"] = [ignores_sigint(p.pid) for p in procs]
+        for p in procs:
+            os.kill(p.pid, signal.SIGINT)
+        time.sleep(0.5)
+        seen["running"] = [p.poll() is None for p in procs]
+        raise KeyboardInterrupt  # what the launcher's own SIGINT raises
+
+    monkeypatch.setattr(cli, "_wait_for_ranks", interrupted)
+    capfd.readouterr()
+    code = cli.main(["check", "--tp", "2"])
+    out, err = capfd.readouterr()
+    assert (code, out, err) == (130, "", "splitllama check: interrupted\n")
+    assert seen["ignore"] == seen["running"] == [True, True]
+    for env in seen["env"]:
+        assert "MASTER_PORT" not in env and Path(env[cli.LAUNCH_DIR_ENV]).name.startswith("splitllama-launch-")
+    assert not Path(seen["env"][0][cli.LAUNCH_DIR_ENV]).exists()  # removed with the run

@@ -130,6 +130,8 @@ def bad(tmp_path_factory) -> dict[str, Path]:
                                         root / "llama_70b_shape")
     out["llama_vocab_300"] = save_llama(
         random_llama(llama_preset("tiny-llama3.1-70b", vocab_size=300), 3, torch.float32), root / "llama_vocab")
+    out["llama_tied"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b", tie_word_embeddings=True), 5,
+                                                torch.float32), root / "llama_tied")
     out["llama_yarn"] = save_llama(random_llama(llama_preset("tiny-llama3.1-70b", rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32768}),
         4, torch.float32), root / "llama_yarn")
@@ -152,10 +154,11 @@ class Row:
     process: bool = False  # in a fresh process (see the module docstring)
 
 
-def _assemble(lower: str, upper: str, out: str = "", num_lower: int = 1) -> Callable[[dict], list[str]]:
+def _assemble(lower: str, upper: str, out: str = "", num_lower: int = 1, *flags: str) -> Callable[[dict], list[str]]:
     def argv(b):
         return ["assemble", "--lower", str(b[lower]), "--upper", str(b[upper]), "--num-lower", str(num_lower),
-                "--num-upper", "1", "--out", str(b[out]) if out else str(b["good"].parent / f"out_{lower}_{upper}")]
+                "--num-upper", "1", "--out", str(b[out]) if out else str(b["good"].parent / f"out_{lower}_{upper}"),
+                *flags]
     return argv
 
 
@@ -223,6 +226,15 @@ CATALOGUE = [
         "--num-lower 5 is out of range: the lower model has 4 layers (allowed 1..4)"),
     Row("assemble_from_a_split_checkpoint", _assemble("good", "llama_70b_shape"),
         "has model_type='custom_split_llama', expected 'llama' (it is a split checkpoint already"),
+    # the condition that fails, not one that holds
+    Row("assemble_identity_of_different_widths", _assemble("llama", "llama_70b_shape", "", 1, "--adapter", "identity"),
+        "--adapter 'identity' needs equal hidden sizes, got lower 64 and upper 128 (use --adapter 'init' or"),
+    Row("assemble_identity_with_mlp", _assemble("llama", "llama", "", 1, "--mlp", "--adapter", "identity"),
+        "--adapter 'identity' needs the linear adapter (got --mlp)"),
+    # named by the command it was given to, as that command's own errors are
+    Row("unknown_flag", lambda b: ["check", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    Row("unknown_assemble_flag", _assemble("llama", "llama_70b_shape", "", 1, "--no-such-flag"),
+        "unrecognized arguments: --no-such-flag"),
 ]
 
 
@@ -243,12 +255,12 @@ def test_bad_input_gets_one_line_and_exit_2(row: Row, bad, monkeypatch, capfd):
     assert stdout == ""
 
 
-def _in_process(argv: list[str], monkeypatch, capfd) -> tuple[int, str, str]:
+def _in_process(argv: list[str], monkeypatch, capfd, launcher: bool = False) -> tuple[int, str, str]:
     from splitllama import cli
 
     # as a user's shell would have it: no launcher variables from a process group that an
-    # earlier test in this worker made
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", cli.RANK_ERRORS_ENV):
+    # earlier test in this worker made (``launcher``: the test has set them)
+    for name in (() if launcher else ("RANK", "WORLD_SIZE", "LOCAL_RANK")) + (cli.LAUNCH_DIR_ENV,):
         monkeypatch.delenv(name, raising=False)
     capfd.readouterr()
     try:
@@ -281,3 +293,50 @@ def test_check_finite_names_the_tensor_holding_nan_or_inf(bad, tmp_path):
     with pytest.raises(BrokenCheckpointError, match=rf"is broken: tensor {name} \(448, 128\) holds 1 NaN and 4 Inf "
                                                     r"of 57344 values \(in model.safetensors\)"):
         check_finite(broken)
+
+
+# A path that holds no checkpoint is refused before torch or transformers is imported: in
+# a fraction of a second, where importing them takes seconds (8 s on a busy machine).
+REFUSED_BEFORE_THE_IMPORTS = """
+import sys
+from splitllama.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "transformers", "megatron") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/split", "file", "empty", "not_json"])
+def test_a_path_holding_no_checkpoint_is_refused_before_torch_is_imported(path, bad, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    directory = bad[path] if path in bad else tmp_path / path
+    result = subprocess.run([sys.executable, "-c", REFUSED_BEFORE_THE_IMPORTS, "check", str(directory)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.stdout == "2 []\n", result.stdout + result.stderr
+    assert result.stderr.startswith("splitllama check: error: "), result.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_launcher_with_another_world_size_gets_one_line(rank, monkeypatch, capfd):
+    """``torchrun --nproc-per-node 2 ... check`` (tp*pp = 1): rank 0 says so, every rank exits 2,
+    before any process group is made. (torchrun then prints its own summary of the failed
+    workers and exits 1: a launcher's exit code is not the workers' to choose.)"""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = _in_process(["check"], monkeypatch, capfd, launcher=True)
+    assert (code, out) == (2, "")
+    expected = "splitllama check: error: world size 2 != tp*pp = 1: run with torchrun --nproc-per-node 1\n"
+    assert err == (expected if rank == 0 else "")
+
+
+def test_assemble_says_where_the_lm_head_came_from(bad, monkeypatch, capfd):
+    """A tied upper model stores no lm_head: its input embedding is the head, and the
+    summary says so (the weights themselves: test_assemble)."""
+    argv = _assemble("llama", "llama_tied")(bad)
+    code, out, err = _in_process(argv, monkeypatch, capfd)
+    assert (code, err) == (0, ""), err
+    assert "the upper model's input embedding as the LM head (its embeddings are tied: it stores no " \
+           "lm_head.weight)" in out
+    untied = [*argv[:4], str(bad["llama_70b_shape"]), *argv[5:-1], str(bad["good"].parent / "untied")]
+    code, out, _ = _in_process(untied, monkeypatch, capfd)
+    assert code == 0 and "the upper LM head;" in out

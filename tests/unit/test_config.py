@@ -9,10 +9,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 from splitllama import config as config_module
 from splitllama.config import (
+    DERIVED_FIELDS,
     CustomSplitLlamaConfig,
     PRESETS,
     TINY_PRESETS,
@@ -174,6 +175,38 @@ def test_tiny_split_config_round_trip(tmp_path):
     again = CustomSplitLlamaConfig.from_pretrained(tmp_path)
     assert again.mlp and again.upper_layer_offset == 4
     assert again.architectures == ["CustomSplitLLamaForCausalLM"]
+
+
+ROUND_TRIPS = {
+    "to_dict/from_dict": lambda c, _: CustomSplitLlamaConfig.from_dict(c.to_dict()),
+    "constructor": lambda c, _: CustomSplitLlamaConfig(**c.to_dict()),
+    "json": lambda c, _: CustomSplitLlamaConfig.from_dict(json.loads(c.to_json_string())),
+    "diff dict": lambda c, _: CustomSplitLlamaConfig.from_dict(c.to_diff_dict()),
+    "save/AutoConfig": lambda c, path: (c.save_pretrained(path), AutoConfig.from_pretrained(path))[1],
+}
+
+
+@pytest.mark.parametrize("trip", ROUND_TRIPS)
+def test_round_trips_keep_the_config(trip, tmp_path):
+    """The ways transformers' tools copy a config keep every field, the derived standard
+    ones (hidden_size, num_hidden_layers, ...) included."""
+    config = tiny_split_config(mlp=True)
+    again = ROUND_TRIPS[trip](config, tmp_path)
+    assert {k: getattr(again, k) for k in DERIVED_FIELDS} == {k: getattr(config, k) for k in DERIVED_FIELDS}
+    expected, got = config.to_dict(), again.to_dict()
+    expected.pop("_name_or_path"), got.pop("_name_or_path")  # where it was loaded from
+    assert got == expected
+
+
+def test_a_config_without_its_stacks_is_checked_when_a_model_needs_them(tmp_path):
+    """transformers validates a config when it saves one, and its tools make configs from
+    fields alone (its ConfigTester does): the split's own checks wait for a model."""
+    shell = CustomSplitLlamaConfig(vocab_size=99, num_layers_8=1, num_layers_70=1, mlp=True)
+    shell.save_pretrained(tmp_path)
+    assert CustomSplitLlamaConfig.from_pretrained(tmp_path).to_dict() == shell.to_dict()
+    with pytest.raises(ValueError, match="lower_config is missing: embed it or set path8b"):
+        shell.check_split()  # what every model constructor calls first
+    tiny_split_config().validate()  # transformers' checks and the split's, on a whole config
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ entries (equal, state by state, to HF Llama's on the identity-adapter model)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -80,8 +82,35 @@ def test_cache_from_config_matches_forward_without_cache(model):
     assert len(StaticCache(config=model.config, max_cache_len=16).layers) == model.config.num_hidden_layers
 
 
+def test_the_cache_argument_is_named_as_transformers_names_it(model, identity_pair):
+    """``cache`` and ``past_key_values`` both take the cache; where transformers has renamed
+    it ``cache`` (5.24), ``past_key_values`` brings the deprecation warning its own Llama
+    gives, and none where it is still the name (5.9, 5.17)."""
+    ids, llama = _ids(MASK), identity_pair[1]
+
+    def deprecation_warnings(net) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            out = net(ids, attention_mask=MASK, past_key_values=DynamicCache(config=net.config), use_cache=True)
+        assert getattr(out, CACHE_FIELD).get_seq_length() == MASK.shape[1]
+        return [str(w.message) for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+
+    ours, theirs = deprecation_warnings(model), deprecation_warnings(llama)
+    assert len(ours) == len(theirs) == (1 if CACHE_FIELD == "cache" else 0), (ours, theirs)
+    with torch.no_grad():
+        by_new_name = model(ids, attention_mask=MASK, cache=DynamicCache(config=model.config), use_cache=True)
+        by_old_name = model(ids, attention_mask=MASK, past_key_values=DynamicCache(config=model.config),
+                            use_cache=True)
+    assert torch.equal(by_new_name.logits, by_old_name.logits)
+
+
 def test_attn_implementation_reaches_the_sub_configs(model, tmp_path):
-    assert model.config._attn_implementation == "eager"  # the default stays the reference
+    # sdpa by default, as transformers chooses for a class that supports it
+    fresh = CustomSplitLLamaForCausalLM(tiny_split_config())
+    assert (fresh.config._attn_implementation, fresh.config.lower._attn_implementation,
+            fresh.config.upper._attn_implementation) == ("sdpa", "sdpa", "sdpa")
+    # eager, the reference, when asked for (random_oracle asks)
+    assert model.config._attn_implementation == "eager"
     assert model.config.lower._attn_implementation == model.config.upper._attn_implementation == "eager"
     model.save_pretrained(tmp_path)
     sdpa = CustomSplitLLamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="sdpa")
@@ -97,7 +126,7 @@ def test_resize_token_embeddings_then_save_and_load(tmp_path):
     resized.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
     assert resized.config.vocab_size == resized.config.lower.vocab_size == resized.config.upper.vocab_size == VOCAB + 8
     resized.save_pretrained(tmp_path)
-    loaded = CustomSplitLLamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    loaded = CustomSplitLLamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager")
     assert loaded.lm_head.weight.shape == (VOCAB + 8, loaded.config.h_hi)
     assert loaded.model.embed_tokens.weight.shape == (VOCAB + 8, loaded.config.h_lo)
     ids = _ids(MASK) + 8  # tokens of the new rows too
@@ -140,13 +169,19 @@ def test_output_attentions_eager(model):
         torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-12)
 
 
-def test_output_attentions_needs_eager(model):
-    model.set_attn_implementation("sdpa")
-    try:
-        with pytest.raises(ValueError, match="output_attentions=True needs attn_implementation='eager'"):
-            model(_ids(MASK), attention_mask=MASK, output_attentions=True)
-    finally:
-        model.set_attn_implementation("eager")
+def test_output_attentions_fall_back_to_eager(model):
+    """Under sdpa, asking for the attentions runs that call the eager way (the probabilities
+    exist there only), as Hugging Face models do: the same output as the eager model's."""
+    ids = _ids(MASK)
+    with torch.no_grad():
+        eager = model(ids, attention_mask=MASK, output_attentions=True)
+        model.set_attn_implementation("sdpa")
+        try:
+            sdpa = model(ids, attention_mask=MASK, output_attentions=True)
+        finally:
+            model.set_attn_implementation("eager")
+    assert torch.equal(sdpa.logits, eager.logits)
+    assert all(torch.equal(s, e) for s, e in zip(sdpa.attentions, eager.attentions, strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,9 @@ def _value_config(**kwargs) -> CustomSplitLlamaConfig:
 @pytest.fixture(scope="module")
 def value_model():
     torch.manual_seed(3)
-    return CustomSplitLLamaForTokenClassification(_value_config(mlp=True)).double()
+    # eager: config.output_attentions=True is transformers' setting for eager attention only
+    return CustomSplitLLamaForTokenClassification._from_config(_value_config(mlp=True),
+                                                               attn_implementation="eager").double()
 
 
 # ---- the value model: labels and output options -------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
-from splitllama.verify.batches import Microbatch
-from splitllama.verify.rules import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, _row, compare
+from splitllama.verify.batches import Microbatch, check_microbatches
+from splitllama.verify.rules import BF16_FLOOR_ROUNDINGS, BF16_UNIT_ROUNDOFF, SETUP_FIELDS, _row, compare
 
 
 def test_bf16_rule_allows_twice_the_oracle_bf16_error_plus_two_roundings():
@@ -84,6 +85,17 @@ def test_report_columns_say_what_they_hold():
 
     report = Report("tp1_pp1", "lm", "float32", [Row("grad lm_head.weight", 1.432e-4, 4.105e-7, 1e-4, True)])
     lines = report.table().splitlines()
-    assert "rel_err = abs_err / max |oracle|" in lines[1] and "rel_err <= rel_bound" in lines[1]
-    assert lines[2].split() == ["tensor", "abs_err", "rel_err", "rel_bound", "result"]
+    legend = next(i for i, line in enumerate(lines) if line.startswith("abs_err ="))
+    assert "rel_err = abs_err / max |oracle|" in lines[legend] and "rel_err <= rel_bound" in lines[legend]
+    assert lines[legend + 1].split() == ["tensor", "abs_err", "rel_err", "rel_bound", "result"]
     assert json.loads(report.to_json())["rows"][0]["rel_bound"] == 1e-4
+
+
+def test_the_docs_explain_every_report_field_and_row_name():
+    """A report's header fields and its rows' micro-batch names are explained where the
+    report points users (docs/verification.md, "Reading a report")."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "verification.md").read_text()
+    section = text[text.index("## Reading a report"):text.index("## The bf16 rule")]
+    names = {mb.name for head in ("lm", "value") for mb in check_microbatches(16, head, multiple_of=1)}
+    for name in (*SETUP_FIELDS, *names, "output[NAME]", "grad NAME", "randomK"):
+        assert f"`{name}`" in section, name

@@ -1,6 +1,8 @@
-"""The README's "From Python" example, run as written: its code block is taken from
-README.md and executed in a fresh process, on CPU, in a directory holding a tiny split
-checkpoint under the name the example loads (what `splitllama assemble` would have made)."""
+"""The README as a new user meets it: the "From Python" example, run as written (its code
+block is taken from README.md and executed in a fresh process, on CPU, in a directory
+holding a tiny split checkpoint under the name the example loads, what `splitllama
+assemble` would have made), and the install lines (the first two commands, what `.ci/run`
+runs, docs/verl.md's)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,28 @@ def test_the_python_example_runs_as_written(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    # the example's last line prints the shapes: logits [B, S, V], log-probs and entropy [B, S]
-    assert result.stdout.strip().splitlines()[-1] == (
-        "torch.Size([2, 6, 256]) torch.Size([2, 6]) torch.Size([2, 6])"), result.stdout
+    # the example's one line of output, the shapes: logits [B, S, V], log-probs and entropy [B, S]
+    assert result.stdout == "torch.Size([2, 6, 256]) torch.Size([2, 6]) torch.Size([2, 6])\n", result.stdout
+    # quiet, as the command line is: no megatron notices, no progress bar
+    assert result.stderr == "", result.stderr
+
+
+def test_the_first_two_commands_are_what_ci_runs_in_venvs_of_their_own():
+    """The check's venv gets the newest transformers, the gate's the oldest (5.9.0): one venv
+    for both would silently replace the first's. The gate command is `.ci/run`'s."""
+    check, gate = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)[:2]
+    assert check.strip().endswith("&& splitllama check"), check
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert gate.strip() == " && ".join(ci), (gate, ci)
+    venvs = [re.search(r"python3 -m venv (\S+)", block).group(1) for block in (check, gate)]
+    assert venvs[0] != venvs[1] and f"{venvs[1]}/" in (REPO / ".gitignore").read_text().splitlines(), venvs
+
+
+def test_install_lines_say_where_each_torch_comes_from():
+    readme = (REPO / "README.md").read_text()
+    # PyPI's torch is the CUDA build: the CPU build comes from PyTorch's CPU wheel index
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    # splitllama is not on PyPI: verl users install the extra from a clone
+    verl = (REPO / "docs" / "verl.md").read_text()
+    assert "pip install -e '.[verl]'" in verl and "splitllama[" not in verl + readme
