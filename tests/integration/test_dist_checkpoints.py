@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 from splitllama.checkpoint import megatron_dist
@@ -57,7 +57,11 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
     """Load the split checkpoint ``source`` at ``save_layout``, save a distributed
     checkpoint, load it at each of ``load_layouts`` into a model whose weights are NaN;
     the names of tensors that did not come back bit for bit (the first failing load's,
-    with its layout). Every rank returns the same list (the full state is gathered)."""
+    with its layout). Every rank returns the same list (the full state is gathered).
+
+    The loads are megatron's own ``dist_checkpointing.load`` with the returned state dict
+    thrown away, as verl's initial ``load_mcore_dist_weights`` and megatron's training loop
+    use it: every parameter must be filled in place by the load itself."""
     chunks = build(source, save_layout, head)
     load_checkpoint(chunks, source, progress=False)
     megatron_dist.save(chunks, directory)
@@ -68,7 +72,8 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
             for chunk in chunks:
                 for param in chunk.parameters():
                     param.fill_(float("nan"))
-        megatron_dist.load(chunks, directory)
+        with cuda_means_cpu():
+            dist_checkpointing.load(megatron_dist.model_sharded_state_dict(chunks), directory)
         got = gather_full_state(chunks)
         bad = sorted(set(expected) ^ set(got)) + [
             name for name, tensor in expected.items()
@@ -205,7 +210,6 @@ OPTIMIZER_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_pref
 
 
 def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-    from megatron.core import dist_checkpointing
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
@@ -214,7 +218,6 @@ def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
 
 
 def load_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-    from megatron.core import dist_checkpointing
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
