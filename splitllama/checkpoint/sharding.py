@@ -115,7 +115,7 @@ def weight_specs(config: CustomSplitLlamaConfig, stage: StageLayout, head: wn.He
         if head == "lm":
             specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), vocab))
         else:
-            specs.append(WeightSpec("value_head.weight", (wn.VALUE_HEAD,), Replicated()))
+            specs.append(WeightSpec("output_layer.weight", (wn.VALUE_HEAD,), Replicated()))
     return specs
 
 
