@@ -663,6 +663,9 @@ PLANTED = [
                "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),
     PlantedBug("temperature_not_in_entropy", "the head's temperature applied to log-probs but not to "
                "entropy", ("tp1", "tp2_sp"), _temperature_not_in_entropy, check="log_probs"),
+    PlantedBug("verl_fused_temperature_not_in_entropy", "through verl's actor with use_fused_kernels: the "
+               "head's temperature applied to log-probs but not to entropy", ("tp1",), _temperature_not_in_entropy,
+               check="verl_fused"),
     PlantedBug("thd_temperature_dropped", "verl's thd call with labels scored at temperature 1, not the "
                "temperature it passed", ("tp1",), _thd_temperature_dropped, check="thd"),
     PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
