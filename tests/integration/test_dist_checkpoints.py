@@ -327,3 +327,82 @@ def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp
     train_step(wrapped, optimizer)
     resumed = snapshot(chunks)
     assert [n for n in expected if not torch.equal(expected[n], resumed[n])] == []
+
+
+def _gpt_trainer():
+    """megatron's own GPTModel (local layer spec, 2 layers) in megatron's DDP with its
+    distributed Adam, after one step (Adam's states exist)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                               hidden_dropout=0.0, attention_dropout=0.0,
+                               params_dtype=OPTIMIZER_DTYPE, pipeline_dtype=OPTIMIZER_DTYPE)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=256, max_sequence_length=32)
+    wrapped = wrap_ddp([model], DistributedDataParallelConfig(use_distributed_optimizer=True))
+    with cuda_means_cpu():
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True,
+                                                           params_dtype=OPTIMIZER_DTYPE), wrapped)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    wrapped[0].zero_grad_buffer()
+    with cuda_means_cpu():  # its causal mask is made on "cuda"
+        wrapped[0](ids, torch.arange(16)[None], None).float().square().mean().backward()
+        optimizer.step()
+    return [model], wrapped, optimizer
+
+
+@pytest.mark.parametrize("model", ["splitllama", "gptmodel"])
+@pytest.mark.parametrize("layout", layouts("tp1"))
+def test_verl_fully_reshardable_resume_fails_in_verl_for_any_model(layout, model, checkpoint_factory,
+                                                                    tmp_path_factory):
+    """verl 0.9.1's own defect, shown on megatron's GPTModel as on this model: with
+    ``use_dist_checkpointing`` and ``dist_ckpt_optim_fully_reshardable``,
+    ``MegatronCheckpointManager.load_checkpoint`` builds the model's sharded state dict once,
+    loads the weights with it (megatron's load swaps each ShardedTensor's data for a detached
+    tensor), then hands the same dict to the distributed optimizer, which finds parameters by
+    identity: ``Model param ... not in model_sharded_state_dict``. docs/verl.md gives the two
+    ways around it, both resumed bitwise in the tests (weights through the bridge with the fully
+    reshardable optimizer: test_verl's SFT run; dist checkpointing with verl's default
+    optimizer format: test_verl_checkpoint_manager_resumes_bitwise). Should this test fail, verl
+    has fixed its loader: drop the note from docs/verl.md."""
+    manager_module = pytest.importorskip("verl.utils.checkpoint.megatron_checkpoint_manager")
+    from omegaconf import OmegaConf
+
+    from tests.integration.conftest import shared_tmpdir
+
+    source = checkpoint_factory("lm", False)
+    config = CustomSplitLlamaConfig.from_pretrained(source)
+    directory = os.path.join(shared_tmpdir(tmp_path_factory), "global_step_1")
+    contents = ["model", "optimizer"]
+    verl_config = OmegaConf.create({"model": {"path": source},
+                                    "megatron": {"dist_ckpt_optim_fully_reshardable": True,
+                                                 "distrib_optim_fully_reshardable_mem_efficient": False}})
+    checkpoint_config = OmegaConf.create({"save_contents": contents, "load_contents": contents,
+                                          "async_save": False})
+
+    def built():
+        if model == "gptmodel":
+            setup_parallel(layout, DEVICE)
+            return _gpt_trainer()
+        chunks, wrapped, optimizer = trainer(source, layout)
+        train_step(wrapped, optimizer)
+        return chunks, wrapped, optimizer
+
+    def manager(chunks, wrapped, optimizer):
+        return manager_module.MegatronCheckpointManager(
+            config=verl_config, checkpoint_config=checkpoint_config, model_config=config,
+            transformer_config=chunks[0].config, role="actor", model=torch.nn.ModuleList(wrapped),
+            arch=config.architectures[0], hf_config=config, param_dtype=OPTIMIZER_DTYPE,
+            share_embeddings_and_output_weights=False, processing_class=None, optimizer=optimizer,
+            optimizer_scheduler=None, use_distributed_optimizer=True, use_dist_checkpointing=True)
+
+    saving = manager(*built())
+    with cuda_means_cpu():
+        saving.save_checkpoint(directory, global_step=1)
+    loading = manager(*built())
+    with cuda_means_cpu(), torch.no_grad(), \
+            pytest.raises(ValueError, match=r"(?s)^Model param .* not in model_sharded_state_dict"):
+        loading.load_checkpoint(directory)
