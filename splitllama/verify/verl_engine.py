@@ -158,10 +158,10 @@ def sft_data(path: str, rows: int, vocab_size: int, seed: int = 0) -> None:
     pd.DataFrame({"messages": chats}).to_parquet(path)
 
 
-def sft_config(model_path: str, layout, train_file: str, out_dir: str, overrides: list[str] = ()):
+def sft_config(model_path: str, layout, train_file: str, out_dir: str, device: str, overrides: list[str] = ()):
     """verl's SFT trainer config (``sft_trainer_engine.yaml`` with ``engine=megatron``,
     composed by hydra as ``python -m verl.trainer.sft_trainer`` composes it) for this model
-    at ``layout``; ``overrides``: more command-line overrides."""
+    at ``layout`` on ``device`` ("cuda" or "cpu"); ``overrides``: more command-line overrides."""
     import verl
     from hydra import compose, initialize_config_dir
 
@@ -174,5 +174,5 @@ def sft_config(model_path: str, layout, train_file: str, out_dir: str, overrides
             f"engine.pipeline_model_parallel_size={layout.pp}",
             f"engine.virtual_pipeline_model_parallel_size={layout.vpp or 'null'}",
             f"data.train_files={train_file}", "data.num_workers=0", "data.use_dynamic_bsz=False",
-            f"trainer.default_local_dir={out_dir}", "trainer.logger=[console]", "trainer.device=cpu",
+            f"trainer.default_local_dir={out_dir}", "trainer.logger=[console]", f"trainer.device={device}",
             *overrides])

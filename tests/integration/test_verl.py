@@ -375,7 +375,7 @@ def test_verl_sft_trainer_trains_resumes_and_logs_mfu(layout, checkpoint_factory
               f"trainer.resume_from_path={os.path.join(scratch_dir, 'whole', f'global_step_{SFT_SAVE_AT}')}"]
     final = {}
     for run, extra in (("whole", []), ("resumed", resume)):
-        config = verl_engine.sft_config(ckpt, layout, data, os.path.join(scratch_dir, run), common + extra)
+        config = verl_engine.sft_config(ckpt, layout, data, os.path.join(scratch_dir, run), DEVICE, common + extra)
         auto_set_device(config)  # what the trainer's main does before it builds the trainer
         with cpu_schedule_context():
             trainer = SFTTrainer(config)
