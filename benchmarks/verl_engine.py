@@ -181,8 +181,10 @@ def main(argv=None) -> dict:
               "recompute": args.recompute, "real_tokens": sum(len(r) for r in rows), "documents": len(rows)}
     observed = {}
     for name, fused in (("off", False), ("on", True)):
+        # what the process holds before the worker is built: the first worker must be gone
+        held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
         worker = worker_for(fused)
-        report[name] = timed(worker, rows)
+        report[name] = {**timed(worker, rows), "held_before_build_gib": held}
         observed[name] = outputs(worker, check)
         if args.max_tokens:
             report[name]["max_tokens"] = max_tokens(worker)
