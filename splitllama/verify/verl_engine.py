@@ -77,6 +77,21 @@ def verl_config(model_path: str, layout, *, use_fused_kernels: bool = False, mic
     return config
 
 
+def launcher_environment() -> None:
+    """verl's ``Worker`` (``TrainingWorker``'s base) reads the launcher's ``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` and only records them when a process
+    group already exists, as here. torchrun sets them; a world of one made in this process
+    without a launcher (``distributed.init_distributed``: an in-memory store) has no
+    rendezvous address, so the loopback and port 0 are recorded (never connected to)."""
+    import torch.distributed as dist
+
+    assert dist.is_initialized(), "verl's workers are built after the process group"
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "0")
+
+
 def actor_worker(config):
     """The actor's ``TrainingWorker``, built as ``ActorRolloutRefWorker.init_model`` builds it."""
     from verl.utils.config import omega_conf_to_dataclass
@@ -96,6 +111,7 @@ def actor_worker(config):
     engine.max_token_len_per_gpu = actor_omega.ppo_max_token_len_per_gpu
     engine.micro_batch_size_per_gpu = actor_omega.ppo_micro_batch_size_per_gpu
     engine.use_remove_padding = model_config.get("use_remove_padding", False)
+    launcher_environment()
     worker = TrainingWorker(config=worker_config)
     worker.reset()
     return worker
@@ -110,6 +126,7 @@ def critic_worker(config):
     engine = critic.engine
     engine.infer_max_token_len_per_gpu = critic.ppo_infer_max_token_len_per_gpu
     engine.max_token_len_per_gpu = critic.ppo_max_token_len_per_gpu
+    launcher_environment()
     worker = TrainingWorker(config=TrainingWorkerConfig(model_type="value_model", model_config=critic.model,
                                                         engine_config=engine, optimizer_config=critic.optim,
                                                         checkpoint_config=critic.checkpoint))
@@ -176,3 +193,14 @@ def sft_config(model_path: str, layout, train_file: str, out_dir: str, device: s
             f"data.train_files={train_file}", "data.num_workers=0", "data.use_dynamic_bsz=False",
             f"trainer.default_local_dir={out_dir}", "trainer.logger=[console]", f"trainer.device={device}",
             *overrides])
+
+
+def sft_trainer(config):
+    """verl's ``SFTTrainer`` of ``config``, built as its ``main`` builds it (``run_sft`` also
+    makes the process group, which exists here)."""
+    from verl.trainer.sft_trainer import SFTTrainer
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(config)
+    launcher_environment()
+    return SFTTrainer(config)

@@ -361,9 +361,6 @@ def test_verl_sft_trainer_trains_resumes_and_logs_mfu(layout, checkpoint_factory
     its fully reshardable format) ends bit for bit where the uninterrupted run ends."""
     import re
 
-    from verl.trainer.sft_trainer import SFTTrainer
-    from verl.utils.device import auto_set_device
-
     ckpt = verl_checkpoint(checkpoint_factory)
     data = os.path.join(scratch_dir, "train.parquet")
     if dist.get_rank() == 0:
@@ -380,9 +377,8 @@ def test_verl_sft_trainer_trains_resumes_and_logs_mfu(layout, checkpoint_factory
     final = {}
     for run, extra in (("whole", []), ("resumed", resume)):
         config = verl_engine.sft_config(ckpt, layout, data, os.path.join(scratch_dir, run), DEVICE, common + extra)
-        auto_set_device(config)  # what the trainer's main does before it builds the trainer
         with cpu_schedule_context():
-            trainer = SFTTrainer(config)
+            trainer = verl_engine.sft_trainer(config)
             trainer.fit()
         final[run] = gather_full_state(verl_engine.model_chunks(trainer.training_client))
     log = capsys.readouterr().out
