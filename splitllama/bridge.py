@@ -15,12 +15,17 @@ config with transformers' ``AutoConfig``), so that
 * ``export_weights`` yields every tensor of the split checkpoint once, full (TP-gathered)
   and under its checkpoint name, on every rank: what verl hands to the rollout engine.
 
+It also gives verl's FLOPs counter (``verl/utils/flops_counter.py``, which keys its
+estimators by ``model_type`` and logs MFU 0 for a type it does not know) this model's FLOP
+count: ``bench_workload.useful_flops``, the count ``splitllama bench`` reports.
+
 mbridge's own weight-name mapping (GPTModel names) is not used: ``checkpoint/sharding.py`` declares
 every weight of this model once, and the loader, saver and exporter read that.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Generator
 
 import torch
@@ -30,6 +35,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from splitllama import weight_names as wn
+from splitllama.bench_workload import useful_flops
 from splitllama.checkpoint.split import iter_full_state, load_checkpoint, save_checkpoint
 from splitllama.config import MODEL_TYPE, CustomSplitLlamaConfig
 from splitllama.cpu_support import cpu_enabled
@@ -143,3 +149,16 @@ class SplitLlamaBridge(Bridge):
         on every rank, in model order (``checkpoint.split.iter_full_state``; collective: all
         ranks iterate together)."""
         yield from iter_full_state([unwrap_model(m) for m in models])
+
+
+# ---- verl's FLOPs counter -------------------------------------------------------------------
+def estimate_tflops(hf_config, tokens_sum: int, batch_seqlens: list[int], delta_time: float) -> float:
+    """Achieved TFLOP/s of one training step over documents of ``batch_seqlens`` tokens
+    taking ``delta_time`` seconds: verl's estimator signature (``tokens_sum`` is their sum)."""
+    return useful_flops(split_config(hf_config), [int(n) for n in batch_seqlens]) / delta_time / 1e12
+
+
+if importlib.util.find_spec("verl") is not None:  # mbridge alone has no FLOPs counter to tell
+    from verl.utils import flops_counter
+
+    flops_counter.ESTIMATE_FUNC[MODEL_TYPE] = estimate_tflops

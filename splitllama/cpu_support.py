@@ -31,12 +31,20 @@ Production on GPU needs none of this. ``use_cpu()`` patches the running process:
 
 Models built after ``use_cpu()`` need ``use_cpu_initialization=True`` in their megatron
 config (``megatron_configs.megatron_config(layout, dtype, "cpu")`` sets it).
+
+``use_cpu_for_verl()`` also lets verl 0.9.1's own entry points (its ``TrainingWorker`` and
+SFT trainer) run here, through verl's platform plugin API (``verl.plugin.platform``): a CPU
+platform answers what verl asks its platform (device name, ids, memory figures, the
+collective backend), and ``VERL_ENGINE_DEVICE=cuda`` is verl's own override for its engine
+registry, where the Megatron engine is registered for "cuda" only. verl's code is not
+changed; the megatron calls inside it still need ``cuda_means_cpu()`` around them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -206,3 +214,155 @@ def cpu_schedule_context():
         communicator.__init__ = original_init
         dist.P2POp = _P2POp
 
+
+# ---- verl's entry points on CPU ------------------------------------------------------------
+class _CpuDeviceModule:
+    """What verl calls on ``get_torch_device()`` (its platform's device module), for the CPU:
+    the CPU has no device memory statistics, so the memory figures verl logs are 0."""
+
+    @staticmethod
+    def is_available() -> bool:
+        # verl/utils/memory_utils.py aggressive_empty_cache: no device cache to empty
+        return False
+
+    @staticmethod
+    def current_device() -> torch.device:
+        # verl/workers/engine/megatron/transformer_impl.py forward_step: batch.to(get_device_id())
+        return _CPU
+
+    @staticmethod
+    def set_device(index) -> None:
+        # verl/utils/distributed.py initialize_global_process_group: set_device(local_rank)
+        pass
+
+    @staticmethod
+    def synchronize(*args, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def device_count() -> int:
+        # verl/workers/engine/megatron/utils.py set_random_seed: no device RNG to seed
+        return 0
+
+    @staticmethod
+    def empty_cache() -> None:
+        # verl/utils/memory_utils.py aggressive_empty_cache, the engine's optimizer_step
+        pass
+
+    @staticmethod
+    def max_memory_allocated(*args, **kwargs) -> int:
+        # verl/workers/engine_workers.py TrainingWorker._postprocess_output: perf/max_memory_*
+        return 0
+
+    max_memory_reserved = memory_allocated = memory_reserved = max_memory_allocated
+
+    @staticmethod
+    def mem_get_info(*args, **kwargs) -> tuple[int, int]:
+        # verl/utils/profiler/performance.py _get_current_mem_info (log_gpu_memory_usage)
+        return 0, 0
+
+    @staticmethod
+    def get_device_name(*args, **kwargs) -> str:
+        # verl/utils/flops_counter.py get_device_flops: "CPU" is a key of its _DEVICE_FLOPS
+        return "CPU"
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    manual_seed_all = manual_seed
+
+    @staticmethod
+    def get_rng_state(*args, **kwargs) -> torch.Tensor:
+        # verl/utils/checkpoint/megatron_checkpoint_manager.py get_rng_state
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, *args, **kwargs) -> None:
+        torch.set_rng_state(state)
+
+
+def _cpu_platform():
+    """verl's ``PlatformBase`` for the CPU (see ``use_cpu_for_verl``)."""
+    from verl.plugin.platform import PlatformBase
+
+    class CpuPlatform(PlatformBase):
+        device_name = "cpu"  # torch.device(get_device_name()) allocations, the SFT trainer's .to()
+        vendor_name = "cpu"
+        device_module = _CpuDeviceModule
+
+        def is_available(self) -> bool:
+            return True
+
+        def current_device(self) -> torch.device:
+            return _CPU
+
+        def device_count(self) -> int:
+            return 1
+
+        def set_device(self, device_index: int) -> None:
+            pass
+
+        def synchronize(self, device_index=None) -> None:
+            pass
+
+        def manual_seed(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def manual_seed_all(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def set_allocator_settings(self, settings: str) -> None:
+            pass
+
+        def empty_cache(self) -> None:
+            pass
+
+        def get_device_capability(self, device_index: int = 0):
+            return None, None
+
+        def communication_backend_name(self) -> str:
+            # verl/utils/distributed.py initialize_global_process_group: "cpu:gloo,cpu:gloo"
+            return "gloo"
+
+        def visible_devices_envvar(self) -> str:
+            return "CUDA_VISIBLE_DEVICES"
+
+        @contextlib.contextmanager
+        def nvtx_range(self, msg: str):
+            yield
+
+        def profiler_start(self) -> None:
+            pass
+
+        def profiler_stop(self) -> None:
+            pass
+
+        def ray_resource_name(self) -> str:
+            return "CPU"
+
+        def ray_noset_envvars(self) -> list[str]:
+            return []
+
+        def is_ipc_supported(self) -> bool:
+            return False
+
+        def cudart(self):
+            return None
+
+    return CpuPlatform()
+
+
+def use_cpu_for_verl() -> None:
+    """``use_cpu()``, and verl's platform set to the CPU (module docstring). Idempotent; call
+    before verl's ``TrainingWorker`` or trainer is built."""
+    use_cpu()
+    if _state.get("verl"):
+        return
+    from verl.plugin.platform import set_platform
+
+    # verl/workers/engine/base.py EngineRegistry.get_engine_cls: the Megatron engine is
+    # registered for device "cuda"; this is the override verl reads there
+    os.environ["VERL_ENGINE_DEVICE"] = "cuda"
+    set_platform(_cpu_platform())
+    _state["verl"] = True

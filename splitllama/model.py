@@ -25,6 +25,7 @@ from megatron.core.enums import ModelType
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from splitllama.checkpoint import megatron_dist
+from splitllama.checkpoint.assemble import fresh_value_head
 from splitllama import weight_names as wn
 from splitllama.batches import Batch, HeadRequest, prepare_batch
 from splitllama.config import CustomSplitLlamaConfig
@@ -255,7 +256,14 @@ class ParallelCustomSplitLLamaForValueRmPad(ParallelCustomSplitLLamaForCausalLMR
     head_class = ValueHead
 
     def _init_head(self, config: CustomSplitLlamaConfig) -> None:
-        self.value_head = ValueHead(self.model.upper_config, config.h_hi)
+        # megatron's name for the head (GPTModel.output_layer): verl starts a critic from an
+        # actor's distributed checkpoint by dropping the keys that contain "output_layer"
+        # (verl/utils/model.py load_mcore_dist_weights), so the value head keeps what it is
+        # built with: the one seeded fresh head (the same on every TP rank, the same as a
+        # critic loaded from an actor's split checkpoint gets)
+        self.output_layer = ValueHead(self.model.upper_config, config.h_hi)
+        with torch.no_grad():
+            self.output_layer.weight.copy_(fresh_value_head(config, seed=0))
 
     def _forward_head(self, hidden_SBH: torch.Tensor, request: HeadRequest) -> torch.Tensor:
-        return self.value_head(hidden_SBH, request)
+        return self.output_layer(hidden_SBH, request)

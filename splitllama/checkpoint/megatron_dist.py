@@ -10,13 +10,18 @@ one declaration of every weight:
 
 * ``Replicated``: the whole tensor, a main replica on TP rank 0 only;
 * ``Split(dim)``: this rank's 1/tp block along ``dim``;
-* ``FusedQKV`` / ``FusedGateUp``: a ``ShardedTensorFactory`` that unfuses the local
-  ``linear_qkv`` (rows interleaved per query group) or ``linear_fc1`` (``[gate_r; up_r]``,
-  stride 2) into this rank's block of q, k, v or gate, up when saving, and fuses the
-  loaded blocks back when loading;
+* ``FusedQKV`` / ``FusedGateUp``: a ``ShardedTensorFactory`` whose blocks are views of
+  the local ``linear_qkv`` (rows interleaved per query group: one block of q, k and v per
+  query group) or ``linear_fc1`` (``[gate_r; up_r]``, stride 2), and whose merge fuses the
+  loaded blocks back into the state dict ``dist_checkpointing.load`` returns;
 * ``VocabSplit``: the real vocabulary rows only (global shape ``[vocab, h]``), so a
   checkpoint does not depend on the TP size's vocabulary padding; a rank's real rows may
-  be fewer than its padded shard (an irregular grid), and loading zero-fills the padding.
+  be fewer than its padded shard (an irregular grid). The returned state dict zero-fills
+  the padding; an in-place load leaves the padded rows as built (masked out of every
+  output and gradient).
+
+Every block is a view of the parameter, so ``dist_checkpointing.load`` fills each parameter
+in place, whether or not the caller loads the returned state dict.
 
 Megatron modules' own ``sharded_state_dict`` is not used: the model classes are plain
 ``torch.nn.Module`` trees whose default declares TP-sharded weights replicated, and whose
@@ -46,8 +51,7 @@ from splitllama.checkpoint.sharding import (
     VocabSplit,
     WeightSpec,
     fuse,
-    local_slices,
-    unfuse,
+    local_blocks,
     weight_specs,
 )
 
@@ -70,14 +74,18 @@ def _regular(spec: WeightSpec) -> bool:
 def _blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]], tp_rank: int, tp: int,
             replica_id: tuple[int, int, int], key_prefix: str = "") -> list[ShardedTensor]:
     """``local`` (the rank's production tensor, or an optimizer state of its shape) as this
-    rank's block of each checkpoint tensor of ``spec``, keyed ``key_prefix + name``."""
+    rank's blocks of each checkpoint tensor of ``spec``, keyed ``key_prefix + name``. Each
+    block's data is a view of ``local`` (``sharding.local_blocks``): megatron's load copies
+    the checkpoint into the blocks' tensors, so it fills ``local`` itself, for callers that
+    ignore the state dict ``dist_checkpointing.load`` returns (verl's initial
+    ``load_mcore_dist_weights``) as for those that load it."""
+    shape_of = dict(zip(spec.names, shapes, strict=True))
     out = []
-    for name, shape, piece, index in zip(spec.names, shapes, unfuse(spec, local),
-                                         local_slices(spec, shapes, tp_rank, tp), strict=True):
+    for name, piece, index in local_blocks(spec, local, shapes, tp_rank, tp):
+        shape = shape_of[name]
         index = index + (slice(None),) * (len(shape) - len(index))
         local_shape = tuple(len(range(*part.indices(size))) for part, size in zip(index, shape))
-        if tuple(piece.shape) != local_shape:  # the real rows lead a padded vocabulary shard
-            piece = piece[tuple(slice(0, n) for n in local_shape)]
+        assert tuple(piece.shape) == local_shape, f"{name}: block {tuple(piece.shape)} vs index {local_shape}"
         fragments = tuple(size // n for size, n in zip(shape, local_shape)) if _regular(spec) else None
         out.append(ShardedTensor(key_prefix + name, piece, piece.dtype, local_shape, tuple(shape),
                                  _global_offset(index, len(shape)), fragments, replica_id))
@@ -103,7 +111,10 @@ def _sharded_weight(spec: WeightSpec, param: torch.Tensor, shapes: list[tuple[in
         return _blocks(spec, tensor, shapes, tp_rank, tp, replica, key.removesuffix(spec.names[0]))
 
     def merge(loaded: list[torch.Tensor]) -> torch.Tensor:
-        return fuse(spec, loaded, tp)
+        # the loaded blocks in build's order: grouped by checkpoint name, in fusion order
+        names = [name for name, _, _ in local_blocks(spec, param, shapes, tp_rank, tp)]
+        pieces = [torch.cat([t for n, t in zip(names, loaded, strict=True) if n == name]) for name in spec.names]
+        return fuse(spec, pieces, tp)
 
     return ShardedTensorFactory(spec.names[0], param, build, merge, replica_id)
 

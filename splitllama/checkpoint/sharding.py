@@ -18,7 +18,8 @@ checkpoint tensor(s) it holds and how it is sharded (its ``sharding``):
 
 The loader, the saver and the tests' gradient gathering all read ``weight_specs``; the
 three operations they need are ``local_slices`` (which part of each checkpoint tensor a
-rank needs: lets the loader read only that), ``fuse`` and ``unfuse``.
+rank needs: lets the loader read only that), ``fuse`` and ``unfuse``; distributed
+checkpoints read ``local_blocks`` (the same parts as views of the production tensor).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def weight_specs(config: CustomSplitLlamaConfig, stage: StageLayout, head: wn.He
         if head == "lm":
             specs.append(WeightSpec("lm_head.weight", (wn.LM_HEAD,), vocab))
         else:
-            specs.append(WeightSpec("value_head.weight", (wn.VALUE_HEAD,), Replicated()))
+            specs.append(WeightSpec("output_layer.weight", (wn.VALUE_HEAD,), Replicated()))
     return specs
 
 
@@ -184,6 +185,38 @@ def unfuse(spec: WeightSpec, local: torch.Tensor) -> list[torch.Tensor]:
     if isinstance(kind, FusedGateUp):
         return list(local.chunk(2, dim=0))
     return [local]
+
+
+def local_blocks(spec: WeightSpec, local: torch.Tensor, shapes: list[tuple[int, ...]], tp_rank: int,
+                 tp: int) -> list[tuple[str, torch.Tensor, tuple[slice, ...]]]:
+    """``local`` (TP rank ``tp_rank``'s production tensor, or a tensor of its shape) as
+    contiguous VIEWS of it, each with its index in one checkpoint tensor: ``(name, view,
+    index)``, grouped by checkpoint name in fusion order. Writing every checkpoint block
+    into its view fills ``local`` in place (what an in-place distributed-checkpoint load
+    does), padded vocabulary rows aside (no checkpoint block covers them). A rank's q (k, v)
+    rows of several query groups are not contiguous in ``linear_qkv`` (groups interleave
+    ``[q_g; k_g; v_g]``), so those come one query group at a time; ``cat`` of a name's views
+    is ``unfuse``'s piece."""
+    assert local.is_contiguous(), f"{spec.param}: a local tensor must be contiguous to be viewed in blocks"
+    indices = local_slices(spec, shapes, tp_rank, tp)
+    kind = spec.sharding
+    if not isinstance(kind, FusedQKV):
+        out = []
+        for name, shape, piece, index in zip(spec.names, shapes, unfuse(spec, local), indices, strict=True):
+            rows = len(range(*index[0].indices(shape[0])))
+            if rows < piece.shape[0]:  # a padded vocabulary shard: its real rows lead
+                piece = piece[:rows]
+            out.append((name, piece, index))
+        return out
+    d, hidden = kind.head_dim, local.shape[-1]
+    per_group = kind.heads // kind.groups * d
+    grouped = local.view(-1, per_group + 2 * d, hidden)  # [local groups, q_g + k_g + v_g, hidden]
+    first = indices[1][0].start // d  # this rank's first query group (k rows are d per group)
+    out = []
+    for name, rows, start in zip(spec.names, (per_group, d, d), (0, per_group, per_group + d), strict=True):
+        for g in range(grouped.shape[0]):
+            out.append((name, grouped[g, start:start + rows], (slice((first + g) * rows, (first + g + 1) * rows),)))
+    return out
 
 
 def concat_dim(spec: WeightSpec) -> int | None:

@@ -525,6 +525,22 @@ def _tp_weight_declared_replicated(mp):
     mp.setattr(megatron_dist, "_sharded_weight", replicated)
 
 
+def _fused_weight_block_copied(mp):
+    """The gate/up blocks of ``linear_fc1`` handed to megatron as copies: a load into them
+    leaves the parameter at its init unless the caller loads the returned state dict."""
+    from splitllama.checkpoint import megatron_dist
+
+    local_blocks = sharding.local_blocks
+
+    def copied(spec, local, *args):
+        blocks = local_blocks(spec, local, *args)
+        if isinstance(spec.sharding, sharding.FusedGateUp):
+            return [(name, view.clone(), index) for name, view, index in blocks]
+        return blocks
+
+    mp.setattr(megatron_dist, "local_blocks", copied)
+
+
 def _layers_numbered_per_stage(weight_specs):
     """``weight_specs`` with every stage's layers named from 0 in each stack (as the
     modules' own paths are) instead of from the stage's first global layer index."""
@@ -647,6 +663,9 @@ PLANTED = [
                "not reduced over TP", ("tp2", "tp2_sp"), _fused_head_input_grad_not_reduced, check="log_probs"),
     PlantedBug("temperature_not_in_entropy", "the head's temperature applied to log-probs but not to "
                "entropy", ("tp1", "tp2_sp"), _temperature_not_in_entropy, check="log_probs"),
+    PlantedBug("verl_fused_temperature_not_in_entropy", "through verl's actor with use_fused_kernels: the "
+               "head's temperature applied to log-probs but not to entropy", ("tp1",), _temperature_not_in_entropy,
+               check="verl_fused"),
     PlantedBug("thd_temperature_dropped", "verl's thd call with labels scored at temperature 1, not the "
                "temperature it passed", ("tp1",), _thd_temperature_dropped, check="thd"),
     PlantedBug("fused_head_vocab_start_zero", "fused head in the model: every TP rank's shard taken as "
@@ -665,6 +684,9 @@ PLANTED = [
     PlantedBug("dist_tp_weight_declared_replicated_shapes", "distributed checkpoint declares a row-parallel "
                "weight replicated over TP (declaration check)", ("tp2_sp_pp2",), _tp_weight_declared_replicated,
                check="dist_declaration"),
+    PlantedBug("dist_fused_weight_not_loaded_in_place", "distributed checkpoint: linear_fc1's gate/up blocks "
+               "are copies, so a load that ignores the returned state dict leaves it at its init", ("tp1",),
+               _fused_weight_block_copied, check="dist_round_trip"),
     # the declaration check, not the round trip: megatron's save validates on global rank 0
     # alone, and the other ranks would wait for it
     PlantedBug("dist_layer_offset_dropped", "distributed checkpoint keys number each pipeline stage's layers "

@@ -233,7 +233,7 @@ def test_value_model_from_a_causal_lm_checkpoint_needs_fresh_value_head(layout, 
     # gather_full_state reads every rank's copy of the replicated head, so check them equal
     # first: a head drawn differently per TP rank would be a silent divergence.
     (model,) = chunks
-    score = next(p for n, p in model.named_parameters() if n == "value_head.weight")
+    score = next(p for n, p in model.named_parameters() if n == "output_layer.weight")
     copies = [torch.empty_like(score) for _ in range(dist.get_world_size())]
     dist.all_gather(copies, score.detach().contiguous())
     assert all(torch.equal(c, copies[0]) for c in copies), "value head differs across TP ranks"

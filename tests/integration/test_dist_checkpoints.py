@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 from splitllama.checkpoint import megatron_dist
@@ -57,7 +57,11 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
     """Load the split checkpoint ``source`` at ``save_layout``, save a distributed
     checkpoint, load it at each of ``load_layouts`` into a model whose weights are NaN;
     the names of tensors that did not come back bit for bit (the first failing load's,
-    with its layout). Every rank returns the same list (the full state is gathered)."""
+    with its layout). Every rank returns the same list (the full state is gathered).
+
+    The loads are megatron's own ``dist_checkpointing.load`` with the returned state dict
+    thrown away, as verl's initial ``load_mcore_dist_weights`` and megatron's training loop
+    use it: every parameter must be filled in place by the load itself."""
     chunks = build(source, save_layout, head)
     load_checkpoint(chunks, source, progress=False)
     megatron_dist.save(chunks, directory)
@@ -68,7 +72,8 @@ def dist_round_trip_mismatches(source: str, save_layout, load_layouts, head: str
             for chunk in chunks:
                 for param in chunk.parameters():
                     param.fill_(float("nan"))
-        megatron_dist.load(chunks, directory)
+        with cuda_means_cpu():
+            dist_checkpointing.load(megatron_dist.model_sharded_state_dict(chunks), directory)
         got = gather_full_state(chunks)
         bad = sorted(set(expected) ^ set(got)) + [
             name for name, tensor in expected.items()
@@ -205,7 +210,6 @@ OPTIMIZER_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_pref
 
 
 def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-    from megatron.core import dist_checkpointing
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
@@ -214,7 +218,6 @@ def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
 
 
 def load_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-    from megatron.core import dist_checkpointing
 
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
@@ -324,3 +327,77 @@ def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp
     train_step(wrapped, optimizer)
     resumed = snapshot(chunks)
     assert [n for n in expected if not torch.equal(expected[n], resumed[n])] == []
+
+
+def _gpt_trainer():
+    """megatron's own GPTModel (local layer spec, 2 layers) in megatron's DDP with its
+    distributed Adam, after one step (Adam's states exist)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                               hidden_dropout=0.0, attention_dropout=0.0,
+                               params_dtype=OPTIMIZER_DTYPE, pipeline_dtype=OPTIMIZER_DTYPE)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=256, max_sequence_length=32)
+    wrapped = wrap_ddp([model], DistributedDataParallelConfig(use_distributed_optimizer=True))
+    with cuda_means_cpu():
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True,
+                                                           params_dtype=OPTIMIZER_DTYPE), wrapped)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    wrapped[0].zero_grad_buffer()
+    with cuda_means_cpu():  # its causal mask is made on "cuda"
+        wrapped[0](ids, torch.arange(16)[None], None).float().square().mean().backward()
+        optimizer.step()
+    return [model], wrapped, optimizer
+
+
+@pytest.mark.parametrize("layout", layouts("tp1"))
+def test_verl_fully_reshardable_resume_fails_in_verl_for_gptmodel_too(layout, checkpoint_factory, tmp_path_factory):
+    """verl 0.9.1's own defect: with ``use_dist_checkpointing`` and
+    ``dist_ckpt_optim_fully_reshardable``, ``MegatronCheckpointManager.load_checkpoint`` builds
+    the model's sharded state dict once, loads the weights with it (megatron's load swaps each
+    ShardedTensor's data for a detached tensor), then hands the same dict to the distributed
+    optimizer, which finds parameters by identity: ``Model param ... not in
+    model_sharded_state_dict``. This model stops there (verl's SFT trainer and this manager
+    alike); so does megatron's own GPTModel, shown here. docs/verl.md gives the two ways
+    around it, both resumed bitwise in the tests (weights through the bridge with the fully
+    reshardable optimizer: test_verl's SFT run; dist checkpointing with verl's default
+    optimizer format: test_verl_checkpoint_manager_resumes_bitwise). Should this test fail,
+    verl has fixed its loader: drop the note from docs/verl.md."""
+    manager_module = pytest.importorskip("verl.utils.checkpoint.megatron_checkpoint_manager")
+    from omegaconf import OmegaConf
+
+    from tests.integration.conftest import shared_tmpdir
+
+    source = checkpoint_factory("lm", False)
+    config = CustomSplitLlamaConfig.from_pretrained(source)
+    directory = os.path.join(shared_tmpdir(tmp_path_factory), "global_step_1")
+    contents = ["model", "optimizer"]
+    verl_config = OmegaConf.create({"model": {"path": source},
+                                    "megatron": {"dist_ckpt_optim_fully_reshardable": True,
+                                                 "distrib_optim_fully_reshardable_mem_efficient": False}})
+    checkpoint_config = OmegaConf.create({"save_contents": contents, "load_contents": contents,
+                                          "async_save": False})
+
+    def built():
+        setup_parallel(layout, DEVICE)
+        return _gpt_trainer()
+
+    def manager(chunks, wrapped, optimizer):
+        return manager_module.MegatronCheckpointManager(
+            config=verl_config, checkpoint_config=checkpoint_config, model_config=config,
+            transformer_config=chunks[0].config, role="actor", model=torch.nn.ModuleList(wrapped),
+            arch=config.architectures[0], hf_config=config, param_dtype=OPTIMIZER_DTYPE,
+            share_embeddings_and_output_weights=False, processing_class=None, optimizer=optimizer,
+            optimizer_scheduler=None, use_distributed_optimizer=True, use_dist_checkpointing=True)
+
+    saving = manager(*built())
+    with cuda_means_cpu():
+        saving.save_checkpoint(directory, global_step=1)
+    loading = manager(*built())
+    with cuda_means_cpu(), torch.no_grad(), \
+            pytest.raises(ValueError, match=r"(?s)^Model param .* not in model_sharded_state_dict"):
+        loading.load_checkpoint(directory)

@@ -130,7 +130,7 @@ CHECKS = {
 def _verl():
     """test_verl's checks, imported when a verl check runs (skipped without verl)."""
     pytest.importorskip("mbridge")
-    pytest.importorskip("verl.workers.engine.megatron.transformer_impl")
+    pytest.importorskip("verl.workers.engine_workers")
     from tests.integration import test_verl
 
     return test_verl
@@ -139,8 +139,11 @@ def _verl():
 CHECKS.update({
     "verl_export": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: _verl().export_matches(
         ckpt, layout, "lm")[0]),
-    "verl_odd_vocab": (lambda bug, f: _odd_vocab_checkpoint(bug, f), lambda bug, layout, ckpt, scratch: _verl(
-        ).verl_agrees(ckpt, layout, "lm")[0]),
+    "verl_odd_vocab": (lambda bug, f: _verl().verl_checkpoint(f, config=odd_vocab_config(), name="verl-odd-vocab"),
+                       lambda bug, layout, ckpt, scratch: _verl().verl_agrees(ckpt, layout, "lm")[0]),
+    # verl's actor with use_fused_kernels: verl passes labels and its temperature to the model
+    "verl_fused": (lambda bug, f: _verl().verl_checkpoint(f), lambda bug, layout, ckpt, scratch: _verl().verl_agrees(
+        ckpt, layout, "lm", {"use_fused_kernels": True})[0]),
 })
 # Checks that nothing else in the gate runs without a bug: shown here to pass first, so
 # that "fails with the bug" means the bug, not a broken check. The parity and round-trip
