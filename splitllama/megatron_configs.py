@@ -139,6 +139,21 @@ class EngineConfigs(NamedTuple):
     engine: TransformerConfig  # what the engine reads as model.config (schedule_config's, with its overrides)
 
 
+# The compute dtypes ``override_transformer_config`` may name (YAML cannot write a torch dtype).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+_DTYPE_FIELDS = ("params_dtype", "pipeline_dtype")
+
+
+def _dtype(field: str, value) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in DTYPE_NAMES.values():
+        return value
+    if isinstance(value, str) and value in DTYPE_NAMES:
+        return DTYPE_NAMES[value]
+    raise ValueError(f"override_transformer_config {field}={value!r}: allowed values are {sorted(DTYPE_NAMES)}")
+
+
 def engine_configs(hf_config, tp: int, pp: int, vpp: int | None, dtype: torch.dtype,
                    overrides: Mapping[str, Any], cpu: bool) -> EngineConfigs:
     """The verl bridge's configs for megatron's parallel sizes (``tp``, ``pp``, ``vpp``;
@@ -146,7 +161,14 @@ def engine_configs(hf_config, tp: int, pp: int, vpp: int | None, dtype: torch.dt
     ``override_transformer_config`` (``overrides``): ``ModelParallelConfig`` fields the model
     follows, ``recompute_granularity`` (``none | selective | full``: the model's activation
     recompute) and other ``TransformerConfig`` fields, which only the engine reads. A field
-    megatron does not have, or a layout the config cannot take, is refused by name."""
+    megatron does not have, or a layout the config cannot take, is refused by name.
+
+    ``params_dtype`` (a torch dtype or one of ``DTYPE_NAMES``) replaces ``dtype``, the
+    engine's, as the model's compute dtype: verl's engine accepts only bfloat16 and float16,
+    and a float64 check needs more. ``pipeline_dtype`` (what pipeline stages exchange) and
+    the bf16 / fp16 flags follow it unless overridden themselves."""
+    if "params_dtype" in overrides:
+        dtype = _dtype("params_dtype", overrides["params_dtype"])
     fields = dict(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None, sequence_parallel=tp > 1,
@@ -159,6 +181,8 @@ def engine_configs(hf_config, tp: int, pp: int, vpp: int | None, dtype: torch.dt
             recompute = value or "none"
             if recompute not in RECOMPUTE:
                 raise ValueError(f"recompute_granularity={value!r} is not one of {sorted(RECOMPUTE)}")
+        elif key in _DTYPE_FIELDS:
+            fields[key] = _dtype(key, value)
         elif key in _PARALLEL_FIELDS:
             fields[key] = value
         elif key in _TRANSFORMER_FIELDS:
