@@ -103,12 +103,14 @@ def _oracle(ckpt: str, head: str, rows, dtype, probes, scored):
     return {k: [o.detach().cpu() for o in v] for k, v in observed.items()}, grads
 
 
-def run_verl(ckpt: str, layout, head: str, dtype, rows, probes, scored, forward_only: bool):
+def run_verl(ckpt: str, layout, head: str, dtype, rows, probes, scored, forward_only: bool,
+             make_vocab_size_divisible_by: int | None = None):
     """verl's engine on the bridge's model: per-row outputs (every rank) and, unless
-    ``forward_only``, gradients by checkpoint name."""
+    ``forward_only``, gradients by checkpoint name. ``make_vocab_size_divisible_by``:
+    mbridge's bridge argument (the LM head's rows padded to a multiple of it times TP)."""
     setup_parallel(layout, DEVICE)
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    bridge = AutoBridge.from_config(config, dtype=dtype)
+    bridge = AutoBridge.from_config(config, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     bridge.set_extra_args(sequence_parallel=layout.sp)
     callbacks = [make_value_model] if head == "value" else []  # how verl asks for a critic
     chunks = bridge.get_model(post_model_creation_callbacks=callbacks, wrap_with_ddp=False)
@@ -140,13 +142,13 @@ def run_verl(ckpt: str, layout, head: str, dtype, rows, probes, scored, forward_
     return holder[0], grads, (bridge, chunks)
 
 
-def _tolerance(name: str, head: str) -> float:
+def _tolerance(name: str, head: str, dtype: torch.dtype) -> float:
     # verl's log-probs go through megatron's vocab-parallel cross entropy, which computes in
     # float32 whatever the logits' dtype (measured 7e-7 relative against the float64
     # oracle); every LM gradient flows through it. Everything else keeps the model's dtype.
-    if DTYPE == torch.float64 and head == "lm" and name != "entropy":
+    if dtype == torch.float64 and head == "lm" and name != "entropy":
         return TOLERANCE[torch.float32]
-    return TOLERANCE[DTYPE] if DTYPE in TOLERANCE else math.nan
+    return TOLERANCE[dtype] if dtype in TOLERANCE else math.nan
 
 
 def _errors(prod: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -156,18 +158,22 @@ def _errors(prod: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
         float(ref.abs().max()) if ref.numel() else 0.0
 
 
-def verl_agrees(ckpt: str, layout, head: str, forward_only: bool = False) -> tuple[bool, list[str]]:
-    """verl's engine vs the oracle: (verdict agreed by every rank, failing rows)."""
+def verl_agrees(ckpt: str, layout, head: str, forward_only: bool = False, dtype: torch.dtype = DTYPE,
+                make_vocab_size_divisible_by: int | None = None) -> tuple[bool, list[str]]:
+    """verl's engine vs the oracle: (verdict agreed by every rank, failing rows). ``dtype``:
+    the model's (the tests' DTYPE unless asked), for ``run_verl`` with
+    ``make_vocab_size_divisible_by``."""
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
     rows = _rows(config.vocab_size)
     scored = _scored(head, rows)
     probes = _probes(rows, tuple(scored))
-    outs, grads, _ = run_verl(ckpt, layout, head, DTYPE, rows, probes, scored, forward_only)
+    outs, grads, _ = run_verl(ckpt, layout, head, dtype, rows, probes, scored, forward_only,
+                              make_vocab_size_divisible_by)
     ref_dtype = torch.float64 if DEVICE == "cpu" else torch.float32
     ref_out, ref_grads = _oracle(ckpt, head, rows, ref_dtype, probes, scored)
     low_out = low_grads = None
-    if DTYPE == torch.bfloat16:  # the bf16 rule: compare with the oracle's own bf16 error
-        low_out, low_grads = _oracle(ckpt, head, rows, DTYPE, probes, scored)
+    if dtype == torch.bfloat16:  # the bf16 rule: compare with the oracle's own bf16 error
+        low_out, low_grads = _oracle(ckpt, head, rows, dtype, probes, scored)
     pairs = {}
     for k, mask in scored.items():
         pairs[k] = tuple(None if per_row is None else torch.cat([o[m] for o, m in zip(per_row[k], mask)])
@@ -180,7 +186,7 @@ def verl_agrees(ckpt: str, layout, head: str, forward_only: bool = False) -> tup
     for name, (prod, ref, low) in pairs.items():
         err, scale = _errors(prod, ref)
         bound = (bf16_allowed_error(_errors(low, ref)[0], scale) if low is not None
-                 else _tolerance(name.split(" ")[0], head) * max(scale, 1e-30))
+                 else _tolerance(name.split(" ")[0], head, dtype) * max(scale, 1e-30))
         if not err <= bound:
             failures.append(f"{name}: max abs error {err:.3g} > {bound:.3g} (max |ref| {scale:.3g})")
     return agree(not failures), failures
@@ -223,6 +229,27 @@ def test_verl_padded_vocabulary(layout, checkpoint_factory):
     config = tiny_split_config()
     config.vocab_size = ODD_VOCAB
     ok, failures = verl_agrees(checkpoint_factory("lm", False, config=config, name="odd_vocab"), layout, "lm")
+    assert ok, "\n".join(failures) or "another rank failed"
+
+
+def float32_temperature_agrees(ckpt: str, layout) -> tuple[bool, list[str]]:
+    """verl's inference on a float32 model with padded vocabulary columns (``ckpt``'s
+    vocabulary ODD_VOCAB) at TEMPERATURE < 1, against the oracle. verl divides the float32
+    logits by the temperature in place: the padded columns' value must stay finite there
+    (float32's most negative value overflows to -inf, and verl's entropy turns NaN). In
+    float64, where the CPU tests run the model otherwise, no such overflow can show; float32
+    is how verl's float32 runs hold the logits. At TP=1 the columns are padded through
+    mbridge's ``make_vocab_size_divisible_by`` (64: 320 rows)."""
+    return verl_agrees(ckpt, layout, "lm", forward_only=True, dtype=torch.float32,
+                       make_vocab_size_divisible_by=64 if layout.tp == 1 else None)
+
+
+@pytest.mark.parametrize("layout", layouts("tp1", "tp2"))
+def test_verl_float32_logits_at_temperature_below_one(layout, checkpoint_factory):
+    config = tiny_split_config()
+    config.vocab_size = ODD_VOCAB
+    ok, failures = float32_temperature_agrees(checkpoint_factory("lm", False, config=config, name="odd_vocab"),
+                                              layout)
     assert ok, "\n".join(failures) or "another rank failed"
 
 
