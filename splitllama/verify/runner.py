@@ -227,16 +227,35 @@ def run_pipelined(chunks, microbatches: list[Microbatch], forward_only: bool = F
     return holder[0]
 
 
+def oracle_reference(checkpoint_dir: str, head: wn.Head, device: str, microbatches: list[Microbatch],
+                     trunk: bool = False, fresh_value_head_seed: int | None = None
+                     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """What ``run_parity`` compares production with: the oracle's outputs per micro-batch
+    and gradients by checkpoint name, in float64 on CPU (float32 on GPUs)."""
+    oracle = load_oracle(checkpoint_dir, head, reference_dtype(device), device, fresh_value_head_seed)
+    return run_oracle(oracle, microbatches, trunk)
+
+
+def reference_dtype(device: str) -> torch.dtype:
+    return torch.float64 if device == "cpu" else torch.float32
+
+
 def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: ParallelLayout,
                head: wn.Head, dtype: torch.dtype, device: str,
                microbatches: list[Microbatch], options: ModelOptions | None = None, padded: bool = False,
-               trunk: bool = False, fresh_value_head_seed: int | None = None) -> Report:
+               trunk: bool = False, fresh_value_head_seed: int | None = None,
+               reference: tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Report:
     """Production at ``layout`` vs the oracle on ``microbatches``; the same report on every
     rank. ``options`` and ``padded`` choose the production model (``build_production``).
     ``trunk``: compare the trunk's
     final hidden states (``trunk_hidden``) with the oracle trunk's ``last_hidden_state``,
     probes ``[B, S, h_hi]``. ``fresh_value_head_seed``: value head, CausalLM checkpoint; both
-    models start from the same fresh value head of that seed."""
+    models start from the same fresh value head of that seed. ``reference``: what
+    ``oracle_reference`` returned for these same arguments, when the caller already has it
+    (it is then not computed again)."""
+    if reference is not None and dtype == torch.bfloat16 and config.mlp:
+        raise ValueError("reference must be None in bfloat16 with the mlp adapter: the oracle then runs at "
+                         "production's ReLU branches, which only this run knows")
     setup_parallel(layout, device)
     chunks = build_production(config, layout, head, dtype, device, options, padded)
     fresh = fresh_value_head_seed is not None
@@ -253,10 +272,11 @@ def run_parity(checkpoint_dir: str, config: CustomSplitLlamaConfig, layout: Para
         with ties.record_oracle_preactivations(low_oracle), torch.no_grad():
             for mb in microbatches:
                 _oracle_observe(low_oracle, mb.to(device), trunk)
-    ref_dtype = torch.float64 if device == "cpu" else torch.float32
-    oracle = load_oracle(checkpoint_dir, head, ref_dtype, device, fresh_value_head_seed)
-    with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
-        ref_out, ref_grads = run_oracle(oracle, microbatches, trunk)
+    if reference is None:
+        oracle = load_oracle(checkpoint_dir, head, reference_dtype(device), device, fresh_value_head_seed)
+        with ties.take_production_branch_at_ties(oracle, reference=True) if ties else contextlib.nullcontext():
+            reference = run_oracle(oracle, microbatches, trunk)
+    ref_out, ref_grads = reference
     low_out = low_grads = None
     if low_oracle is not None:
         with ties.take_production_branch_at_ties(low_oracle, reference=False) if ties else contextlib.nullcontext():

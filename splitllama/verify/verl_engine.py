@@ -46,9 +46,12 @@ def save_tokenizer(directory: str, vocab_size: int) -> None:
 
 def verl_config(model_path: str, layout, *, use_fused_kernels: bool = False, micro_batch_size: int = 2,
                 dist_checkpointing_path: str | None = None, dist_ckpt_optim_fully_reshardable: bool = False,
-                lr: float = 1e-6, clip_grad: float = 1.0, total_training_steps: int = 10):
+                lr: float = 1e-6, clip_grad: float = 1.0, total_training_steps: int = 10,
+                override_transformer_config: dict | None = None):
     """verl's PPO trainer config (its ``ppo_megatron_trainer.yaml`` values) for this model
-    at ``layout`` (a ``layout.ParallelLayout``), actor and critic alike."""
+    at ``layout`` (a ``layout.ParallelLayout``), actor and critic alike.
+    ``override_transformer_config``: verl's megatron overrides (e.g. ``params_dtype``, which
+    the bridge lets replace the engine's bf16, ``megatron_configs.engine_configs``)."""
     import verl
     from omegaconf import OmegaConf
 
@@ -64,6 +67,8 @@ def verl_config(model_path: str, layout, *, use_fused_kernels: bool = False, mic
         megatron.use_dist_checkpointing = dist_checkpointing_path is not None
         megatron.dist_checkpointing_path = dist_checkpointing_path
         megatron.dist_ckpt_optim_fully_reshardable = dist_ckpt_optim_fully_reshardable
+        if override_transformer_config:
+            megatron.override_transformer_config = dict(override_transformer_config)
         role.optim.lr = lr
         role.optim.clip_grad = clip_grad
         role.optim.total_training_steps = total_training_steps

@@ -29,6 +29,16 @@ LAYOUTS: dict[str, ParallelLayout] = {
     "tp4_sp": ParallelLayout(tp=4, sp=True),
 }
 TINY_MAX_TP = 2
+# Stage placements that tests check stage by stage in ONE process, building each stage's
+# modules without running them: the table's TP=1 layouts, and more pipeline stages than the
+# tiny model runs processes for, so that every kind of stage appears (the whole model; lower
+# layers only; the adapter and upper layers without the head; the head's stage; with and
+# without vpp).
+STAGE_PLACEMENTS: dict[str, ParallelLayout] = {
+    **{name: layout for name, layout in LAYOUTS.items() if layout.tp == 1},
+    "pp3_cut_adapter": ParallelLayout(pp=3, layers_per_stage=(2, 1, 1)),
+    "pp4": ParallelLayout(pp=4),
+}
 
 
 def layouts(*names: str, world: int | None = None):

@@ -589,6 +589,33 @@ def _padded_vocab_minus_inf(mp):
     mp.setattr(heads, "PADDED_VOCAB_LOGIT", float("-inf"))
 
 
+def _padded_vocab_float32_min(mp):
+    # the common idiom: finite in float32, -inf once divided by a temperature below 1
+    mp.setattr(heads, "PADDED_VOCAB_LOGIT", torch.finfo(torch.float32).min)
+
+
+def _recompute_keeps_every_stage_last_layer(mp):
+    init = model.ParallelCustomSplitLLamaModel.__init__
+
+    def every_stage(self, config, megatron_config, stage, *args, **kwargs):
+        init(self, config, megatron_config, stage, *args, **kwargs)
+        if self.upper is not None and (megatron_config.virtual_pipeline_model_parallel_size or 1) == 1:
+            # the upper stack's last layer kept on every stage, not only on the head's
+            self.upper = layers.decoder_stack(self.upper_config, len(stage.upper_layers), last_layer_kept=True)
+
+    mp.setattr(model.ParallelCustomSplitLLamaModel, "__init__", every_stage)
+
+
+def _row_parallel_marked_dim_0(mp):
+    attributes = sharding.tensor_parallel_attributes
+
+    def dim_0(spec):
+        split, _, stride = attributes(spec)
+        return split, 0, stride  # row-parallel weights (split along their input, dim 1) marked as rows
+
+    mp.setattr(sharding, "tensor_parallel_attributes", dim_0)
+
+
 PLANTED = [
     # not at a pipeline layout: a stage whose input gets no gradient sends none back, and
     # the previous stage waits for it until the collective timeout
@@ -720,4 +747,14 @@ PLANTED = [
                ("pp2_cut_adapter",), _export_skips_stage, check="verl_export"),
     PlantedBug("padded_vocab_minus_inf", "padded vocabulary columns of the logits verl reads are -inf "
                "(verl's entropy: 0 * -inf = NaN)", ("tp2_sp",), _padded_vocab_minus_inf, check="verl_odd_vocab"),
+    PlantedBug("padded_vocab_float32_min", "padded vocabulary columns hold float32's most negative value: "
+               "-inf after verl's in-place division by a temperature below 1", ("tp2",),
+               _padded_vocab_float32_min, check="verl_float32_temperature"),
+    # placement only: every stage of every STAGE_PLACEMENTS layout is built in one process
+    PlantedBug("recompute_keeps_every_stage_last_layer", "full recompute keeps the last upper layer of "
+               "every pipeline stage, not only the model's last (the head's stage)", ("tp1",),
+               _recompute_keeps_every_stage_last_layer, check="recompute_placement"),
+    # megatron marks split weights at any TP size, so TP=1 shows it
+    PlantedBug("row_parallel_marked_dim_0", "row-parallel weights (o_proj, down_proj, the mlp adapter's second "
+               "linear) marked partition_dim 0", ("tp1",), _row_parallel_marked_dim_0, check="tensor_parallel_marks"),
 ]

@@ -19,10 +19,10 @@ from splitllama.config import CustomSplitLlamaConfig
 from splitllama.verify.tiny import tiny_split_config
 from splitllama.options import ModelOptions
 from splitllama.verify.batches import Microbatch
-from splitllama.verify.runner import run_parity
+from splitllama.verify.runner import oracle_reference, run_parity
 from tests.cases import EDGE_MASKS, caller_position_ids, long_row_mask, masks, random_input_ids
 from tests.integration.conftest import DEVICE, DTYPE
-from tests.integration.layouts import layouts
+from tests.integration.layouts import LAYOUTS, STAGE_PLACEMENTS, layouts
 
 VOCAB = 256  # the tiny presets' vocabulary
 
@@ -191,26 +191,41 @@ def recomputed_layers(block) -> list[bool]:
     return [k < config.recompute_num_layers for k in range(count)]
 
 
-@pytest.mark.parametrize("layout", layouts("tp1", "pp2_cut_adapter", "pp2_cut_upper", "pp2_vpp2"))
-def test_full_recompute_keeps_only_the_last_layer(layout):
-    """Full recompute recomputes every layer but the model's last when that layer's
-    backward follows its forward at once (the head's stage without an interleaved
-    pipeline: recomputing it would save no memory); with vpp every layer is recomputed."""
-    from megatron.core import parallel_state
-
+def recompute_placement_problems() -> list[str]:
+    """Full recompute must recompute every layer but the model's last, and that one only
+    where its backward follows its forward at once: the head's stage without an
+    interleaved pipeline (recomputing it there would save no memory; with vpp, or on any
+    other stage, keeping a layer holds its activations for nothing). Checked on every stage
+    of every ``STAGE_PLACEMENTS`` layout, each stage's trunk built in this process (the
+    placement is decided when the trunk is built; nothing runs)."""
     from splitllama.distributed import setup_parallel
     from splitllama.megatron_configs import megatron_config
-    from splitllama.pipeline import ParallelCustomSplitLLamaForCausalLMRmPadPP, build_chunks
+    from splitllama.model import ParallelCustomSplitLLamaModelRmPad
 
-    setup_parallel(layout, DEVICE)
+    setup_parallel(LAYOUTS["tp1"], DEVICE)
     config = tiny_split_config()
-    chunks = build_chunks(ParallelCustomSplitLLamaForCausalLMRmPadPP, config,
-                          megatron_config(layout, DTYPE, DEVICE), ModelOptions(recompute="full"))
-    kept = [not flag for chunk in chunks for block in (chunk.model.lower, chunk.model.upper) if block is not None
-            for flag in recomputed_layers(block)]
-    last_rank = parallel_state.get_pipeline_model_parallel_rank() == layout.pp - 1
-    expected = [False] * (len(kept) - 1) + [last_rank and layout.vpp in (None, 1)]
-    assert kept == expected, f"layers kept (not recomputed) on this rank: {kept}"
+    problems = []
+    for name, placement in STAGE_PLACEMENTS.items():
+        mc = megatron_config(placement, DTYPE, DEVICE)
+        for stage in placement.validate(config):
+            trunk = ParallelCustomSplitLLamaModelRmPad(config, mc, stage, recompute="full")
+            kept = {stack: [not flag for flag in recomputed_layers(block)]
+                    for stack, block in (("lower", trunk.lower), ("upper", trunk.upper)) if block is not None}
+            model_last = stage.has_head and (placement.vpp or 1) == 1
+            upper = len(stage.upper_layers)
+            expected = {"lower": [False] * len(stage.lower_layers),
+                        "upper": [False] * (upper - 1) + [model_last] if upper else []}
+            expected = {stack: flags for stack, flags in expected.items() if flags}
+            if kept != expected:
+                problems.append(f"{name} stage {stage.virtual_stage}: layers kept (not recomputed) {kept}, "
+                                f"expected {expected}")
+    return problems
+
+
+@pytest.mark.parametrize("layout", layouts("tp1"))
+def test_full_recompute_keeps_only_the_model_last_layer(layout):
+    problems = recompute_placement_problems()
+    assert not problems, "\n".join(problems)
 
 
 def long_row_config() -> CustomSplitLlamaConfig:
@@ -221,12 +236,21 @@ def long_row_config() -> CustomSplitLlamaConfig:
     return tiny_split_config(lower=dict(small, num_hidden_layers=2), upper=dict(small, num_hidden_layers=3))
 
 
+# checkpoint directory -> the oracle's outputs and gradients on the long row: its padded
+# float64 attention is O(S^2) (most of the test's time), and the layouts of one world size
+# compare with the same numbers, so each process computes them once. Only this test reads
+# it; every other parity check, planted-bug checks included, runs its oracle afresh.
+_LONG_ROW_REFERENCE: dict[str, tuple] = {}
+
+
 @pytest.mark.parametrize("layout", layouts("tp1", "tp2_sp", "pp2_cut_adapter"))
 def test_row_longer_than_4096(layout, checkpoint_factory):
     ckpt = checkpoint_factory("value", False, config=long_row_config(), name="long")
     config = CustomSplitLlamaConfig.from_pretrained(ckpt)
-    mask = long_row_mask(4097, batch=1)
-    report = run_parity(ckpt, config, layout, "value", DTYPE, DEVICE, [microbatch(mask, "value", 7, "4097")])
+    batches = [microbatch(long_row_mask(4097, batch=1), "value", 7, "4097")]
+    if ckpt not in _LONG_ROW_REFERENCE:
+        _LONG_ROW_REFERENCE[ckpt] = oracle_reference(ckpt, "value", DEVICE, batches)
+    report = run_parity(ckpt, config, layout, "value", DTYPE, DEVICE, batches, reference=_LONG_ROW_REFERENCE[ckpt])
     assert_passed(report)
 
 

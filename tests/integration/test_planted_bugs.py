@@ -31,7 +31,9 @@ from tests.integration.test_parity import (
     log_prob_microbatches,
     odd_vocab_config,
     odd_vocab_log_prob_microbatches,
+    recompute_placement_problems,
 )
+from tests.integration.test_tensor_parallel_marks import tensor_parallel_mark_problems
 
 
 def _backend_missing(bug) -> list:
@@ -124,6 +126,9 @@ CHECKS = {
     "input_range": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: all(
         out_of_range_refused(ckpt, layout, case, padded) for case, padded in INPUT_RANGE_CASES)),
     "thd": (lambda bug, f: f("lm", False), lambda bug, layout, ckpt, scratch: thd_matches_packed(ckpt, layout)),
+    "recompute_placement": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: not recompute_placement_problems()),
+    "tensor_parallel_marks": (lambda bug, f: None, lambda bug, layout, ckpt, scratch: all(
+        agree(not tensor_parallel_mark_problems(layout, head, mlp)) for head, mlp in (("lm", True), ("value", False)))),
 }
 
 
@@ -144,6 +149,9 @@ CHECKS.update({
     # verl's actor with use_fused_kernels: verl passes labels and its temperature to the model
     "verl_fused": (lambda bug, f: _verl().verl_checkpoint(f), lambda bug, layout, ckpt, scratch: _verl().verl_agrees(
         ckpt, layout, "lm", {"use_fused_kernels": True})[0]),
+    "verl_float32_temperature": (lambda bug, f: _verl().verl_checkpoint(f, config=odd_vocab_config(),
+                                                                       name="verl-odd-vocab"),
+                                 lambda bug, layout, ckpt, scratch: _verl().float32_temperature_agrees(ckpt, layout)[0]),
 })
 # Checks that nothing else in the gate runs without a bug: shown here to pass first, so
 # that "fails with the bug" means the bug, not a broken check. The parity and round-trip

@@ -36,7 +36,7 @@ from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
 from splitllama.cpu_support import cpu_schedule_context, use_cpu_for_verl  # noqa: E402
 from splitllama.distributed import setup_parallel  # noqa: E402
 from splitllama.verify import verl_engine  # noqa: E402
-from splitllama.verify.rules import bf16_allowed_error  # noqa: E402
+from splitllama.verify.rules import TOLERANCE, bf16_allowed_error  # noqa: E402
 from splitllama.verify.runner import agree, gather_full_state, load_oracle  # noqa: E402
 from splitllama.verify.tiny import tiny_split_config  # noqa: E402
 from tests.integration.conftest import DEVICE  # noqa: E402
@@ -257,6 +257,42 @@ def test_verl_padded_vocabulary(layout, checkpoint_factory):
 
     ok, failures = verl_agrees(verl_checkpoint(checkpoint_factory, config=odd_vocab_config(), name="verl-odd-vocab"),
                                layout, "lm")
+    assert ok, "\n".join(failures) or "another rank failed"
+
+
+def float32_temperature_agrees(ckpt: str, layout) -> tuple[bool, list[str]]:
+    """verl's inference (``infer_batch``, use_fused_kernels off: verl's own logits
+    processing) on a float32 model (``params_dtype`` through verl's
+    ``override_transformer_config``) with padded vocabulary columns (``ckpt``'s vocabulary
+    301 at TP=2) at TEMPERATURE < 1, against the float64 oracle. verl divides the float32
+    logits by the temperature in place: the padded columns' value must stay finite there
+    (float32's most negative value overflows to -inf and verl's entropy turns NaN), which
+    the bf16 and float64 runs cannot show."""
+    config = CustomSplitLlamaConfig.from_pretrained(ckpt)
+    rows = _rows(config.vocab_size)
+    scored = _scored("lm", rows)
+    worker = _worker(ckpt, layout, "lm", override_transformer_config={"params_dtype": "float32"})
+    with cpu_schedule_context():
+        outs = _on_every_rank(worker.infer_batch(verl_engine.batch(rows, temperature=TEMPERATURE,
+                                                                   compute_loss=False)), scored)
+    ref, _ = _oracle(ckpt, "lm", rows, torch.float64, _probes(rows, tuple(scored)), scored)
+    failures = []
+    for k, mask in scored.items():
+        prod, want = (torch.cat([o[m] for o, m in zip(per_row[k], mask)]) for per_row in (outs, ref))
+        err, scale = _errors(prod, want)
+        # float32 logits and megatron's float32 cross entropy against float64: rounding only
+        bound = TOLERANCE[torch.float32] * max(scale, 1e-30)
+        if not err <= bound:
+            failures.append(f"{k}: max abs error {err:.3g} > {bound:.3g} (max |ref| {scale:.3g})")
+    return agree(not failures), failures
+
+
+@pytest.mark.parametrize("layout", layouts("tp2"))
+def test_verl_float32_logits_at_temperature_below_one(layout, checkpoint_factory):
+    from tests.integration.test_parity import odd_vocab_config
+
+    ok, failures = float32_temperature_agrees(
+        verl_checkpoint(checkpoint_factory, config=odd_vocab_config(), name="verl-odd-vocab"), layout)
     assert ok, "\n".join(failures) or "another rank failed"
 
 
