@@ -62,8 +62,8 @@ from splitllama.verify.rules import bf16_allowed_error
 from splitllama.verify.runner import agree, gather_full_state, load_oracle
 
 # Exact in binary: verl holds the trainer's temperature in float32 (its fused path reads
-# ``torch.as_tensor(temperature)``), so 0.7 would score at 0.699999988 against a float64
-# engine's 0.7: log-probs apart by ~1e-8 relative, a hundred times the float64 bound.
+# ``torch.as_tensor(temperature)``), so 0.7 scores at 0.699999988 against a float64
+# engine's 0.7: measured 9.6e-8 apart at TP=1, about a thousand times the float64 bound.
 TEMPERATURE = 0.75
 # Prompts of different lengths (left-padded in one batch), one of a single token; four rows
 # are four micro-batches of one, which megatron's interleaved schedule needs at PP=2.
@@ -73,8 +73,9 @@ MICRO_BATCH = 1
 # The tokenizer beside the tiny checkpoint (verl_engine.save_tokenizer) spends ids 0-2 on
 # pad, eos and bos; prompts use the others.
 FIRST_PROMPT_ID = 3
-# One Adam step of this size moves every bfloat16 weight of the tiny model (weights ~0.15,
-# bf16 spacing there ~1e-3), so a stale tensor in the sync cannot pass unnoticed.
+# One Adam step of this size moves every tensor of the tiny model in bfloat16 (test weights
+# of std 0.02 to 0.15, where bf16's spacing is 1e-4 to 1e-3), so a stale tensor in the sync
+# cannot pass unnoticed (``weight_sync`` requires each one to change).
 SYNC_LR = 1e-2
 
 # float64, |engine - trainer| and each against the float64 oracle, on log-probs of size
@@ -87,6 +88,7 @@ FLOAT64_BOUND = 1e-10
 # engine's log-probs from its own logits: float32 rounding of logits up to ~10 (measured
 # 5.1e-7 on the float64 tiny model; 0 when the model itself returns float32 logits).
 REPORTED_BOUND = 1e-5
+MULT_PROB_ERROR = "token_mult_prob_error"
 
 
 # ---- the rollout engine ------------------------------------------------------------------
@@ -256,16 +258,19 @@ def verl_metrics(batch, old: torch.Tensor) -> dict[str, float]:
     (``training/rollout_probs_diff_{valid,max,mean,std}``,
     ``training/rollout_actor_probs_pearson_corr``) and the rollout-correction helper's
     (``rollout_corr/*``: KL, perplexities, chi-square, token-level importance weights at
-    verl's default threshold 2)."""
+    verl's default threshold 2); and NeMo RL's ``token_mult_prob_error``."""
     from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
     from verl.utils.debug.metrics import calculate_debug_metrics
 
     batch.batch["old_log_probs"] = old
     metrics = dict(calculate_debug_metrics(batch))
-    _, _, corr = compute_rollout_correction_and_rejection_mask(
-        old, batch.batch["rollout_log_probs"].to(old.dtype), batch.batch["response_mask"],
-        rollout_is="token", rollout_is_threshold=2.0)
+    rollout_log_probs, mask = batch.batch["rollout_log_probs"].to(old.dtype), batch.batch["response_mask"]
+    _, _, corr = compute_rollout_correction_and_rejection_mask(old, rollout_log_probs, mask, rollout_is="token",
+                                                               rollout_is_threshold=2.0)
     metrics.update(corr)
+    # NeMo RL's multiplicative probability error (its docs/adding-new-models.md): the mean
+    # over sampled tokens of exp|log p_trainer - log p_engine|; computed here, not by verl
+    metrics[MULT_PROB_ERROR] = float((old - rollout_log_probs).abs().exp()[mask.bool()].mean())
     return {k: float(v) for k, v in metrics.items()}
 
 

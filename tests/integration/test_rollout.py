@@ -3,13 +3,13 @@ actor worker exports its weights, the oracle's Hugging Face model is built from 
 alone and samples left-padded prompts at a temperature through its KV cache, verl's worker
 scores the same tokens (``infer_batch`` with ``use_fused_kernels``) and verl's own metrics
 compare the two; after one PPO step the engine's weights, updated from a second export,
-equal the trainer's bit for bit. Then the planted bugs of
-``planted_bugs.ROLLOUT_PLANTED`` (temperature on one side only or twice, export defects,
-the engine's decode rotary) must each make its check fail.
+equal the trainer's bit for bit. Then the planted bugs of ``planted_bugs.ROLLOUT_PLANTED``
+(the temperature on one side only or twice, export defects, the engine's decode rotary)
+must each make its check fail.
 
-One process-group set-up and one pair of workers per layout (a module-scoped fixture):
-the tests of a layout and its planted bugs share them. CPU: float64 (the engine and the
-trainer agree to ``rollout.FLOAT64_BOUND``); GPU: bfloat16 under the bf16 rule.
+One process-group set-up and one pair of workers per layout: the checks of a layout and
+its planted bugs share them. CPU: float64 (the engine and the trainer agree to
+``rollout.FLOAT64_BOUND``); GPU: bfloat16 under the bf16 rule.
 
 Skipped when verl or mbridge is not installed (docs/verl.md says how to install them).
 """
@@ -42,40 +42,40 @@ ROLLOUT_LAYOUTS = ("tp1", "tp2_sp", "pp2_cut_adapter", "tp2_pp2_vpp2")
 BELOW_BF16_RESOLUTION = {"decode_rotary_off_by_one"}
 
 
-@pytest.fixture(scope="module", params=layouts(*ROLLOUT_LAYOUTS))
-def loop(request, checkpoint_factory):
-    """verl's workers for this layout on a random checkpoint with a tokenizer beside it."""
-    path = checkpoint_factory("lm", False, name="rollout")
+def rollout_checkpoint(factory) -> str:
+    """A random checkpoint (the session's, drawn for the test dtype) with a tokenizer beside
+    it, which verl's workers read."""
+    path = factory("lm", False, name="rollout")
     if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "tokenizer.json")):
         verl_engine.save_tokenizer(path, CustomSplitLlamaConfig.from_pretrained(path).vocab_size)
     dist.barrier()
-    return rollout.RolloutLoop(path, request.param, DEVICE, DTYPE)
+    return path
 
 
 def _rows(report) -> str:
     return "\n".join(f"{r.name}: {r.max_abs:.3g} (bound {r.bound:.3g})" for r in report.rows)
 
 
-def test_engine_and_trainer_agree(loop):
+@pytest.mark.parametrize("layout", layouts(*ROLLOUT_LAYOUTS))
+def test_rollout_data_path_and_planted_bugs(layout, checkpoint_factory, monkeypatch):
+    """The engine's log-probs equal the trainer's (and each the oracle's), verl's metrics
+    say so, the weights are in sync after an optimizer step, and every rollout bug planted
+    at this layout makes its check fail. One test, so that one set of workers serves all
+    (pytest-xdist would split separate tests over processes, each building its own)."""
+    loop = rollout.RolloutLoop(rollout_checkpoint(checkpoint_factory), layout, DEVICE, DTYPE)
     report = loop.check()
     assert report.passed, _rows(report)
     metrics = report.metrics
     assert metrics["training/rollout_probs_diff_valid"] == 1
     assert metrics["training/rollout_actor_probs_pearson_corr"] > 0.999, metrics
 
-
-def test_weight_sync_after_an_optimizer_step(loop):
     assert loop.weight_sync(loop.rollout()) == []
 
-
-def test_planted_bugs_are_caught(loop, monkeypatch):
-    name = layout_name(loop.layout)
-    bugs = [bug for bug in ROLLOUT_PLANTED if name in bug.layouts
-            and not (DTYPE == torch.bfloat16 and bug.name in BELOW_BF16_RESOLUTION)]
-    if not bugs:
-        pytest.skip(f"no rollout bug is planted at {name}")
+    name = layout_name(layout)
     unnoticed = []
-    for bug in bugs:
+    for bug in ROLLOUT_PLANTED:
+        if name not in bug.layouts or (DTYPE == torch.bfloat16 and bug.name in BELOW_BF16_RESOLUTION):
+            continue
         with monkeypatch.context() as mp:
             bug.plant(mp)
             caught = (not loop.check().passed) if bug.check == "rollout" else bool(loop.weight_sync(loop.rollout()))
