@@ -554,10 +554,50 @@ class RolloutResult:
     report: RolloutReport
     sync_problems: list[str] | None  # None: not run (an engine's rollout file: its engine is not here)
     rollout: Rollout
+    checked: dict = field(default_factory=dict)  # what ran: checkpoint, layout, dtype, temperature, ...
 
     @property
     def passed(self) -> bool:
         return self.report.passed and not self.sync_problems
+
+    def table(self) -> str:
+        """The result as the command line shows it: what ran, one row per comparison,
+        verl's metrics, the weight sync."""
+        rows = self.report.rows
+        width = max([len(r.name) for r in rows] + [10])
+        lines = ["  ".join(f"{k} {v}" for k, v in self.checked.items()),
+                 "log-probs of the response tokens; max_abs = max |a - b|; a row passes when max_abs <= bound",
+                 f"{'comparison':<{width}}  {'max_abs':>10}  {'bound':>10}  result"]
+        lines += [f"{r.name:<{width}}  {r.max_abs:10.3e}  {r.bound:10.3e}  {'pass' if r.passed else 'FAIL'}"
+                  for r in rows]
+        lines.append("metrics (verl's, and NeMo RL's token_mult_prob_error):")
+        lines += [f"  {k} = {v:.6g}" for k, v in self.report.metrics.items()]
+        if self.sync_problems is None:
+            lines.append("weight sync: not run (the rollouts came from a file)")
+        else:
+            lines.append("weight sync after one optimizer step: " + (
+                "every engine weight equals the trainer's, bit for bit" if not self.sync_problems
+                else "FAIL: " + "; ".join(self.sync_problems)))
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        import json
+
+        def listed(t: torch.Tensor | None):
+            return None if t is None else t.tolist()
+
+        rollout = self.rollout
+        return json.dumps({
+            "checked": self.checked, "passed": self.passed,
+            "rows": [{"name": r.name, "max_abs": r.max_abs, "bound": r.bound, "passed": r.passed}
+                     for r in self.report.rows],
+            "metrics": self.report.metrics, "weight_sync_problems": self.sync_problems,
+            "tokens": {"prompts": listed(rollout.prompts), "prompt_mask": listed(rollout.prompt_mask),
+                       "responses": listed(rollout.responses), "response_mask": listed(rollout.response_mask),
+                       "engine_log_probs": listed(rollout.log_probs),
+                       "trainer_log_probs": listed(self.report.old_log_probs)},
+        }, indent=2)
 
 
 def run_rollout(checkpoint: str | None, layout: ParallelLayout, device: str, dtype: torch.dtype, *,
@@ -576,6 +616,7 @@ def run_rollout(checkpoint: str | None, layout: ParallelLayout, device: str, dty
     from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
     from splitllama.verify.tiny import tiny_split_config
 
+    given = checkpoint
     with tempfile.TemporaryDirectory(prefix="splitllama-rollout-") as local:
         if checkpoint is None:
             holder = [os.path.join(local, "tiny") if dist.get_rank() == 0 else None]
@@ -590,4 +631,7 @@ def run_rollout(checkpoint: str | None, layout: ParallelLayout, device: str, dty
         report = loop.check(rollout)
         sync = None if rollouts else loop.weight_sync(rollout)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
-    return RolloutResult(report, sync, rollout)
+    checked = {"checkpoint": given or "built-in tiny model", "layout": str(layout),
+               "dtype": str(dtype).removeprefix("torch."), "device": device, "temperature": temperature,
+               "engine": f"rollouts from {rollouts}" if rollouts else "the oracle (HF generate)"}
+    return RolloutResult(report, sync, rollout, checked)
