@@ -102,19 +102,6 @@ def test_check_passes_on_the_built_in_model_and_reports_what_it_checked(tmp_path
         [" ".join(r[:-4]), *r[-4:]] for r in rows]
 
 
-def test_rollout_passes_on_the_built_in_model(tmp_path):
-    """``splitllama rollout`` end to end (the path the library tests do not take: flags, the
-    built-in checkpoint with its tokenizer, the printed table and the JSON)."""
-    pytest.importorskip("verl.workers.engine_workers")
-    out = tmp_path / "rollout.json"
-    result = run("rollout", "--new-tokens", "3", "--json", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    result_json = json.loads(out.read_text())
-    assert result_json["passed"] and result_json["weight_sync_problems"] == []
-    assert [len(r) for r in result_json["tokens"]["responses"]] == [3] * 4
-    assert result.stdout.splitlines()[-1] == "PASS" and "engine vs trainer" in result.stdout
-
-
 def test_check_exits_1_when_production_is_wrong():
     result = run("check", code=PLANTED_TWO_PROJECTIONS)
     assert result.returncode == 1, result.stdout + result.stderr
