@@ -369,21 +369,16 @@ class RolloutLoop:
             use_cpu_for_verl()
         self.verl_config = verl_engine.verl_config(checkpoint, layout, use_fused_kernels=True,
                                                    micro_batch_size=micro_batch_size, lr=lr)
+        # the scorer's: forward_only, the model in self.dtype (override_transformer_config's
+        # params_dtype, which the bridge honours)
+        scoring = verl_engine.verl_config(
+            checkpoint, layout, use_fused_kernels=True, micro_batch_size=micro_batch_size,
+            override_transformer_config={"params_dtype": str(dtype).removeprefix("torch.")})
+        scoring.actor_rollout_ref.actor.megatron.forward_only = True
         with cpu_schedule_context():
-            self.scorer = verl_engine.actor_worker(self._scoring_config())
+            self.scorer = verl_engine.actor_worker(scoring)
         self._trainer = None
         self._oracles: dict[torch.dtype, torch.nn.Module] = {}
-
-    def _scoring_config(self):
-        """verl's config, ``forward_only``, with the model in ``self.dtype``
-        (``override_transformer_config``'s ``params_dtype``, which the bridge honours)."""
-        import copy
-
-        config = copy.deepcopy(self.verl_config)
-        megatron = config.actor_rollout_ref.actor.megatron
-        megatron.forward_only = True
-        megatron.override_transformer_config.params_dtype = str(self.dtype).removeprefix("torch.")
-        return config
 
     @property
     def trainer(self):
