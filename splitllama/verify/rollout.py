@@ -391,25 +391,37 @@ class RolloutLoop:
     def rank0(self) -> bool:
         return dist.get_rank() == 0
 
-    def _broadcast(self, obj):
-        holder = [obj if self.rank0 else None]
+    def _on_rank0(self, work, weights=None, share: bool = True):
+        """``work(weights)`` (or ``work()``) on rank 0, the engine's side; its result on every
+        rank (``share``) or on rank 0 alone (None elsewhere). ``weights``: an export, whose
+        collectives every rank takes part in to its end, rank 0 too when ``work`` stopped
+        early. A failure on rank 0 is raised on every rank, never left for the others to
+        wait on."""
+        result = error = None
+        if self.rank0:
+            try:
+                result = work() if weights is None else work(weights)
+            except Exception as err:  # raised again below, on every rank
+                error = (type(err) is ValueError, f"{type(err).__name__}: {err}")
+        for _ in weights if weights is not None else ():
+            pass
+        holder = [((result if share else None), error) if self.rank0 else None]
         dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        shared, error = holder[0]
+        if error is not None:
+            raise (ValueError if error[0] else RuntimeError)(f"on the engine's rank 0: {error[1]}")
+        return shared if share else result
 
     def export(self, worker):
-        """The worker's weights as verl hands them to a rollout engine (collective)."""
+        """The worker's weights as verl hands them to a rollout engine (an iterator;
+        collective)."""
         weights, _ = worker.engine.get_per_tensor_param()
-        return weights
+        return iter(weights)
 
     def engine_model(self, worker, dtype: torch.dtype):
-        """The engine's model from ``worker``'s export, on rank 0 (None elsewhere, where the
-        export is only iterated: it is collective)."""
-        weights = self.export(worker)
-        if not self.rank0:
-            for _ in weights:
-                pass
-            return None
-        return engine_model(self.config, weights, dtype, self.device)
+        """The engine's model from ``worker``'s export, on rank 0 (None elsewhere)."""
+        return self._on_rank0(lambda weights: engine_model(self.config, weights, dtype, self.device),
+                              self.export(worker), share=False)
 
     def oracle(self, dtype: torch.dtype):
         """The oracle in ``dtype`` from the checkpoint on disk (rank 0; None elsewhere): in
@@ -421,18 +433,15 @@ class RolloutLoop:
 
     def _scored(self, dtype: torch.dtype, rollout: Rollout) -> torch.Tensor:
         """The oracle's (``dtype``) log-probs of the rollout's tokens, on every rank."""
-        return self._broadcast(reference_log_probs(self.oracle(dtype), rollout, self.temperature)
-                               if self.rank0 else None)
+        return self._on_rank0(lambda: reference_log_probs(self.oracle(dtype), rollout, self.temperature))
 
     def rollout(self, *, new_tokens: int = NEW_TOKENS, seed: int = 0) -> Rollout:
         """Export the scoring worker's weights into a fresh engine model and generate (on
         rank 0; every rank gets the rollout)."""
         model = self.engine_model(self.scorer, self.dtype)
-        if not self.rank0:
-            return self._broadcast(None)
         prompts, mask = prompt_batch(self.config.vocab_size, seed=seed)
-        return self._broadcast(generate(model, prompts, mask, temperature=self.temperature,
-                                        new_tokens=new_tokens, seed=seed))
+        return self._on_rank0(lambda: generate(model, prompts, mask, temperature=self.temperature,
+                                               new_tokens=new_tokens, seed=seed))
 
     def check(self, rollout: Rollout | None = None) -> RolloutReport:
         """The rollout (``self.rollout()`` unless given: an engine of the caller's) scored
@@ -459,22 +468,19 @@ class RolloutLoop:
         model = self.engine_model(self.trainer, torch.bfloat16)
         before = gather_full_state(verl_engine.model_chunks(self.trainer))
         self._ppo_step(rollout)
-        weights = self.export(self.trainer)
-        problems: list[str] = []
-        if self.rank0:
-            load_weights(model, weights)
-        else:
-            for _ in weights:
-                pass
+        self._on_rank0(lambda weights: load_weights(model, weights), self.export(self.trainer), share=False)
         after = gather_full_state(verl_engine.model_chunks(self.trainer))
-        if self.rank0:
+
+        def problems() -> list[str]:
+            found = []
             unchanged = [n for n in after if torch.equal(after[n], before[n])]
             if unchanged:
-                problems.append(f"the optimizer step left {len(unchanged)} tensor(s) unchanged: {unchanged}")
+                found.append(f"the optimizer step left {len(unchanged)} tensor(s) unchanged: {unchanged}")
             engine = {n: p.detach().cpu() for n, p in model.named_parameters()}
-            problems += [f"{n}: engine differs from the trainer" for n in after
-                         if n not in engine or not torch.equal(engine[n], after[n])]
-        return self._broadcast(problems)
+            return found + [f"{n}: engine differs from the trainer" for n in after
+                            if n not in engine or not torch.equal(engine[n], after[n])]
+
+        return self._on_rank0(problems)
 
     def _ppo_step(self, rollout: Rollout) -> None:
         """``RayPPOTrainer._update_actor`` on one mini-batch: verl's ``ppo_loss`` with the

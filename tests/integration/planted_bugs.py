@@ -809,6 +809,19 @@ def _export_kv_names_swapped(mp):
     mp.setattr(bridge, "iter_full_state", swapped)
 
 
+def _export_final_norm_renamed(mp):
+    # a name the engine has no parameter for: its strict loader refuses it, on every rank
+    from splitllama import bridge
+
+    iter_full_state = bridge.iter_full_state
+
+    def renamed(chunks):
+        for name, tensor in iter_full_state(chunks):
+            yield name.replace("model.norm.", "model.final_norm."), tensor
+
+    mp.setattr(bridge, "iter_full_state", renamed)
+
+
 def _decode_rotary_off_by_one(mp):
     # the rollout engine's bug (the oracle as the engine): a decode step (keys already
     # cached) rotates a left-padded row's new token one position too far
@@ -827,9 +840,9 @@ def _decode_rotary_off_by_one(mp):
 
 
 # Run by test_rollout.py beside the checks they must fail (check: "rollout", the
-# engine-vs-trainer comparison, or "weight_sync"), with the verl workers that test built
-# for its layout: building them again per bug would cost a process-group set-up and two
-# workers each. Not in PLANTED, which test_planted_bugs.py runs.
+# engine-vs-trainer comparison or the engine's strict load, or "weight_sync"), with the verl
+# workers that test built for its layout: building them again per bug would cost a
+# process-group set-up and two workers each. Not in PLANTED, which test_planted_bugs.py runs.
 ROLLOUT_PLANTED = [
     PlantedBug("trainer_temperature_dropped", "the engine samples and reports at the temperature, the "
                "trainer scores at 1", ("tp1", "tp2_sp"), _thd_temperature_dropped, check="rollout"),
@@ -842,6 +855,8 @@ ROLLOUT_PLANTED = [
                ("tp1", "pp2_cut_adapter"), _export_kv_names_swapped, check="rollout"),
     PlantedBug("export_kv_names_swapped_sync", "the same, after the optimizer step",
                ("tp1", "tp2_pp2_vpp2"), _export_kv_names_swapped, check="weight_sync"),
+    PlantedBug("export_final_norm_renamed", "export names the final norm model.final_norm.weight",
+               ("tp1", "tp2_sp"), _export_final_norm_renamed, check="rollout"),
     PlantedBug("decode_rotary_off_by_one", "the engine's decode steps rotate left-padded rows one position "
                "too far", ("tp1", "tp2_sp"), _decode_rotary_off_by_one, check="rollout"),
 ]
