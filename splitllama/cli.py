@@ -1,4 +1,4 @@
-"""The ``splitllama`` command: assemble, check, bench. The only module that prints.
+"""The ``splitllama`` command: assemble, check, rollout, bench. The only module that prints.
 
 Each sub-command's work lives in its own module, imported only when that command runs,
 so ``splitllama --help`` and ``splitllama assemble`` stay fast (no megatron import); the
@@ -10,7 +10,8 @@ is found BEFORE any process is launched and printed as one line
 a path that holds no checkpoint are refused before torch is imported. A failure inside a
 distributed run is printed once, exit code 1: by rank 0 under torchrun; when the command
 launched the ranks itself, the first failure of any rank (its cause). ``check`` exits 1
-when production differs from the oracle. Ctrl-C prints one line, exit code 130.
+when production differs from the oracle, ``rollout`` when the rollout engine and verl's
+trainer disagree or the weights are out of sync. Ctrl-C prints one line, exit code 130.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ examples:
   torchrun --nproc-per-node 2 -m splitllama.cli check --tp 2 --sp CKPT
   splitllama assemble --lower L8B --upper L70B --num-lower 16 --num-upper 8 \\
       --adapter init --out SPLIT
+  splitllama rollout --tp 2 --sp                # trainer -> rollout engine -> trainer (verl)
   splitllama bench --json bench.json --plot bench.png   # CUDA only
 """
 
@@ -92,13 +94,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
             "processes itself."
         ),
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="split checkpoint directory")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--sp", action="store_true", help="sequence parallel: splits the tokens over the TP ranks "
-                                                     "(needs --tp > 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--vpp", type=int, default=None, metavar="N",
-                   help="virtual pipeline chunks per stage (needs --pp > 1; default: none)")
+    _add_parallel_flags(p)
     p.add_argument("--layers-per-stage", type=_counts, default=None, metavar="N,N,...",
                    help="layers on each pipeline stage in model order, pp*vpp counts (default: an even "
                         "split); e.g. --pp 2 --layers-per-stage 3,2 for 5 layers")
@@ -123,6 +119,51 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
                    help="how the LM head computes log-probs and entropy: fused (from the hidden "
                         "states in tiles, default) or materialise (from the full logits)")
     p.add_argument("--json", metavar="FILE", help="also write the report (what was checked, every row) as JSON")
+
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="split checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--sp", action="store_true", help="sequence parallel: splits the tokens over the TP ranks "
+                                                     "(needs --tp > 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--vpp", type=int, default=None, metavar="N",
+                   help="virtual pipeline chunks per stage (needs --pp > 1; default: none)")
+
+
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rollout",
+        help="check the RL loop's data path: trainer -> rollout engine -> trainer (verl)",
+        description=(
+            "verl 0.9.1's actor worker loads the model at the given layout and exports its "
+            "weights; a Hugging Face copy of the model (the rollout engine) is built from that "
+            "stream alone and samples left-padded prompts at --temperature; verl's worker "
+            "scores the same tokens as its trainer computes old log-probs (use_fused_kernels); "
+            "both are compared with each other and with the oracle in float64, and verl's "
+            "rollout-vs-trainer metrics are printed. Then one PPO step, a second export, and "
+            "the engine's weights must equal the trainer's bit for bit. With --rollouts, "
+            "another engine's tokens and log-probs are scored instead (docs/rollout.md). "
+            "Exit code 1 on any failure. Without CHECKPOINT a built-in tiny model is used; a "
+            "CHECKPOINT needs a tokenizer in its directory (verl reads one). Needs verl and "
+            "mbridge (docs/verl.md). Run it under torchrun with world size tp*pp, or plainly: "
+            "it then launches that many processes itself."
+        ),
+    )
+    _add_parallel_flags(p)
+    p.add_argument("--dtype", default=None, choices=("float64", "bfloat16"),
+                   help="the engine's and the scoring worker's dtype (default: float64 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--temperature", type=float, default=0.75,
+                   help="sampling temperature, both sides (default 0.75, exact in float32 as verl holds it)")
+    p.add_argument("--new-tokens", type=int, default=4, help="tokens generated per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts, the sampling and the built-in model's weights (default 0)")
+    p.add_argument("--rollouts", metavar="FILE",
+                   help="score another engine's rollouts: a safetensors file of verl's prompts, responses, "
+                        "attention_mask, response_mask and rollout_log_probs (needs CHECKPOINT and the "
+                        "--temperature they were sampled at)")
+    p.add_argument("--json", metavar="FILE", help="also write the result (rows, metrics, tokens, log-probs) as JSON")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -241,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_assemble(sub)
     _add_check(sub)
+    _add_rollout(sub)
     _add_bench(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -411,8 +453,9 @@ def _wait_for_ranks(procs: list[subprocess.Popen]) -> None:
         time.sleep(0.1)
 
 
-def _check(args, argv: list[str]) -> int:
-    layout, head, dtype, device = _check_inputs(args)
+def _launch_or_join(layout, device: str, argv: list[str]) -> int | None:
+    """Launch the ranks (returns their exit code) when not one of them and the layout needs
+    more than one; else join the process group of ``layout.world_size`` ranks (None)."""
     if device == "cpu":  # megatron's CUDA stream advice (it says so for every SP layer)
         import warnings
 
@@ -428,8 +471,7 @@ def _check(args, argv: list[str]) -> int:
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
-    from splitllama.distributed import init_distributed, shutdown
-    from splitllama.verify.check import run_check
+    from splitllama.distributed import init_distributed
 
     hf_logging.disable_progress_bar()  # the oracle's save/load of a small checkpoint: noise here
     launch = os.environ.get(LAUNCH_DIR_ENV)
@@ -437,6 +479,19 @@ def _check(args, argv: list[str]) -> int:
         "SPLITLLAMA_COLLECTIVE_TIMEOUT", "300"))),
         init_method=Path(launch, RENDEZVOUS_FILE).as_uri() if launch else None)
     assert dist.get_world_size() == layout.world_size, (dist.get_world_size(), layout)
+    return None
+
+
+def _check(args, argv: list[str]) -> int:
+    layout, head, dtype, device = _check_inputs(args)
+    launched = _launch_or_join(layout, device, argv)
+    if launched is not None:
+        return launched
+    import torch.distributed as dist
+
+    from splitllama.distributed import shutdown
+    from splitllama.verify.check import run_check
+
     report = run_check(args.checkpoint, layout, head, dtype, device, seed=args.seed, mlp=args.mlp,
                        options=ModelOptions(recompute=args.recompute, log_probs=args.log_probs),
                        fresh_value_head=args.fresh_value_head)
@@ -446,6 +501,89 @@ def _check(args, argv: list[str]) -> int:
         emit(report.table())
     shutdown()
     return 0 if report.passed else 1
+
+
+# ---- rollout -----------------------------------------------------------------------------
+def _rollout_inputs(args):
+    """Everything ``rollout`` can refuse before launching: (layout, dtype, device). The flags
+    are checked first, before torch is imported."""
+    import importlib.util
+    import math
+
+    try:
+        check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    _check_output_file("--json", args.json)
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.new_tokens < 1:
+        raise UsageError(f"--new-tokens must be a positive int, got {args.new_tokens}")
+    if args.rollouts and not args.checkpoint:
+        raise UsageError("--rollouts needs the CHECKPOINT its engine ran (the built-in model generated nothing)")
+    if args.rollouts and not Path(args.rollouts).is_file():
+        raise UsageError(f"--rollouts {args.rollouts} is not a file")
+    missing = [name for name in ("verl", "mbridge") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"rollout runs verl's trainer: {' and '.join(missing)} not installed (docs/verl.md)")
+    if args.checkpoint:
+        _checkpoint_config(args.checkpoint, fields_only=True)  # a path holding no checkpoint: refused now
+        if not any(Path(args.checkpoint, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise UsageError(f"{args.checkpoint} holds no tokenizer (tokenizer.json or tokenizer_config.json): "
+                             "verl's worker reads one from the model directory")
+    import torch
+
+    from splitllama.layout import ParallelLayout
+    from splitllama.verify.tiny import tiny_split_config
+
+    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    config = _checkpoint_config(args.checkpoint) if args.checkpoint else tiny_split_config()
+    try:
+        layout.validate(config)
+    except ValueError as err:
+        # verl's bridge splits the layers evenly: the uneven split the message offers is not
+        # reachable through verl
+        message = str(err).split("; pass layers_per_stage")[0]
+        raise UsageError(f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}: {message}"
+                         + (" (verl splits the layers evenly)" if message != str(err) else "")) from err
+    return layout, dtype, device
+
+
+def _rollout(args, argv: list[str]) -> int:
+    layout, dtype, device = _rollout_inputs(args)
+    launched = _launch_or_join(layout, device, argv)
+    if launched is not None:
+        return launched
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from splitllama.distributed import shutdown
+    from splitllama.verify.rollout import run_rollout
+
+    # verl's engine prints its configs and model sizes to stdout, and verl and mbridge warn
+    # about engines and kernels they cannot import: shown with --debug only
+    quiet = contextlib.ExitStack()
+    if not args.debug:
+        import warnings
+
+        quiet.enter_context(warnings.catch_warnings())
+        for module in (r"verl(\.|$)", r"mbridge(\.|$)"):
+            warnings.filterwarnings("ignore", module=module)
+    with quiet, contextlib.redirect_stdout(sys.stderr if args.debug else io.StringIO()):
+        result = run_rollout(args.checkpoint, layout, device, dtype, rollouts=args.rollouts,
+                             temperature=args.temperature, new_tokens=args.new_tokens, seed=args.seed)
+    if dist.get_rank() == 0:
+        if args.json:
+            Path(args.json).write_text(result.to_json())
+        emit(result.table())
+    shutdown()
+    return 0 if result.passed else 1
 
 
 # ---- bench -------------------------------------------------------------------------------
@@ -501,6 +639,8 @@ def _run(args, argv: list[str], rank: int) -> int:
             return _assemble(args)
         if args.command == "check":
             return _check(args, argv)
+        if args.command == "rollout":
+            return _rollout(args, argv)
         return _bench(args)
     except UsageError as err:
         _report(args, rank, f"splitllama {args.command}: error: {in_flag_terms(args.command, str(err))}")

@@ -15,4 +15,7 @@ function, so ``import splitllama`` never loads it.
                        Adam against the oracle's AdamW step
 ``verl_engine``        verl's engine object and batches around bridge-built chunks (tests,
                        benchmark)
+``rollout``            the RL loop's data path: verl's export -> the oracle as a rollout engine
+                       (``generate``) -> verl's old log-probs and its rollout-vs-trainer
+                       metrics; the weight sync after an optimizer step (docs/rollout.md)
 """

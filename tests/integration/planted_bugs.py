@@ -4,8 +4,10 @@ The first five are defects of the earlier implementation or public bugs of the s
 family (docs/verification.md); the others guard the pipeline, log-prob and saving code. Each bug is a
 monkeypatch of production code (production itself carries no bug switches) plus the check
 that must catch it and the layouts where the bug can show. ``test_planted_bugs.py`` runs
-them in the gate; run them alone with ``pytest tests/integration -k planted`` (and under
+``PLANTED`` in the gate; run them alone with ``pytest tests/integration -k planted`` (and under
 ``torchrun --nproc-per-node 2`` / ``4`` for the layouts that need more processes).
+``ROLLOUT_PLANTED`` (the RL loop's data path: the trainer, the export and the rollout
+engine, which is the oracle) runs in ``test_rollout.py``, beside the checks it must fail.
 """
 
 from __future__ import annotations
@@ -757,4 +759,104 @@ PLANTED = [
     # megatron marks split weights at any TP size, so TP=1 shows it
     PlantedBug("row_parallel_marked_dim_0", "row-parallel weights (o_proj, down_proj, the mlp adapter's second "
                "linear) marked partition_dim 0", ("tp1",), _row_parallel_marked_dim_0, check="tensor_parallel_marks"),
+]
+
+
+
+# ---- the RL loop's data path (tests/integration/test_rollout.py) --------------------------------
+def _thd_temperature_twice(mp):
+    thd_batch = batches.thd_batch
+
+    def at_temperature_squared(*args, **kwargs):
+        temperature = kwargs.get("temperature")
+        return thd_batch(*args, **{**kwargs, "temperature": None if temperature is None else temperature ** 2})
+
+    mp.setattr(batches, "thd_batch", at_temperature_squared)
+
+
+def _export_qkv_concatenated(mp):
+    # the export alone: the model keeps its (right) interleaved q/k/v, what leaves it is cut
+    # as [Q; K; V]. The tests' gradient gathering reads the same function, so only the
+    # engine's outputs can show it
+    from splitllama.checkpoint import split as split_checkpoint
+
+    unshard = split_checkpoint.unshard
+
+    def concatenated(spec, locals_by_rank):
+        if not isinstance(spec.sharding, sharding.FusedQKV):
+            return unshard(spec, locals_by_rank)
+        kind = spec.sharding
+        q_rows = locals_by_rank[0].shape[0] * kind.heads // (kind.heads + 2 * kind.groups)
+        kv_rows = (locals_by_rank[0].shape[0] - q_rows) // 2
+        per_rank = [local.split([q_rows, kv_rows, kv_rows], 0) for local in locals_by_rank]
+        return [torch.cat([pieces[i] for pieces in per_rank], 0) for i in range(3)]
+
+    mp.setattr(split_checkpoint, "unshard", concatenated)
+
+
+def _export_kv_names_swapped(mp):
+    # k_proj and v_proj have the same shape, so a strict loader takes them
+    from splitllama import bridge
+
+    iter_full_state = bridge.iter_full_state
+    swap = {"k_proj": "v_proj", "v_proj": "k_proj"}
+
+    def swapped(chunks):
+        for name, tensor in iter_full_state(chunks):
+            parts = name.split(".")
+            yield ".".join(swap.get(part, part) for part in parts), tensor
+
+    mp.setattr(bridge, "iter_full_state", swapped)
+
+
+def _export_final_norm_renamed(mp):
+    # a name the engine has no parameter for: its strict loader refuses it, on every rank
+    from splitllama import bridge
+
+    iter_full_state = bridge.iter_full_state
+
+    def renamed(chunks):
+        for name, tensor in iter_full_state(chunks):
+            yield name.replace("model.norm.", "model.final_norm."), tensor
+
+    mp.setattr(bridge, "iter_full_state", renamed)
+
+
+def _decode_rotary_off_by_one(mp):
+    # the rollout engine's bug (the oracle as the engine): a decode step (keys already
+    # cached) rotates a left-padded row's new token one position too far
+    from oracle import modeling
+
+    forward = modeling.CustomSplitLLamaModel.forward
+
+    def shifted(self, **kwargs):
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if cache is not None and cache.get_seq_length() > 0 and mask is not None and positions is not None:
+            kwargs["position_ids"] = positions + (mask[:, :1] == 0).to(positions.dtype)
+        return forward(self, **kwargs)
+
+    mp.setattr(modeling.CustomSplitLLamaModel, "forward", shifted)
+
+
+# Run by test_rollout.py beside the checks they must fail (check: "rollout", the
+# engine-vs-trainer comparison or the engine's strict load, or "weight_sync"), with the verl
+# workers that test built for its layout: building them again per bug would cost a
+# process-group set-up and two workers each. Not in PLANTED, which test_planted_bugs.py runs.
+ROLLOUT_PLANTED = [
+    PlantedBug("trainer_temperature_dropped", "the engine samples and reports at the temperature, the "
+               "trainer scores at 1", ("tp1", "tp2_sp"), _thd_temperature_dropped, check="rollout"),
+    PlantedBug("trainer_temperature_twice", "the trainer divides the logits by the temperature twice",
+               ("tp1", "tp2_pp2_vpp2"), _thd_temperature_twice, check="rollout"),
+    # tp1: at TP=2 each rank of the tiny model holds one query group, where the two orders agree
+    PlantedBug("export_qkv_concatenated", "export cuts the fused QKV as [Q; K; V] instead of per query "
+               "group", ("tp1",), _export_qkv_concatenated, check="rollout"),
+    PlantedBug("export_kv_names_swapped", "export names k_proj's tensor v_proj and v_proj's k_proj",
+               ("tp1", "pp2_cut_adapter"), _export_kv_names_swapped, check="rollout"),
+    PlantedBug("export_kv_names_swapped_sync", "the same, after the optimizer step",
+               ("tp1", "tp2_pp2_vpp2"), _export_kv_names_swapped, check="weight_sync"),
+    PlantedBug("export_final_norm_renamed", "export names the final norm model.final_norm.weight",
+               ("tp1", "tp2_sp"), _export_final_norm_renamed, check="rollout"),
+    PlantedBug("decode_rotary_off_by_one", "the engine's decode steps rotate left-padded rows one position "
+               "too far", ("tp1", "tp2_sp"), _decode_rotary_off_by_one, check="rollout"),
 ]

@@ -42,7 +42,7 @@ def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
 
 def test_help_lists_commands_and_examples():
     text = build_parser().format_help()
-    for word in ("assemble", "check", "bench", "splitllama check --tp 2 --sp", "--version"):
+    for word in ("assemble", "check", "rollout", "bench", "splitllama check --tp 2 --sp", "--version"):
         assert word in text
 
 

@@ -231,6 +231,16 @@ CATALOGUE = [
         "--adapter 'identity' needs equal hidden sizes, got lower 64 and upper 128 (use --adapter 'init' or"),
     Row("assemble_identity_with_mlp", _assemble("llama", "llama", "", 1, "--mlp", "--adapter", "identity"),
         "--adapter 'identity' needs the linear adapter (got --mlp)"),
+    # rollout: what verl's worker needs, and the rollouts of another engine
+    Row("rollout_checkpoint_without_tokenizer", lambda b: ["rollout", str(b["good"])],
+        "holds no tokenizer (tokenizer.json or tokenizer_config.json): verl's worker reads one"),
+    Row("rollouts_without_checkpoint", lambda b: ["rollout", "--rollouts", str(b["good"] / SINGLE_FILE)],
+        "--rollouts needs the CHECKPOINT its engine ran"),
+    Row("rollout_temperature_zero", lambda b: ["rollout", "--temperature", "0"],
+        "--temperature must be a positive number, got 0.0"),
+    Row("rollout_uneven_pipeline_split", lambda b: ["rollout", "--pp", "3"],
+        "--tp 1 --pp 3: 4 layers (num_layers_8=2 + num_layers_70=2) do not split evenly over 3 pipeline stages "
+        "(pp=3 x vpp=1) (verl splits the layers evenly)"),
     # named by the command it was given to, as that command's own errors are
     Row("unknown_flag", lambda b: ["check", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     Row("unknown_assemble_flag", _assemble("llama", "llama_70b_shape", "", 1, "--no-such-flag"),
