@@ -273,12 +273,11 @@ def test_distributed_optimizer_resumes_bitwise(sharding, checkpoint_factory, tmp
 
 
 # ---- verl's own checkpoint manager -----------------------------------------------------------
-@pytest.mark.parametrize("layout", layouts("tp2", "tp2_pp2_vpp2"))
-def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp_path_factory):
-    """verl 0.9.1's ``MegatronCheckpointManager`` (unmodified) with dist checkpointing saves
-    the model and megatron's distributed optimizer after one step and resumes them into a
-    fresh trainer; the next step is bit for bit the uninterrupted run's. Its RNG ("extra")
-    content is left out: on CPU megatron's RNG tracker holds no CUDA states to restore."""
+def _verl_checkpoint_manager(checkpoint_factory, tmp_path_factory, fully_reshardable: bool):
+    """(the split checkpoint's config and path, the step directory every rank sees, a function
+    building verl 0.9.1's ``MegatronCheckpointManager`` around ``(chunks, wrapped, optimizer)``
+    with dist checkpointing, model and optimizer contents, and ``fully_reshardable`` as
+    ``dist_ckpt_optim_fully_reshardable``)."""
     manager_module = pytest.importorskip("verl.utils.checkpoint.megatron_checkpoint_manager")
     from omegaconf import OmegaConf
 
@@ -289,7 +288,7 @@ def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp
     directory = os.path.join(shared_tmpdir(tmp_path_factory), "global_step_1")
     contents = ["model", "optimizer"]
     verl_config = OmegaConf.create({"model": {"path": source},
-                                    "megatron": {"dist_ckpt_optim_fully_reshardable": False,
+                                    "megatron": {"dist_ckpt_optim_fully_reshardable": fully_reshardable,
                                                  "distrib_optim_fully_reshardable_mem_efficient": False}})
     checkpoint_config = OmegaConf.create({"save_contents": contents, "load_contents": contents,
                                           "async_save": False})
@@ -301,6 +300,18 @@ def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp
             arch=config.architectures[0], hf_config=config, param_dtype=OPTIMIZER_DTYPE,
             share_embeddings_and_output_weights=False, processing_class=None, optimizer=optimizer,
             optimizer_scheduler=None, use_distributed_optimizer=True, use_dist_checkpointing=True)
+
+    return config, source, directory, manager, manager_module
+
+
+@pytest.mark.parametrize("layout", layouts("tp2", "tp2_pp2_vpp2"))
+def test_verl_checkpoint_manager_resumes_bitwise(layout, checkpoint_factory, tmp_path_factory):
+    """verl 0.9.1's ``MegatronCheckpointManager`` (unmodified) with dist checkpointing saves
+    the model and megatron's distributed optimizer after one step and resumes them into a
+    fresh trainer; the next step is bit for bit the uninterrupted run's. Its RNG ("extra")
+    content is left out: on CPU megatron's RNG tracker holds no CUDA states to restore."""
+    config, source, directory, manager, manager_module = _verl_checkpoint_manager(
+        checkpoint_factory, tmp_path_factory, fully_reshardable=False)
 
     chunks, wrapped, optimizer = trainer(source, layout)
     train_step(wrapped, optimizer)
@@ -367,32 +378,12 @@ def test_verl_fully_reshardable_resume_fails_in_verl_for_gptmodel_too(layout, ch
     reshardable optimizer: test_verl's SFT run; dist checkpointing with verl's default
     optimizer format: test_verl_checkpoint_manager_resumes_bitwise). Should this test fail,
     verl has fixed its loader: drop the note from docs/verl.md."""
-    manager_module = pytest.importorskip("verl.utils.checkpoint.megatron_checkpoint_manager")
-    from omegaconf import OmegaConf
-
-    from tests.integration.conftest import shared_tmpdir
-
-    source = checkpoint_factory("lm", False)
-    config = CustomSplitLlamaConfig.from_pretrained(source)
-    directory = os.path.join(shared_tmpdir(tmp_path_factory), "global_step_1")
-    contents = ["model", "optimizer"]
-    verl_config = OmegaConf.create({"model": {"path": source},
-                                    "megatron": {"dist_ckpt_optim_fully_reshardable": True,
-                                                 "distrib_optim_fully_reshardable_mem_efficient": False}})
-    checkpoint_config = OmegaConf.create({"save_contents": contents, "load_contents": contents,
-                                          "async_save": False})
+    config, source, directory, manager, manager_module = _verl_checkpoint_manager(
+        checkpoint_factory, tmp_path_factory, fully_reshardable=True)
 
     def built():
         setup_parallel(layout, DEVICE)
         return _gpt_trainer()
-
-    def manager(chunks, wrapped, optimizer):
-        return manager_module.MegatronCheckpointManager(
-            config=verl_config, checkpoint_config=checkpoint_config, model_config=config,
-            transformer_config=chunks[0].config, role="actor", model=torch.nn.ModuleList(wrapped),
-            arch=config.architectures[0], hf_config=config, param_dtype=OPTIMIZER_DTYPE,
-            share_embeddings_and_output_weights=False, processing_class=None, optimizer=optimizer,
-            optimizer_scheduler=None, use_distributed_optimizer=True, use_dist_checkpointing=True)
 
     saving = manager(*built())
     with cuda_means_cpu():
