@@ -188,6 +188,7 @@ def main(argv=None) -> dict:
         observed[name] = outputs(worker, check)
         if args.max_tokens:
             report[name]["max_tokens"] = max_tokens(worker)
+        print(json.dumps({name: report[name]}), flush=True)  # each path as soon as it is measured
         del worker
         _free(device)
 
