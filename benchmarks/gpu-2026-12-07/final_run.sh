@@ -7,7 +7,8 @@
 #            rollout` in bf16, verl's engine step with use_fused_kernels off and on
 #            (benchmarks/verl_engine.py; H200 only) and the integration suite on the tiny
 #            models (bf16, NCCL, worlds of one under pytest-xdist). *_LIMIT: each step's
-#            seconds; VERL_ARGS: benchmarks/verl_engine.py's search flags.
+#            seconds; VERL_ARGS: benchmarks/verl_engine.py's search flags; VERL_SMALL=1: on a
+#            card under 100 GB (an H100), verl's step at 1 + 1 layers instead of none.
 #   STAGE=2  carries the archive's second part (.xfer/a2), joins and checks it, then runs
 #            flash-attn 4's kernel tests, planted bugs and the real-shape parity tests with
 #            flash-attn 4 as the default backend, then the bench's long-context part.
@@ -62,6 +63,10 @@ transformers.__version__, megatron.core.__version__, verl.__version__, torch.cud
     if [ "$MIB" -gt 100000 ]; then
       run verl_2p2 ${VERL_LIMIT:-150} python3 benchmarks/verl_engine.py --lower 2 --upper 2 --tokens 16384 \
         ${VERL_ARGS:---max-tokens} --repeats 3 --warmup 1 --json "$OUT/verl_engine_2p2.json"
+    elif [ -n "${VERL_SMALL:-}" ]; then
+      # an H100: 1 + 1 layers (~2.65e9 parameters, ~48 GiB of state) leave room for activations
+      run verl_1p1 ${VERL_LIMIT:-150} python3 benchmarks/verl_engine.py --lower 1 --upper 1 --tokens 8192 \
+        ${VERL_ARGS:---max-tokens} --repeats 3 --warmup 1 --json "$OUT/verl_engine_1p1.json"
     else
       echo "== verl_2p2: not run, $MIB MiB of GPU memory"
     fi
