@@ -104,7 +104,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh-value-head", action="store_true",
                    help="with --value: start from a CausalLM checkpoint (lm_head.weight) with a freshly "
                         "initialised value head, seeded by --seed")
-    p.add_argument("--mlp", action="store_true", help="built-in tiny model with the mlp adapter")
+    p.add_argument("--mlp", action="store_true",
+                   help="built-in tiny model with the mlp adapter (without CHECKPOINT only: a checkpoint's "
+                        "config names its adapter)")
     p.add_argument(
         "--dtype", default=None, choices=("float32", "float64", "bfloat16"),
         help="compute dtype (default: float64 on CPU, bfloat16 on CUDA)",
@@ -335,6 +337,10 @@ def _check_inputs(args):
         raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
     if args.fresh_value_head and not args.checkpoint:
         raise UsageError("--fresh-value-head needs a CHECKPOINT (the built-in model with --value has a value head)")
+    if args.mlp and args.checkpoint:
+        # the adapter of a checkpoint is its config's; --mlp would otherwise be dropped silently
+        raise UsageError("--mlp chooses the built-in tiny model's adapter; a CHECKPOINT's adapter is the one "
+                         "its config.json names (drop --mlp)")
     if args.checkpoint:
         _checkpoint_config(args.checkpoint, fields_only=True)  # a path holding no checkpoint: refused now
     import torch

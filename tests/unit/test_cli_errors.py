@@ -220,6 +220,8 @@ CATALOGUE = [
         "is a value checkpoint (score.weight, no lm_head.weight): check it with --value"),
     Row("fresh_value_head_without_value", lambda b: ["check", "--fresh-value-head", str(b["good"])],
         "--fresh-value-head needs --value"),
+    Row("mlp_with_a_checkpoint", lambda b: ["check", "--mlp", str(b["good"])],
+        "--mlp chooses the built-in tiny model's adapter; a CHECKPOINT's adapter is the one its config.json names"),
     Row("json_in_a_missing_directory", lambda b: ["check", "--json", "/nonexistent/dir/report.json"],
         "--json /nonexistent/dir/report.json: the directory /nonexistent/dir does not exist"),
     Row("assemble_num_lower_out_of_range", _assemble("llama", "llama_70b_shape", num_lower=5),
