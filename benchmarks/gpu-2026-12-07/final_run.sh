@@ -64,7 +64,8 @@ transformers.__version__, megatron.core.__version__, verl.__version__, torch.cud
       run verl_2p2 ${VERL_LIMIT:-150} python3 benchmarks/verl_engine.py --lower 2 --upper 2 --tokens 16384 \
         ${VERL_ARGS:---max-tokens} --repeats 3 --warmup 1 --json "$OUT/verl_engine_2p2.json"
     elif [ -n "${VERL_SMALL:-}" ]; then
-      # an H100: 1 + 1 layers (~2.65e9 parameters, ~48 GiB of state) leave room for activations
+      # an H100: 1 + 1 layers (2.683e9 parameters, 45 GiB of weights, float32 gradients and Adam
+      # state) leave room for activations
       run verl_1p1 ${VERL_LIMIT:-150} python3 benchmarks/verl_engine.py --lower 1 --upper 1 --tokens 8192 \
         ${VERL_ARGS:---max-tokens} --repeats 3 --warmup 1 --json "$OUT/verl_engine_1p1.json"
     else
