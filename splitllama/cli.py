@@ -328,10 +328,7 @@ def _assemble(args) -> int:
 def _check_inputs(args):
     """Everything ``check`` can refuse before launching: (layout, head, dtype, device).
     The flags are checked first, before torch is imported."""
-    try:
-        check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    _check_parallel_flags(args)
     _check_output_file("--json", args.json)
     if args.fresh_value_head and not args.value:
         raise UsageError("--fresh-value-head needs --value (it starts a value model from a CausalLM checkpoint)")
@@ -345,14 +342,8 @@ def _check_inputs(args):
         _checkpoint_config(args.checkpoint, fields_only=True)  # a path holding no checkpoint: refused now
     import torch
 
-    from splitllama.layout import ParallelLayout
-
-    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None,
-                            layers_per_stage=args.layers_per_stage)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    layout = _layout(args, args.layers_per_stage)
+    device, dtype = _device_and_dtype(args)
     if device == "cpu" and dtype == torch.bfloat16:
         raise UsageError("--dtype bfloat16 is checked on CUDA only (the error-ratio rule needs GPU "
                          "kernels); on CPU use float64 or float32")
@@ -364,11 +355,44 @@ def _check_inputs(args):
     try:
         layout.validate(config)
     except ValueError as err:
-        flags = f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}"
+        flags = _layout_flags(args)
         if args.layers_per_stage:
             flags += f" --layers-per-stage {','.join(map(str, args.layers_per_stage))}"
         raise UsageError(f"{flags}: {err}") from err
     return layout, head, dtype, device
+
+
+def _check_parallel_flags(args) -> None:
+    """--tp, --sp, --pp and --vpp by the rules of ``parallel_sizes`` (standard library only)."""
+    try:
+        check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _layout(args, layers_per_stage=None):
+    """The ``ParallelLayout`` of the flags (``--vpp 1`` is no virtual pipeline)."""
+    from splitllama.layout import ParallelLayout
+
+    return ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None,
+                          layers_per_stage=layers_per_stage)
+
+
+def _device_and_dtype(args):
+    """(--device, --dtype) with their defaults: cuda where one is visible; bfloat16 on cuda,
+    float64 on cpu."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    return device, dtype
+
+
+def _layout_flags(args) -> str:
+    """The layout's flags as the user gave them, for a message about the layout."""
+    return f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}"
 
 
 def _check_output_file(flag: str, path: str | None) -> None:
@@ -516,10 +540,7 @@ def _rollout_inputs(args):
     import importlib.util
     import math
 
-    try:
-        check_parallel_sizes(args.tp, args.sp, args.pp, args.vpp, names=FLAG_NAMES)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    _check_parallel_flags(args)
     _check_output_file("--json", args.json)
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature must be a positive number, got {args.temperature}")
@@ -537,16 +558,10 @@ def _rollout_inputs(args):
         if not any(Path(args.checkpoint, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise UsageError(f"{args.checkpoint} holds no tokenizer (tokenizer.json or tokenizer_config.json): "
                              "verl's worker reads one from the model directory")
-    import torch
-
-    from splitllama.layout import ParallelLayout
     from splitllama.verify.tiny import tiny_split_config
 
-    layout = ParallelLayout(tp=args.tp, sp=args.sp, pp=args.pp, vpp=args.vpp if args.vpp and args.vpp > 1 else None)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible (allowed here: cpu)")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float64)
+    layout = _layout(args)
+    device, dtype = _device_and_dtype(args)
     config = _checkpoint_config(args.checkpoint) if args.checkpoint else tiny_split_config()
     try:
         layout.validate(config)
@@ -554,7 +569,7 @@ def _rollout_inputs(args):
         # verl's bridge splits the layers evenly: the uneven split the message offers is not
         # reachable through verl
         message = str(err).split("; pass layers_per_stage")[0]
-        raise UsageError(f"--tp {args.tp} --pp {args.pp}{f' --vpp {args.vpp}' if args.vpp else ''}: {message}"
+        raise UsageError(f"{_layout_flags(args)}: {message}"
                          + (" (verl splits the layers evenly)" if message != str(err) else "")) from err
     return layout, dtype, device
 
