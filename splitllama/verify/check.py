@@ -17,7 +17,7 @@ from splitllama.verify.tiny import tiny_split_config
 from splitllama.layout import ParallelLayout
 from splitllama.options import ModelOptions, model_options
 from splitllama.verify.batches import check_microbatches
-from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
+from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint, written_by_rank0
 from splitllama.verify.rules import BUILT_IN_MODEL, Report
 from splitllama.verify.runner import run_parity
 
@@ -52,13 +52,8 @@ def run_check(checkpoint: str | None, layout: ParallelLayout, head: wn.Head, dty
     given = checkpoint
     with tempfile.TemporaryDirectory(prefix="splitllama-check-") as local:
         if checkpoint is None:
-            holder = [local if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(holder, src=0)
-            checkpoint = holder[0]
-            if dist.get_rank() == 0:
-                random_split_checkpoint(tiny_split_config(mlp=mlp), checkpoint, head, seed=seed,
-                                        **TEST_CHECKPOINT_INIT[dtype])
-            dist.barrier()
+            checkpoint = written_by_rank0(local, lambda path: random_split_checkpoint(
+                tiny_split_config(mlp=mlp), path, head, seed=seed, **TEST_CHECKPOINT_INIT[dtype]))
         else:
             holder = [None]
             if dist.get_rank() == 0:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from splitllama import weight_names as wn
 from splitllama.config import CustomSplitLlamaConfig
@@ -60,3 +62,15 @@ def random_split_checkpoint(config: CustomSplitLlamaConfig, out_dir: str, head: 
                 param.copy_(std * noise)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def written_by_rank0(directory: str, write: Callable[[str], object]) -> str:
+    """Rank 0's ``directory`` on every rank, once rank 0 has run ``write(directory)``: the
+    built-in model of ``splitllama check`` and ``rollout``, written once for the whole world
+    (the ranks share this machine's file system). Collective."""
+    holder = [directory if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    if dist.get_rank() == 0:
+        write(holder[0])
+    dist.barrier()
+    return holder[0]

@@ -58,7 +58,7 @@ from splitllama.cpu_support import cpu_schedule_context, use_cpu_for_verl
 from splitllama.distributed import setup_parallel
 from splitllama.layout import ParallelLayout
 from splitllama.verify import verl_engine
-from splitllama.verify.rules import bf16_allowed_error
+from splitllama.verify.rules import BUILT_IN_MODEL, bf16_allowed_error
 from splitllama.verify.runner import agree, gather_full_state, load_oracle
 
 # Exact in binary: verl holds the trainer's temperature in float32 (its fused path reads
@@ -307,7 +307,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def _row(name: str, err: float, bound: float) -> Row:
-    return Row(name, err, bound, not math.isnan(err) and (err <= bound or bound == math.inf and err < math.inf))
+    return Row(name, err, bound, not math.isnan(err) and err <= bound)
 
 
 def compare(rollout: Rollout, old: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
@@ -615,25 +615,24 @@ def run_rollout(checkpoint: str | None, layout: ParallelLayout, device: str, dty
     import os
     import tempfile
 
-    from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint
+    from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT, random_split_checkpoint, written_by_rank0
     from splitllama.verify.tiny import tiny_split_config
+
+    def built_in(path: str) -> None:  # with the tokenizer verl's worker reads
+        config = tiny_split_config()
+        random_split_checkpoint(config, path, "lm", seed=seed, **TEST_CHECKPOINT_INIT[dtype])
+        verl_engine.save_tokenizer(path, config.vocab_size)
 
     given = checkpoint
     with tempfile.TemporaryDirectory(prefix="splitllama-rollout-") as local:
         if checkpoint is None:
-            holder = [os.path.join(local, "tiny") if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(holder, src=0)
-            checkpoint = holder[0]
-            if dist.get_rank() == 0:
-                random_split_checkpoint(tiny_split_config(), checkpoint, "lm", seed=seed, **TEST_CHECKPOINT_INIT[dtype])
-                verl_engine.save_tokenizer(checkpoint, tiny_split_config().vocab_size)
-            dist.barrier()
+            checkpoint = written_by_rank0(os.path.join(local, "tiny"), built_in)
         loop = RolloutLoop(checkpoint, layout, device, dtype, temperature=temperature)
         rollout = read_rollouts(rollouts) if rollouts else loop.rollout(new_tokens=new_tokens, seed=seed)
         report = loop.check(rollout)
         sync = None if rollouts else loop.weight_sync(rollout)
         dist.barrier()  # rank 0's temporary checkpoint outlives every rank's reading
-    checked = {"checkpoint": given or "built-in tiny model", "layout": str(layout),
+    checked = {"checkpoint": given or BUILT_IN_MODEL, "layout": str(layout),
                "dtype": str(dtype).removeprefix("torch."), "device": device, "temperature": temperature,
                "engine": f"rollouts from {rollouts}" if rollouts else "the oracle (HF generate)"}
     return RolloutResult(report, sync, rollout, checked, loop)
