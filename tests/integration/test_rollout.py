@@ -17,21 +17,19 @@ Skipped when verl or mbridge is not installed (docs/verl.md says how to install 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("mbridge")
 pytest.importorskip("verl.workers.engine_workers")
 
 import splitllama.bridge  # noqa: E402,F401  (registers custom_split_llama with mbridge)
-from splitllama.config import CustomSplitLlamaConfig  # noqa: E402
-from splitllama.verify import rollout, verl_engine  # noqa: E402
+from splitllama.verify import rollout  # noqa: E402
 from tests.integration.conftest import DEVICE, DTYPE  # noqa: E402
 from tests.integration.layouts import layout_name, layouts  # noqa: E402
 from tests.integration.planted_bugs import ROLLOUT_PLANTED  # noqa: E402
+from tests.integration.test_verl import with_tokenizer  # noqa: E402
 
 # The layouts verl's bridge builds (an even layer split): TP=1, TP=2 + SP, PP=2 and
 # TP=2 x PP=2 x VPP=2.
@@ -43,16 +41,6 @@ ROLLOUT_LAYOUTS = ("tp1", "tp2_sp", "pp2_cut_adapter", "tp2_pp2_vpp2")
 BELOW_BF16_RESOLUTION = {"decode_rotary_off_by_one"}
 
 
-def rollout_checkpoint(factory) -> str:
-    """A random checkpoint (the session's, drawn for the test dtype) with a tokenizer beside
-    it, which verl's workers read."""
-    path = factory("lm", False, name="rollout")
-    if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "tokenizer.json")):
-        verl_engine.save_tokenizer(path, CustomSplitLlamaConfig.from_pretrained(path).vocab_size)
-    dist.barrier()
-    return path
-
-
 @pytest.mark.parametrize("layout", layouts(*ROLLOUT_LAYOUTS))
 def test_rollout_data_path_and_planted_bugs(layout, checkpoint_factory, monkeypatch):
     """The engine's log-probs equal the trainer's (and each the oracle's), verl's metrics
@@ -60,7 +48,9 @@ def test_rollout_data_path_and_planted_bugs(layout, checkpoint_factory, monkeypa
     ``splitllama rollout`` runs), and every rollout bug planted at this layout makes its
     check fail. One test, so that one set of workers serves all (pytest-xdist would split
     separate tests over processes, each building its own)."""
-    result = rollout.run_rollout(rollout_checkpoint(checkpoint_factory), layout, DEVICE, DTYPE)
+    # a random checkpoint drawn for the test dtype, with the tokenizer verl reads
+    result = rollout.run_rollout(with_tokenizer(checkpoint_factory("lm", False, name="rollout")), layout, DEVICE,
+                                 DTYPE)
     assert result.report.passed, result.table()
     assert result.sync_problems == [], result.sync_problems
     metrics = result.report.metrics

@@ -218,7 +218,13 @@ def verl_checkpoint(factory, head: str = "lm", config=None, name: str = "verl") 
     beside it (written once by rank 0)."""
     from splitllama.verify.random_checkpoints import TEST_CHECKPOINT_INIT
 
-    path = factory(head, False, config=config, name=name, dtype=torch.float32, **TEST_CHECKPOINT_INIT[DTYPE])
+    return with_tokenizer(factory(head, False, config=config, name=name, dtype=torch.float32,
+                                  **TEST_CHECKPOINT_INIT[DTYPE]))
+
+
+def with_tokenizer(path: str) -> str:
+    """``path``, a checkpoint of the session's factory, with the tokenizer verl's workers
+    read beside it (written once, by rank 0)."""
     if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "tokenizer.json")):
         verl_engine.save_tokenizer(path, CustomSplitLlamaConfig.from_pretrained(path).vocab_size)
     dist.barrier()
@@ -375,8 +381,8 @@ def test_verl_initial_weights_and_the_critic_from_the_actor_checkpoint(layout, c
     # blocks do (q/k/v per query group): HF format at TP=1 only, and there the critic only
     # (the actor's outputs and gradients equal the oracle's in test_verl_worker_matches_oracle).
     # At TP=2 the critic's dist load covers every fused weight; the LM head is the actor's.
-    dist = {"dist_checkpointing_path": scratch_dir}
-    cases = [("lm", dist), ("value", {}), ("value", dist)] if layout.tp == 1 else [("value", dist)]
+    from_dist = {"dist_checkpointing_path": scratch_dir}
+    cases = [("lm", from_dist), ("value", {}), ("value", from_dist)] if layout.tp == 1 else [("value", from_dist)]
     for head, options in cases:
         worker = _worker(ckpt, layout, head, **options)
         expected = actor_weights if head == "lm" else critic_weights
