@@ -762,7 +762,6 @@ PLANTED = [
 ]
 
 
-
 # ---- the RL loop's data path (tests/integration/test_rollout.py) --------------------------------
 def _thd_temperature_twice(mp):
     thd_batch = batches.thd_batch

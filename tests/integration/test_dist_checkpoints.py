@@ -210,7 +210,6 @@ OPTIMIZER_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_pref
 
 
 def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
         state = optimizer.sharded_state_dict(megatron_dist.model_sharded_state_dict(chunks), metadata=metadata)
@@ -218,7 +217,6 @@ def save_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
 
 
 def load_optimizer(chunks, optimizer, directory: str, sharding: str) -> None:
-
     metadata = {**OPTIMIZER_METADATA, "distrib_optim_sharding_type": sharding}
     with cuda_means_cpu():
         state = optimizer.sharded_state_dict(megatron_dist.model_sharded_state_dict(chunks), is_loading=True,
